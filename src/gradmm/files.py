@@ -48,6 +48,11 @@ def read_json(path: Path) -> Any:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSONL file; a malformed line is a :class:`UserError` naming the file and line."""
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: Path) -> list[tuple[int, dict]]:
+    """Like :func:`read_jsonl`, with each row's 1-based line number (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
@@ -62,7 +67,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 

@@ -1,0 +1,312 @@
+"""ADMM over token embeddings, for many independent problems at once.
+
+A *problem* is one class target matched by ``B`` synthetic sequences of ``L`` positions:
+``head`` template ids, ``G`` free positions, ``tail`` template ids. All problems of a run are
+stacked in one variable ``x ∈ R^{P×B×L×d}`` and optimised together. That equals solving them one by
+one because the loss is a sum over problems, Adam is elementwise, and everything that couples
+entries (gradient clipping, best-iterate bookkeeping, the init) is done per problem.
+
+Per outer iteration (scaled dual ``u = λ/ρ``, REFERENCE.md §2.3–2.6)::
+
+    z = Proj(x + u)                          # z-step, tokens
+    I × Adam on rec(x) + ρ/2 ‖x − z + u‖²    # x-step, gradient clipped per problem
+    u += x − z                               # dual step
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gradmm.matching import MatchingLoss
+from gradmm.models import final_hidden
+from gradmm.projection import Projector
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    steps: int = 30  # T, outer iterations
+    inner_steps: int = 50  # I, Adam steps per x-update
+    rho: float = 1.0
+    lr: float = 0.008
+    grad_clip: float | None = 1.0  # max x-gradient norm per problem
+    init_candidates: int = 500  # K random batches, best kept
+    init_scale: float | None = None  # per-position norm of the init; None: mean token norm
+    score_init_scaled: bool = True  # score init candidates at the scale they are used at
+    freeze_template: bool = True  # zero the template positions' x-gradient
+    select: Literal["projected", "augmented"] = "projected"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Positions of one sequence: ``head`` ids, ``n_free`` free slots, ``tail`` ids."""
+
+    head: list[int]
+    n_free: int
+    tail: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + self.n_free + len(self.tail)
+
+    @property
+    def free(self) -> slice:
+        return slice(len(self.head), len(self.head) + self.n_free)
+
+    def fixed_mask(self) -> Tensor:
+        mask = torch.ones(self.length, dtype=torch.bool)
+        mask[self.free] = False
+        return mask
+
+    def full_ids(self, free_ids: Tensor) -> Tensor:
+        """(..., G) free token ids -> (..., L) ids with the template."""
+        shape = free_ids.shape[:-1]
+        head = torch.tensor(self.head, dtype=torch.long).expand(*shape, -1)
+        tail = torch.tensor(self.tail, dtype=torch.long).expand(*shape, -1)
+        return torch.cat([head, free_ids, tail], -1)
+
+
+@dataclass(frozen=True)
+class Problems:
+    classes: Tensor  # (P,) class index
+    label_ids: Tensor  # (P,) label token
+    seeds: list[int]  # init RNG seed of each problem
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class Solution:
+    ids: Tensor  # (P, B, G) free token ids
+    rec: Tensor  # (P,) matching loss of the returned tokens
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def problem_seed(seed: int, problem: int) -> int:
+    """Independent, reproducible RNG seed of one problem (whatever else runs alongside it)."""
+    return int(np.random.SeedSequence([seed, problem]).generate_state(1)[0])
+
+
+class ADMMSolver:
+    """Solves a batch of GRADMM problems. See the module docstring.
+
+    Args:
+        model: the frozen causal LM.
+        loss: matching loss against the release's targets.
+        projector: the z-step.
+        layout: sequence layout shared by all problems.
+        batch: ``B``, sequences per problem.
+        config: solver settings.
+    """
+
+    INIT_CHUNK = 16  # init candidates scored per forward pass (fixed: part of the RNG stream)
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: MatchingLoss,
+        projector: Projector,
+        layout: Layout,
+        batch: int,
+        config: SolverConfig,
+    ):
+        self.model = model
+        self.loss = loss
+        self.projector = projector
+        self.layout = layout
+        self.batch = batch
+        self.cfg = config
+        self.emb = model.get_input_embeddings().weight.detach()
+        self.fixed = layout.fixed_mask()
+        self.fixed_emb = self.emb[layout.head + layout.tail]  # (L - G, d), in position order
+        allowed = torch.isfinite(projector.penalty)
+        self.init_scale = (
+            config.init_scale
+            if config.init_scale is not None
+            else float(self.emb[allowed].norm(dim=-1).mean())
+        )
+        self.timings: dict[str, float] = defaultdict(float)
+
+    # ----------------------------------------------------------------------------- pieces
+
+    def rec(self, x: Tensor, problems: Problems) -> Tensor:
+        """(P, B, L, d) embeddings -> (P,) matching loss."""
+        n_problems, batch, length, dim = x.shape
+        h = final_hidden(self.model, inputs_embeds=x.reshape(-1, length, dim))[:, -1]
+        return self.loss(h.reshape(n_problems, batch, dim), problems.classes, problems.label_ids)
+
+    def embed(self, free_ids: Tensor) -> Tensor:
+        """(P, B, G) free ids -> (P, B, L, d) embeddings with the template."""
+        return self.emb[self.layout.full_ids(free_ids)]
+
+    def project(self, x: Tensor, problems: Problems) -> Tensor:
+        """(P, B, L, d) -> (P, B, G) free token ids."""
+        started = time.perf_counter()
+        n_problems, batch = x.shape[:2]
+        v = x[:, :, self.layout.free].reshape(n_problems * batch, self.layout.n_free, -1)
+        ids = self.projector(v, problems.classes.repeat_interleave(batch))
+        self.timings["projection"] += time.perf_counter() - started
+        return ids.reshape(n_problems, batch, -1)
+
+    def _with_template(self, x: Tensor) -> Tensor:
+        x[:, :, self.fixed] = self.fixed_emb
+        return x
+
+    def _rescale(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(x, dim=-1) * self.init_scale
+
+    @torch.no_grad()
+    def initialise(self, problems: Problems) -> Tensor:
+        """Best of K random N(0, I) batches per problem (by ``rec``), rescaled per position."""
+        started = time.perf_counter()
+        length, dim = self.layout.length, self.emb.shape[1]
+        out = torch.empty(len(problems), self.batch, length, dim)
+        for p in range(len(problems)):
+            gen = torch.Generator().manual_seed(problems.seeds[p])
+            single = Problems(problems.classes[p : p + 1], problems.label_ids[p : p + 1], [0])
+            best_rec, best = float("inf"), None
+            for start in range(0, self.cfg.init_candidates, self.INIT_CHUNK):
+                n = min(self.INIT_CHUNK, self.cfg.init_candidates - start)
+                cand = torch.randn(n, self.batch, length, dim, generator=gen)
+                if self.cfg.score_init_scaled:
+                    cand = self._rescale(cand)
+                cand = self._with_template(cand)
+                rec = self.rec(
+                    cand, Problems(single.classes.expand(n), single.label_ids.expand(n), [0] * n)
+                )
+                i = int(rec.argmin())
+                if float(rec[i]) < best_rec:
+                    best_rec, best = float(rec[i]), cand[i].clone()
+            out[p] = best
+        out = self._with_template(self._rescale(out))
+        self.timings["init"] += time.perf_counter() - started
+        return out
+
+    # ------------------------------------------------------------------------------ solve
+
+    def solve(
+        self,
+        problems: Problems,
+        checkpoint: Path | None = None,
+        checkpoint_every: int = 5,
+        progress: bool = True,
+    ) -> Solution:
+        """Run ADMM on all problems; resumes from ``checkpoint`` if that file exists."""
+        cfg = self.cfg
+        n_problems = len(problems)
+        state = torch.load(checkpoint) if checkpoint is not None and checkpoint.exists() else None
+        if state is None:
+            x = self.initialise(problems)
+            u = torch.zeros_like(x)
+            best_rec = torch.full((n_problems,), float("inf"))
+            best_ids = torch.zeros(n_problems, self.batch, self.layout.n_free, dtype=torch.long)
+            best_obj = torch.full((n_problems,), float("inf"))
+            best_x = x.clone()
+            start_step = 0
+        else:
+            x, u = state["x"], state["u"]
+            best_rec, best_ids = state["best_rec"], state["best_ids"]
+            best_obj, best_x = state["best_obj"], state["best_x"]
+            start_step = state["step"]
+        x.requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+        if state is not None:
+            opt.load_state_dict(state["adam"])
+
+        bar = tqdm(
+            range(start_step, cfg.steps),
+            desc="generate: ADMM",
+            unit="iter",
+            initial=start_step,
+            total=cfg.steps,
+            disable=not progress,
+        )
+        for step in bar:
+            with torch.no_grad():
+                self._with_template(x)
+            z_ids = self.project(x.detach() + u, problems)
+            z = self.embed(z_ids)
+            if cfg.select == "projected":
+                best_rec, best_ids = self._keep_best(problems, z_ids, z, best_rec, best_ids)
+
+            started = time.perf_counter()
+            for _ in range(cfg.inner_steps):
+                opt.zero_grad(set_to_none=True)
+                obj = self.rec(x, problems) + 0.5 * cfg.rho * (x - z + u).pow(2).sum((1, 2, 3))
+                obj.sum().backward()
+                self._condition_gradient(x.grad)
+                opt.step()
+                last_obj = obj.detach()
+            self.timings["x_steps"] += time.perf_counter() - started
+
+            with torch.no_grad():
+                u += x - z
+                self._with_template(x)
+                if cfg.select == "augmented":  # the authors' rule; ties go to the later iterate
+                    better = last_obj <= best_obj
+                    best_obj = torch.where(better, last_obj, best_obj)
+                    best_x[better] = x[better]
+            if cfg.select == "projected":
+                bar.set_postfix(rec=f"{float(best_rec.mean()):.4f}")
+            last = step + 1 == cfg.steps
+            if checkpoint is not None and (step + 1) % checkpoint_every == 0 and not last:
+                _save_atomic(
+                    {
+                        "x": x.detach(),
+                        "u": u,
+                        "adam": opt.state_dict(),
+                        "best_rec": best_rec,
+                        "best_ids": best_ids,
+                        "best_obj": best_obj,
+                        "best_x": best_x,
+                        "step": step + 1,
+                    },
+                    checkpoint,
+                )
+
+        x = x.detach()
+        if cfg.select == "projected":
+            final_ids = self.project(x + u, problems)
+            best_rec, best_ids = self._keep_best(
+                problems, final_ids, self.embed(final_ids), best_rec, best_ids
+            )
+        else:
+            best_ids = self.project(best_x, problems)
+            with torch.no_grad():
+                best_rec = self.rec(self.embed(best_ids), problems)
+        return Solution(ids=best_ids, rec=best_rec, timings=dict(self.timings))
+
+    @torch.no_grad()
+    def _keep_best(self, problems, ids, emb, best_rec, best_ids):
+        rec = self.rec(emb, problems)
+        better = rec < best_rec
+        best_ids = best_ids.clone()
+        best_ids[better] = ids[better]
+        return torch.where(better, rec, best_rec), best_ids
+
+    @torch.no_grad()
+    def _condition_gradient(self, grad: Tensor) -> None:
+        if self.cfg.freeze_template:
+            grad[:, :, self.fixed] = 0
+        if self.cfg.grad_clip is not None:
+            norm = grad.flatten(1).norm(dim=1)
+            scale = torch.where(
+                norm > self.cfg.grad_clip, self.cfg.grad_clip / (norm + 1e-6), torch.ones_like(norm)
+            )
+            grad.mul_(scale[:, None, None, None])
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,135 @@
+"""``gradmm`` command line: a thin layer over the importable stage functions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gradmm.config import build_config
+from gradmm.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="GRADMM: synthetic training text whose gradient matches a release of real examples.",
+)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="YAML file of options; flags override it.")
+]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+PresetOpt = Annotated[
+    str | None, typer.Option(help="'default' (fixed) or 'paper' (the authors' behaviour).")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+
+
+def _fail(e: UserError) -> None:
+    typer.echo(f"gradmm: error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def release(
+    task: Annotated[str | None, typer.Option(help="Built-in task or task YAML file.")] = None,
+    model: Annotated[str | None, typer.Option(help="Hub id or local model folder.")] = None,
+    out: Annotated[Path, typer.Option(help="Release folder to write.")] = ...,
+    n_per_class: Annotated[
+        int | None, typer.Option(help="Private examples per class [25].")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Private split [task's: train].")] = None,
+    seed: SeedOpt = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Local data folder [$GRADMM_DATA_DIR, else the hub].")
+    ] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Stage 1: sample private examples and release their per-class target gradients."""
+    from gradmm.release import ReleaseConfig, release_targets
+
+    try:
+        cfg = build_config(
+            ReleaseConfig,
+            dict(
+                task=task,
+                model=model,
+                n_per_class=n_per_class,
+                split=split,
+                seed=seed,
+                data_dir=data_dir,
+                preset=preset,
+            ),
+            config,
+        )
+        result = release_targets(cfg, out, overwrite=overwrite)
+    except UserError as e:
+        _fail(e)
+    counts = ", ".join(
+        f"{n} {name}"
+        for n, name in zip(result.meta["counts"], result.task.label_names, strict=True)
+    )
+    typer.echo(f"released targets of {counts} to {out}")
+
+
+@app.command()
+def generate(
+    release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
+    per_class: Annotated[
+        int | None, typer.Option(help="Synthetic examples per class [100].")
+    ] = None,
+    batch: Annotated[int | None, typer.Option(help="B: sequences per ADMM problem [10].")] = None,
+    length: Annotated[int | None, typer.Option(help="Free tokens per sequence [24].")] = None,
+    steps: Annotated[int | None, typer.Option(help="T: outer ADMM iterations [30].")] = None,
+    inner_steps: Annotated[
+        int | None, typer.Option(help="I: Adam steps per x-update [50].")
+    ] = None,
+    rho: Annotated[float | None, typer.Option(help="ADMM penalty ρ [1.0].")] = None,
+    topk: Annotated[int | None, typer.Option(help="k: projection candidates [200].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate on x [0.008].")] = None,
+    init_candidates: Annotated[
+        int | None, typer.Option(help="K: random init batches scored [500].")
+    ] = None,
+    seed: SeedOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Stage 2: generate synthetic text by ADMM gradient matching against a release."""
+    from gradmm.generate import generate as run_generate
+    from gradmm.generate import resolve_config
+
+    options = dict(
+        per_class=per_class,
+        batch=batch,
+        length=length,
+        steps=steps,
+        inner_steps=inner_steps,
+        rho=rho,
+        topk=topk,
+        lr=lr,
+        init_candidates=init_candidates,
+        seed=seed,
+        preset=preset,
+    )
+    try:
+        cfg = resolve_config(options, config)
+        path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet)
+    except UserError as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("gradmm: interrupted (rerun the same command to resume)", err=True)
+        sys.exit(130)

@@ -1,0 +1,109 @@
+"""Loading a causal LM and finding its output layer.
+
+GRADMM matches gradients of the output layer only: ``logits = W h + b`` with ``W ∈ R^{V×d}``
+(the ``lm_head``, possibly tied to the input embeddings) and an optional bias ``b ∈ R^V``.
+:func:`final_hidden` returns ``h``, the output layer's input, so that every stage can compute
+logits and closed-form gradients itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gradmm.errors import UserError
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """The output layer's parameters (views of the model's tensors, never copies)."""
+
+    weight: Tensor  # (V, d)
+    bias: Tensor | None  # (V,) or None
+    tied: bool  # weight is the input embedding matrix
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(..., d) hidden states -> (..., V) logits."""
+        return torch.nn.functional.linear(h, self.weight, self.bias)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for (hub id or folder)
+    output: OutputLayer
+
+    @property
+    def embeddings(self) -> Tensor:
+        """(V_in, d) input embedding matrix."""
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or name.endswith("/")
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer by hub id or local folder, frozen, in eval mode.
+
+    fp32 by default: transformers v5 would otherwise use the checkpoint's dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    if not path.exists() and _looks_like_path(name):
+        raise UserError(f"model folder not found: {name}")
+    source = str(path) if path.exists() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {name!r}: {first}") from None
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, output=output_layer(model))
+
+
+def output_layer(model: torch.nn.Module) -> OutputLayer:
+    """Find the output layer; a model without a linear one over the vocabulary is a UserError."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise UserError(
+            f"{type(model).__name__} has no linear output layer over the vocabulary "
+            "(a causal LM with an lm_head is required)"
+        )
+    emb = model.get_input_embeddings()
+    tied = emb is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1.0):
+            raise UserError(f"models with {attr} are not supported (logits must be W h + b)")
+    return OutputLayer(weight=head.weight, bias=head.bias, tied=tied)
+
+
+def final_hidden(model: torch.nn.Module, *, input_ids=None, inputs_embeds=None) -> Tensor:
+    """(N, L, d) inputs -> (N, L, d) hidden states at the output layer's input."""
+    base = model.base_model
+    return base(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, shape, dtype, bytes), in name order."""
+    digest = hashlib.sha256()
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,190 @@
+"""Stage 1, release: the only code in gradmm that reads private (real) examples.
+
+It samples ``n_per_class`` examples per class from the task's private split (stratified,
+seeded), computes each class's mean output-layer gradient at the model's weights and writes
+
+* ``targets.safetensors``: ``weight`` (C, V, d) and, for heads with a bias, ``bias`` (C, V);
+* ``release.json``: task (with its template and verbalizer), model name and fingerprint, the
+  tokenised prompt, counts, seed and how the targets were computed. No text, no statistic of the
+  private examples other than the targets and counts.
+
+Later stages read a release and public data only. The ``mechanism`` entry of ``release.json`` says
+what protects the targets (``none`` here; differential privacy plugs in at this point).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gradmm import __version__
+from gradmm.errors import UserError
+from gradmm.files import read_json, staged_dir, write_json
+from gradmm.matching import residuals, summed_grads
+from gradmm.models import LoadedModel, final_hidden, fingerprint, load_model
+from gradmm.tasks import PromptTokens, Task, load_examples, load_task, tokenize_prompt
+
+RELEASE_FORMAT = 1
+
+
+class ReleaseConfig(BaseModel):
+    """Settings of ``gradmm release``."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(description="built-in task name or a task YAML file")
+    model: str = Field(description="hub id or local folder of a causal LM")
+    n_per_class: int = Field(25, ge=1, description="private examples sampled per class")
+    split: str | None = Field(None, description="private split (default: the task's, 'train')")
+    seed: int = 0
+    data_dir: str | None = Field(None, description="folder laid out like shared/data")
+    preset: Literal["default", "paper"] = "default"
+    batch_size: int = Field(32, ge=1, description="real examples per forward pass")
+
+
+@dataclass
+class Release:
+    """A loaded release: what generation may use."""
+
+    path: Path
+    meta: dict
+    target_weight: Tensor  # (C, V, d)
+    target_bias: Tensor | None  # (C, V)
+
+    @property
+    def task(self) -> Task:
+        return Task(**self.meta["task"])
+
+    @property
+    def prompt(self) -> PromptTokens:
+        return PromptTokens(**self.meta["prompt_tokens"])
+
+
+def sample_per_class(
+    labels: list[int], names: tuple[str, ...], n: int, seed: int
+) -> list[list[int]]:
+    """Indices of ``n`` examples of each class, drawn without replacement (seeded, stratified)."""
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    picked = []
+    for c, name in enumerate(names):
+        pool = np.flatnonzero(labels_arr == c)
+        if len(pool) < n:
+            raise UserError(
+                f"class {c} ({name!r}) has {len(pool)} examples, fewer than the {n} requested"
+            )
+        picked.append(sorted(rng.choice(pool, size=n, replace=False).tolist()))
+    return picked
+
+
+def example_gradients(
+    lm: LoadedModel, sequences: list[list[int]], label_ids: list[int], batch_size: int = 32
+) -> tuple[Tensor, Tensor]:
+    """Closed-form inputs of per-example output-layer gradients.
+
+    Sequences are right-padded: with causal attention the padding never influences the last real
+    position, so batching is exact. Returns (N, V) residuals ``r`` and (N, d) hidden states
+    ``h``; the gradient of example ``i`` is ``(r_i h_iᵀ, r_i)``.
+    """
+    rs, hs = [], []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        lengths = torch.tensor([len(s) for s in chunk])
+        ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s)
+        with torch.no_grad():
+            hidden = final_hidden(lm.model, input_ids=ids)
+        h = hidden[torch.arange(len(chunk)), lengths - 1]
+        y = torch.tensor(label_ids[start : start + batch_size])
+        rs.append(residuals(lm.output.logits(h), y))
+        hs.append(h)
+    return torch.cat(rs), torch.cat(hs)
+
+
+def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -> Release:
+    """Run the release stage and write ``out``; see the module docstring."""
+    out = Path(out)
+    if (out / "release.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds a release (pass --overwrite to replace it)")
+    started = time.time()
+    task = load_task(config.task)
+    if config.preset == "paper":
+        task = task.with_paper_tokens()
+    split = config.split or task.private_split
+    examples = load_examples(task, split, config.data_dir)
+    picked = sample_per_class(examples.labels, task.label_names, config.n_per_class, config.seed)
+
+    lm = load_model(config.model)
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    ctx = lm.context_length
+    weights, biases = [], []
+    for c, indices in enumerate(tqdm(picked, desc="release: class targets", unit="class")):
+        seqs = []
+        for i in indices:
+            seq = prompt.encode(lm.tokenizer, examples.texts[i])
+            if ctx is not None and len(seq) > ctx:
+                raise UserError(
+                    f"example {i} of {examples.source} is {len(seq)} tokens with the template, "
+                    f"longer than the model's context ({ctx})"
+                )
+            seqs.append(seq)
+        r, h = example_gradients(lm, seqs, [prompt.label_ids[c]] * len(seqs), config.batch_size)
+        g_w, g_b = summed_grads(r, h)
+        weights.append(g_w / len(indices))
+        biases.append(g_b / len(indices))
+
+    meta = {
+        "format": RELEASE_FORMAT,
+        "gradmm_version": __version__,
+        "task": task.model_dump(mode="json"),
+        "split": split,
+        "data_source": examples.source,
+        "model": {
+            "name": config.model,
+            "path": str(Path(config.model).resolve()) if Path(config.model).exists() else None,
+            "fingerprint": fingerprint(lm.model),
+            "vocab_rows": int(lm.output.weight.shape[0]),
+            "hidden_size": int(lm.output.weight.shape[1]),
+            "has_bias": lm.output.bias is not None,
+            "tied": lm.output.tied,
+        },
+        "prompt_tokens": {"head": prompt.head, "tail": prompt.tail, "label_ids": prompt.label_ids},
+        "counts": [len(ix) for ix in picked],
+        "seed": config.seed,
+        "config": config.model_dump(mode="json"),
+        "targets": (
+            "per-class mean over the sampled examples of the gradient of CE(next token after "
+            "the template, label token) w.r.t. the output layer (weight, bias), at the model's "
+            "weights, fp32, no clipping"
+        ),
+        "mechanism": {"type": "none", "private": False},
+        "seconds": round(time.time() - started, 3),
+    }
+    tensors = {"weight": torch.stack(weights).contiguous()}
+    if lm.output.bias is not None:
+        tensors["bias"] = torch.stack(biases).contiguous()
+    with staged_dir(out) as tmp:
+        save_file(tensors, str(tmp / "targets.safetensors"))
+        write_json(tmp / "release.json", meta)
+    return Release(out, meta, tensors["weight"], tensors.get("bias"))
+
+
+def load_release(path: Path) -> Release:
+    """Read a release folder written by :func:`release_targets`."""
+    path = Path(path)
+    if not (path / "release.json").is_file():
+        raise UserError(f"no release found at {path} (expected {path / 'release.json'})")
+    meta = read_json(path / "release.json")
+    if meta.get("format") != RELEASE_FORMAT:
+        raise UserError(f"{path}: unsupported release format {meta.get('format')!r}")
+    tensors = load_file(str(path / "targets.safetensors"))
+    return Release(path, meta, tensors["weight"], tensors.get("bias"))

@@ -1,0 +1,356 @@
+"""Tasks: where the labelled text comes from and how an example becomes a next-token problem.
+
+A task is a data source (local ``{"text","label"}`` JSONL/CSV files laid out like
+``shared/data``, or a Hugging Face dataset), a template with a ``{text}`` slot, and a
+verbalizer: one label word per class. An example ``(s, c)`` becomes the token sequence
+``head + tokens(s) + tail`` (``head``/``tail`` = the template around ``{text}``) and its loss is
+the cross-entropy of the next token after ``tail`` against the label word of ``c``.
+
+Label words must be single tokens of the model's tokenizer (policy ``"single"``, the default):
+a word that splits is an error, never silently truncated. The ``"first"`` policy (what the
+authors' code does) uses the first token and is recorded in every release; it still refuses two
+classes whose label words share a first token.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from gradmm.config import one_line
+from gradmm.errors import UserError
+from gradmm.files import read_json, read_jsonl_numbered
+
+TEXT_SLOT = "{text}"
+LabelTokenPolicy = Literal["single", "first"]
+
+
+class HubSource(BaseModel):
+    """A dataset on the Hugging Face hub (used when no local data folder is given)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    name: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    splits: dict[str, str] = {}  # our split name -> hub split name, when they differ
+
+
+class Task(BaseModel):
+    """A classification task: built-ins in :data:`BUILTIN_TASKS`, custom ones from YAML."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    label_names: tuple[str, ...]
+    label_words: tuple[str, ...]
+    template: str = "{text} It was"
+    # Context the LM sees while projecting to tokens (it never sees the template); may use {label}.
+    lm_prefix: str = "The"
+    local_dir: str | None = None  # folder under the data dir, or an absolute path
+    hub: HubSource | None = None
+    private_split: str = "train"
+    test_split: str = "test"
+    label_token_policy: LabelTokenPolicy = "single"
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if v.count(TEXT_SLOT) != 1:
+            raise ValueError(f"template must contain the text slot {TEXT_SLOT} exactly once: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Task:
+        if len(self.label_names) < 2:
+            raise ValueError("a task needs at least 2 classes")
+        if len(self.label_words) != len(self.label_names):
+            raise ValueError(
+                f"{len(self.label_words)} label words for {len(self.label_names)} classes"
+            )
+        if len(set(self.label_words)) != len(self.label_words):
+            raise ValueError("label words must be distinct")
+        if self.local_dir is None and self.hub is None:
+            raise ValueError("a task needs a data source: local_dir or hub")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def lm_prefix_for(self, label: int) -> str:
+        return self.lm_prefix.replace("{label}", self.label_names[label])
+
+    def with_paper_tokens(self) -> Task:
+        """The authors' generation convention: a trailing space after the template, label words
+        without their leading space, first token of each (REFERENCE.md §1.2, §9)."""
+        return self.model_copy(
+            update={
+                "template": self.template + " ",
+                "label_words": tuple(w.lstrip() for w in self.label_words),
+                "label_token_policy": "first",
+            }
+        )
+
+
+# The authors' projection prefixes for their instruction-conditioned datasets (GRADMM
+# utilities.py:get_prefix, MIT licence); used only by the `paper` preset.
+_PAPER_MOVIE_INSTRUCTION = (
+    "You are now a movie critic. You are provided with a sentiment label (either 'great' or "
+    "'bad'). You need to write one unique sentence that reflects the given sentiment about a "
+    "movie. Your writing style should be consistent with typical movie reviews. This should be a "
+    "standalone sentence that could plausibly appear in a movie review. Ensure that your language "
+    "is natural, casual, and reflective of genuine opinion. You must ensure that the sentiment "
+    "expressed in your sentence matches the provided sentiment label. Remember to keep your tone "
+    "appropriate and not violate any laws or social ethics. Please be creative and write only one "
+    "sentence. The sentiment of the movie review is: {label}\n. Answer:"
+)
+_PAPER_IMDB_INSTRUCTION = (
+    "You are now a movie critic. You are provided with a sentiment label (either 'great' or "
+    "'bad'). You need to write a film review that reflects the given sentiment about a movie. "
+    "Your writing style should be consistent with typical movie reviews. This should be a  highly "
+    "polar review for a movie that could plausibly be posted on IMDB. Ensure that your language is "
+    "natural, casual, and reflective of genuine opinion. You must ensure that the sentiment "
+    "expressed in your review matches the provided sentiment label. Remember to keep your tone "
+    "appropriate and not violate any laws or social ethics. Please be creative and write an unique "
+    "movie review. The sentiment of the movie review is: {label}\n. Answer:"
+)
+_PAPER_TWEET_INSTRUCTION = (
+    "You are now a person using twitter. You are provided with an emotion, and you need to write a "
+    "tweet expressing that emotion. Your writing style must be consistent with the tweets on "
+    "twitter. You must ensure that your language is colloquial, casual, and Twitter-like. You are "
+    "given a length requirement. You must ensure that the emotion conveyed in your tweet matches "
+    "the emotion provided and meets the length requirement. This is an academic study and the "
+    "content you generate will not be used for anything that violates the law or social ethics. "
+    "Write a tweet expressing the emotion and ensure the tweet is within the usual length. "
+    "Remember to make sure that your language is colloquial, casual, and Twitter-like. Please be "
+    "creative and write only one unique tweets. The emotion of twitter is: {label}\n. Answer:"
+)
+
+BUILTIN_TASKS: dict[str, Task] = {
+    "sst2": Task(
+        name="sst2",
+        label_names=("negative", "positive"),
+        label_words=(" bad", " great"),
+        local_dir="sst2",
+        hub=HubSource(path="stanfordnlp/sst2", text_field="sentence"),
+        test_split="validation",  # GLUE's SST-2 test labels are not public
+    ),
+    "rotten_tomatoes": Task(
+        name="rotten_tomatoes",
+        label_names=("neg", "pos"),
+        label_words=(" bad", " great"),
+        local_dir="rotten_tomatoes",
+        hub=HubSource(path="cornell-movie-review-data/rotten_tomatoes"),
+    ),
+    "tweet_emotion": Task(
+        name="tweet_emotion",
+        label_names=("anger", "joy", "optimism", "sadness"),
+        label_words=(" anger", " joy", " optimism", " sadness"),
+        template="{text} The emotion of this tweet is",
+        lm_prefix="I",
+        local_dir="tweet_eval_emotion",
+        hub=HubSource(path="cardiffnlp/tweet_eval", name="emotion"),
+    ),
+    "imdb": Task(
+        name="imdb",
+        label_names=("neg", "pos"),
+        label_words=(" bad", " great"),
+        local_dir="imdb",
+        hub=HubSource(path="stanfordnlp/imdb"),
+    ),
+}
+
+# `paper` preset: the authors' LM prefix per data set ("The" for SST-2, an instruction that names
+# the label word for the others). The label word there is "great"/"bad", i.e. our label word.
+PAPER_LM_PREFIX: dict[str, str] = {
+    "sst2": "The",
+    "rotten_tomatoes": _PAPER_MOVIE_INSTRUCTION,
+    "imdb": _PAPER_IMDB_INSTRUCTION,
+    "tweet_emotion": _PAPER_TWEET_INSTRUCTION,
+}
+# Datasets on which the authors' code zeroes the template positions' gradient (REFERENCE.md §2.3).
+PAPER_FREEZES_TEMPLATE = {"rotten_tomatoes", "imdb"}
+
+
+def load_task(name_or_path: str) -> Task:
+    """A built-in task by name, or a custom task from a YAML file (fields of :class:`Task`)."""
+    if name_or_path in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"}:
+        if not path.is_file():
+            raise UserError(f"task file not found: {path}")
+        try:
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(spec, dict):
+            raise UserError(f"{path}: expected a mapping of task fields")
+        spec.setdefault("name", path.stem)
+        if spec.get("local_dir") is not None:
+            spec["local_dir"] = str((path.parent / spec["local_dir"]).resolve())
+        try:
+            return Task(**spec)
+        except ValidationError as e:
+            raise UserError(f"{path}: invalid task: {one_line(e)}") from None
+    known = ", ".join(sorted(BUILTIN_TASKS))
+    raise UserError(f"unknown task {name_or_path!r} (built-in: {known}; or a .yaml task file)")
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Labelled texts of one split. ``labels[i]`` indexes ``Task.label_names``."""
+
+    texts: list[str]
+    labels: list[int]
+    source: str  # file path or hub id, for error messages and manifests
+
+
+def data_dir_from_env(data_dir: str | Path | None) -> Path | None:
+    """``--data-dir`` if given, else ``$GRADMM_DATA_DIR``, else None (use the hub)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get("GRADMM_DATA_DIR")
+    return Path(env) if env else None
+
+
+def load_examples(task: Task, split: str, data_dir: str | Path | None = None) -> Examples:
+    """Load one split of ``task``, validated: non-empty texts, labels within the task's classes."""
+    root = data_dir_from_env(data_dir)
+    local = Path(task.local_dir) if task.local_dir is not None else None
+    if local is not None and (root is not None or local.is_absolute()):
+        return _load_local(task, local if local.is_absolute() else root / local, split)
+    if task.hub is None:
+        raise UserError(
+            f"task {task.name!r} has no hub source: pass --data-dir or set GRADMM_DATA_DIR"
+        )
+    return _load_hub(task, split)
+
+
+def _load_local(task: Task, folder: Path, split: str) -> Examples:
+    if not folder.is_dir():
+        raise UserError(f"data folder not found for task {task.name!r}: {folder}")
+    labels_file = folder / "labels.json"
+    if labels_file.exists():
+        names = read_json(labels_file)
+        if not isinstance(names, list) or len(names) != task.num_classes:
+            raise UserError(
+                f"{labels_file}: expected a list of {task.num_classes} label names "
+                f"for task {task.name!r}"
+            )
+    jsonl, csv_path = folder / f"{split}.jsonl", folder / f"{split}.csv"
+    if jsonl.is_file():
+        path, rows = jsonl, read_jsonl_numbered(jsonl)
+    elif csv_path.is_file():
+        path = csv_path
+        with csv_path.open(encoding="utf-8", newline="") as f:
+            rows = list(enumerate(csv.DictReader(f), start=2))
+    else:
+        raise UserError(f"data file not found: {jsonl} (or {csv_path.name})")
+    texts, labels = [], []
+    for lineno, row in rows:
+        text, label = _validate_row(task, row, f"{path}:{lineno}")
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise UserError(f"{path}: no examples")
+    return Examples(texts, labels, str(path))
+
+
+def _validate_row(task: Task, row: dict, where: str) -> tuple[str, int]:
+    if "text" not in row or "label" not in row:
+        raise UserError(f"{where}: expected fields 'text' and 'label'")
+    text, label = row["text"], row["label"]
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: empty text")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: label {label!r} is not an integer") from None
+    if not 0 <= label < task.num_classes:
+        raise UserError(
+            f"{where}: label {label} outside the task's {task.num_classes} classes "
+            f"({', '.join(task.label_names)})"
+        )
+    return text, label
+
+
+def _load_hub(task: Task, split: str) -> Examples:
+    import datasets  # imported lazily: slow, and only needed for hub data
+
+    assert task.hub is not None
+    hub_split = task.hub.splits.get(split, split)
+    try:
+        ds = datasets.load_dataset(task.hub.path, task.hub.name, split=hub_split)
+    except Exception as e:  # noqa: BLE001 - any hub/network failure is a user-facing error
+        raise UserError(
+            f"could not load {task.hub.path} split {hub_split!r} from the Hugging Face hub "
+            f"({type(e).__name__}); pass --data-dir for local files"
+        ) from None
+    source = f"hf://{task.hub.path}/{hub_split}"
+    texts, labels = [], []
+    for i, row in enumerate(ds):
+        text, label = _validate_row(
+            task,
+            {"text": row[task.hub.text_field], "label": row[task.hub.label_field]},
+            f"{source}[{i}]",
+        )
+        texts.append(text)
+        labels.append(label)
+    return Examples(texts, labels, source)
+
+
+# ---------------------------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A task's template and verbalizer in one tokenizer's ids.
+
+    The model input for text ``s`` is ``head + tokens(s) + tail``; the label token of class
+    ``c`` is ``label_ids[c]``. Pieces are tokenised separately (no special tokens), so real and
+    synthetic sequences share exactly the same template ids.
+    """
+
+    head: list[int]
+    tail: list[int]
+    label_ids: list[int]
+
+    def encode(self, tokenizer, text: str) -> list[int]:
+        return self.head + encode_text(tokenizer, text) + self.tail
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
+    """Tokenise the template and the label words; a label word that does not map to one token
+    under the task's policy is a :class:`UserError`."""
+    head_str, tail_str = task.template.split(TEXT_SLOT)
+    head, tail = encode_text(tokenizer, head_str), encode_text(tokenizer, tail_str)
+    label_ids = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for word in task.label_words:
+        ids = encode_text(tokenizer, word)
+        if not ids or (unk is not None and unk in ids):
+            raise UserError(f"label word {word!r} is missing from the tokenizer's vocabulary")
+        if len(ids) > 1 and task.label_token_policy == "single":
+            pieces = [tokenizer.decode([i]) for i in ids]
+            raise UserError(
+                f"label word {word!r} is not a single token (it splits into {pieces}); choose a "
+                "single-token label word or set label_token_policy: first"
+            )
+        label_ids.append(ids[0])
+    if len(set(label_ids)) != len(label_ids):
+        raise UserError(f"label words {list(task.label_words)} do not map to distinct tokens")
+    return PromptTokens(head=head, tail=tail, label_ids=label_ids)
