@@ -170,14 +170,15 @@ class ADMMSolver:
         """Best of K random N(0, I) batches per problem (by ``rec``), rescaled per position."""
         started = time.perf_counter()
         length, dim = self.layout.length, self.emb.shape[1]
-        out = torch.empty(len(problems), self.batch, length, dim)
+        dtype = self.emb.dtype
+        out = torch.empty(len(problems), self.batch, length, dim, dtype=dtype)
         for p in range(len(problems)):
             gen = torch.Generator().manual_seed(problems.seeds[p])
             single = Problems(problems.classes[p : p + 1], problems.label_ids[p : p + 1], [0])
             best_rec, best = float("inf"), None
             for start in range(0, self.cfg.init_candidates, self.INIT_CHUNK):
                 n = min(self.INIT_CHUNK, self.cfg.init_candidates - start)
-                cand = torch.randn(n, self.batch, length, dim, generator=gen)
+                cand = torch.randn(n, self.batch, length, dim, generator=gen, dtype=dtype)
                 if self.cfg.score_init_scaled:
                     cand = self._rescale(cand)
                 cand = self._with_template(cand)
@@ -208,9 +209,9 @@ class ADMMSolver:
         if state is None:
             x = self.initialise(problems)
             u = torch.zeros_like(x)
-            best_rec = torch.full((n_problems,), float("inf"))
+            best_rec = torch.full((n_problems,), float("inf"), dtype=x.dtype)
             best_ids = torch.zeros(n_problems, self.batch, self.layout.n_free, dtype=torch.long)
-            best_obj = torch.full((n_problems,), float("inf"))
+            best_obj = torch.full((n_problems,), float("inf"), dtype=x.dtype)
             best_x = x.clone()
             start_step = 0
         else:

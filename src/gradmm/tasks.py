@@ -50,7 +50,7 @@ class Task(BaseModel):
     label_names: tuple[str, ...]
     label_words: tuple[str, ...]
     template: str = "{text} It was"
-    # Context the LM sees while projecting to tokens (it never sees the template); may use {label}.
+    # LM context of the projection (the LM never sees the template); {label} = the label word.
     lm_prefix: str = "The"
     local_dir: str | None = None  # folder under the data dir, or an absolute path
     hub: HubSource | None = None
@@ -82,9 +82,6 @@ class Task(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
-
-    def lm_prefix_for(self, label: int) -> str:
-        return self.lm_prefix.replace("{label}", self.label_names[label])
 
     def with_paper_tokens(self) -> Task:
         """The authors' generation convention: a trailing space after the template, label words
