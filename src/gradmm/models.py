@@ -1,7 +1,8 @@
 """Loading a causal LM and finding its output layer.
 
 GRADMM matches gradients of the output layer only: ``logits = W h + b`` with ``W ∈ R^{V×d}``
-(the ``lm_head``, possibly tied to the input embeddings) and an optional bias ``b ∈ R^V``.
+(the ``lm_head``, possibly tied to the input embeddings) and an optional bias ``b ∈ R^V``. For
+a tied matrix only its output-layer use is differentiated (the input embeddings are constants).
 :func:`final_hidden` returns ``h``, the output layer's input, so that every stage can compute
 logits and closed-form gradients itself.
 """
@@ -91,10 +92,17 @@ def output_layer(model: torch.nn.Module) -> OutputLayer:
     return OutputLayer(weight=head.weight, bias=head.bias, tied=tied)
 
 
-def final_hidden(model: torch.nn.Module, *, input_ids=None, inputs_embeds=None) -> Tensor:
-    """(N, L, d) inputs -> (N, L, d) hidden states at the output layer's input."""
-    base = model.base_model
-    return base(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+def final_hidden(
+    model: torch.nn.Module, *, input_ids=None, inputs_embeds=None, attention_mask=None
+) -> Tensor:
+    """(N, L) ids or (N, L, d) embeddings -> (N, L, d) hidden states at the output layer's input."""
+    out = model.base_model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        use_cache=False,
+    )
+    return out.last_hidden_state
 
 
 def fingerprint(model: torch.nn.Module) -> str:

@@ -90,8 +90,8 @@ def example_gradients(
 ) -> tuple[Tensor, Tensor]:
     """Closed-form inputs of per-example output-layer gradients.
 
-    Sequences are right-padded: with causal attention the padding never influences the last real
-    position, so batching is exact. Returns (N, V) residuals ``r`` and (N, d) hidden states
+    Sequences are right-padded (and masked): with causal attention the padding never influences
+    the last real position, so batching is exact. Returns (N, V) residuals ``r`` and (N, d) hidden states
     ``h``; the gradient of example ``i`` is ``(r_i h_iᵀ, r_i)``.
     """
     rs, hs = [], []
@@ -99,10 +99,12 @@ def example_gradients(
         chunk = sequences[start : start + batch_size]
         lengths = torch.tensor([len(s) for s in chunk])
         ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+        mask = torch.zeros_like(ids)
         for i, s in enumerate(chunk):
             ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
         with torch.no_grad():
-            hidden = final_hidden(lm.model, input_ids=ids)
+            hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
         h = hidden[torch.arange(len(chunk)), lengths - 1]
         y = torch.tensor(label_ids[start : start + batch_size])
         rs.append(residuals(lm.output.logits(h), y))

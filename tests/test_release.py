@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from gradmm.errors import UserError
+from gradmm.models import load_model
+from gradmm.release import ReleaseConfig, load_release, release_targets, sample_per_class
+from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "phi"])
+def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp_path):
+    cfg = ReleaseConfig(task="sst2", model=str(model_dirs[kind]), n_per_class=6,
+                        data_dir=str(data_dir), seed=3, batch_size=4)
+    rel = release_targets(cfg, tmp_path / "rel")
+
+    # Oracle: one example at a time, no padding, autograd w.r.t. the output layer.
+    lm = load_model(str(model_dirs[kind]))
+    head = lm.model.get_output_embeddings()
+    head.requires_grad_(True)
+    task = BUILTIN_TASKS["sst2"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    ex = load_examples(task, "train", data_dir)
+    picked = sample_per_class(ex.labels, task.label_names, 6, 3)
+    for c, indices in enumerate(picked):
+        gw = torch.zeros_like(head.weight)
+        gb = None if head.bias is None else torch.zeros_like(head.bias)
+        for i in indices:
+            assert ex.labels[i] == c
+            ids = torch.tensor([prompt.encode(lm.tokenizer, ex.texts[i])])
+            # detached input embeddings: for a tied head only its output-layer use counts
+            emb = lm.model.get_input_embeddings()(ids).detach()
+            logits = lm.model(inputs_embeds=emb).logits[0, -1]
+            ce = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.label_ids[c]]))
+            params = [head.weight] + ([head.bias] if head.bias is not None else [])
+            grads = torch.autograd.grad(ce, params)
+            gw += grads[0] / len(indices)
+            if gb is not None:
+                gb += grads[1] / len(indices)
+        torch.testing.assert_close(rel.target_weight[c], gw, rtol=1e-4, atol=1e-6)
+        if gb is not None:
+            torch.testing.assert_close(rel.target_bias[c], gb, rtol=1e-4, atol=1e-6)
+    assert (rel.target_bias is None) == (kind != "phi")
+
+
+def test_release_files_hold_no_text_and_reload(model_dirs, data_dir, tmp_path):
+    cfg = ReleaseConfig(task="sst2", model=str(model_dirs["llama"]), n_per_class=4,
+                        data_dir=str(data_dir))
+    rel = release_targets(cfg, tmp_path / "rel")
+    raw = (tmp_path / "rel" / "release.json").read_text()
+    ex = load_examples(BUILTIN_TASKS["sst2"], "train", data_dir)
+    assert not any(text in raw for text in ex.texts)
+    meta = json.loads(raw)
+    assert meta["counts"] == [4, 4] and meta["mechanism"]["type"] == "none"
+    again = load_release(tmp_path / "rel")
+    torch.testing.assert_close(again.target_weight, rel.target_weight)
+    assert again.task == BUILTIN_TASKS["sst2"]
+    with pytest.raises(UserError, match="already holds a release"):
+        release_targets(cfg, tmp_path / "rel")
+
+
+def test_sampling_is_stratified_seeded_and_checked():
+    labels = [0] * 10 + [1] * 3
+    a = sample_per_class(labels, ("neg", "pos"), 3, seed=5)
+    assert a == sample_per_class(labels, ("neg", "pos"), 3, seed=5)
+    assert a != sample_per_class(labels, ("neg", "pos"), 3, seed=6)
+    assert [sorted({labels[i] for i in ix}) for ix in a] == [[0], [1]]
+    with pytest.raises(UserError, match=r"class 1 \('pos'\) has 3 examples"):
+        sample_per_class(labels, ("neg", "pos"), 4, seed=0)
