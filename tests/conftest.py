@@ -37,7 +37,9 @@ def corpus() -> list[str]:
     lines = [sentence(rng, POSITIVE + NEGATIVE) + " It was great" for _ in range(400)]
     lines += [sentence(rng, NEGATIVE) + " It was bad" for _ in range(400)]
     for name, words in EMOTIONS.items():
-        lines += [sentence(rng, words) + f" The emotion of this tweet is {name}" for _ in range(200)]
+        lines += [
+            sentence(rng, words) + f" The emotion of this tweet is {name}" for _ in range(200)
+        ]
     lines += ["The I The I a an and of to in"] * 50
     return lines
 

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import build_model
 
 from gradmm.matching import MatchingLoss, per_example_grad_norms, residuals, summed_grads
 from gradmm.models import final_hidden, output_layer
-
-from conftest import build_model
 
 
 def autograd_rec(model, x, label, tw, tb):
@@ -19,8 +18,10 @@ def autograd_rec(model, x, label, tw, tb):
     ce = torch.nn.functional.cross_entropy(logits, torch.full((x.shape[0],), label))
     grads = torch.autograd.grad(ce, params, create_graph=True)
     targets = [tw] + ([tb] if tb is not None else [])
-    cos = [torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0)
-           for g, t in zip(grads, targets, strict=True)]
+    cos = [
+        torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0)
+        for g, t in zip(grads, targets, strict=True)
+    ]
     return torch.stack([1 - c for c in cos]).mean()
 
 

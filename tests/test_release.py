@@ -11,8 +11,14 @@ from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "phi"])
 def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp_path):
-    cfg = ReleaseConfig(task="sst2", model=str(model_dirs[kind]), n_per_class=6,
-                        data_dir=str(data_dir), seed=3, batch_size=4)
+    cfg = ReleaseConfig(
+        task="sst2",
+        model=str(model_dirs[kind]),
+        n_per_class=6,
+        data_dir=str(data_dir),
+        seed=3,
+        batch_size=4,
+    )
     rel = release_targets(cfg, tmp_path / "rel")
 
     # Oracle: one example at a time, no padding, autograd w.r.t. the output layer.
@@ -32,7 +38,9 @@ def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp
             # detached input embeddings: for a tied head only its output-layer use counts
             emb = lm.model.get_input_embeddings()(ids).detach()
             logits = lm.model(inputs_embeds=emb).logits[0, -1]
-            ce = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.label_ids[c]]))
+            ce = torch.nn.functional.cross_entropy(
+                logits[None], torch.tensor([prompt.label_ids[c]])
+            )
             params = [head.weight] + ([head.bias] if head.bias is not None else [])
             grads = torch.autograd.grad(ce, params)
             gw += grads[0] / len(indices)
@@ -45,8 +53,9 @@ def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp
 
 
 def test_release_files_hold_no_text_and_reload(model_dirs, data_dir, tmp_path):
-    cfg = ReleaseConfig(task="sst2", model=str(model_dirs["llama"]), n_per_class=4,
-                        data_dir=str(data_dir))
+    cfg = ReleaseConfig(
+        task="sst2", model=str(model_dirs["llama"]), n_per_class=4, data_dir=str(data_dir)
+    )
     rel = release_targets(cfg, tmp_path / "rel")
     raw = (tmp_path / "rel" / "release.json").read_text()
     ex = load_examples(BUILTIN_TASKS["sst2"], "train", data_dir)

@@ -47,8 +47,13 @@ def test_label_words_sharing_a_first_token_are_refused(tokenizer):
 
 def test_template_without_slot_is_invalid():
     with pytest.raises(ValueError, match="text slot"):
-        Task(name="x", label_names=("a", "b"), label_words=(" a", " b"), template="no slot",
-             local_dir="x")
+        Task(
+            name="x",
+            label_names=("a", "b"),
+            label_words=(" a", " b"),
+            template="no slot",
+            local_dir="x",
+        )
 
 
 def test_custom_task_from_yaml_and_multiclass_loading(tmp_path, data_dir):

@@ -107,56 +107,16 @@ def generate(
     config_digest = hashlib.sha256(
         json.dumps([config.model_dump(mode="json"), release.meta], sort_keys=True).encode()
     ).hexdigest()
-    _prepare_run_dir(out, config_digest, overwrite)
-
     lm = _load_release_model(release)
     timings = {"load": time.perf_counter() - t0}
-    paper = config.preset == "paper"
-    prefix = config.lm_prefix or (PAPER_LM_PREFIX.get(task.name) if paper else None)
-    contexts = [
-        _context_ids(lm, (prefix or task.lm_prefix).replace("{label}", w.strip()))
-        for w in task.label_words
-    ]
-    freeze = config.freeze_template
-    if freeze is None:
-        freeze = task.name in PAPER_FREEZES_TEMPLATE if paper else True
-
-    prompt = release.prompt
-    layout = Layout(prompt.head, config.length, prompt.tail)
-    if (
-        lm.context_length is not None
-        and layout.length + max(map(len, contexts)) > lm.context_length
-    ):
-        raise UserError(f"--length {config.length} plus template exceeds the model's context")
-    allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0], config.token_filter)
-    projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts)
-    solver_cfg = SolverConfig(
-        steps=config.steps,
-        inner_steps=config.inner_steps,
-        rho=config.rho,
-        lr=config.lr,
-        grad_clip=config.grad_clip,
-        init_candidates=config.init_candidates,
-        init_scale=config.init_scale,
-        score_init_scaled=config.score_init_scaled,
-        freeze_template=freeze,
-        select=config.select,
-    )
-    loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
-    solver = ADMMSolver(lm.model, loss, projector, layout, config.batch, solver_cfg)
-
-    per_class_problems = config.per_class // config.batch
-    classes = torch.arange(task.num_classes).repeat_interleave(per_class_problems)
-    problems = Problems(
-        classes=classes,
-        label_ids=torch.tensor(prompt.label_ids)[classes],
-        seeds=[problem_seed(config.seed, p) for p in range(len(classes))],
-    )
+    solver, problems, contexts = build_solver(lm, release, config)
+    _prepare_run_dir(out, config_digest, overwrite)  # only now: bad input leaves no folder behind
     solution = solver.solve(problems, checkpoint, config.checkpoint_every, progress)
     timings.update(solution.timings)
 
     t_write = time.perf_counter()
-    ppl = per_token_perplexity(lm, solution.ids, classes, contexts, prompt.head)
+    classes = problems.classes
+    ppl = per_token_perplexity(lm, solution.ids, classes, contexts, release.prompt.head)
     rows = []
     for p in range(len(problems)):
         c = int(classes[p])
@@ -175,10 +135,54 @@ def generate(
     timings["write"] = time.perf_counter() - t_write
     timings["total"] = time.perf_counter() - t0
     write_jsonl(synthetic_path, rows)
-    write_json(manifest_path, _manifest(config, release, solver_cfg, problems, timings, rows))
+    write_json(manifest_path, _manifest(config, release, solver.cfg, problems, timings, rows))
     checkpoint.unlink(missing_ok=True)
     (out / "run.lock.json").unlink(missing_ok=True)
     return synthetic_path
+
+
+def build_solver(
+    lm: LoadedModel, release: Release, config: GenerateConfig
+) -> tuple[ADMMSolver, Problems, list[list[int]]]:
+    """The solver, the run's problems (``per_class / batch`` per class, class-major) and the LM
+    prefix ids per class, as :func:`generate` uses them."""
+    task, prompt = release.task, release.prompt
+    paper = config.preset == "paper"
+    prefix = config.lm_prefix or (PAPER_LM_PREFIX.get(task.name) if paper else None)
+    contexts = [
+        _context_ids(lm, (prefix or task.lm_prefix).replace("{label}", w.strip()))
+        for w in task.label_words
+    ]
+    freeze = config.freeze_template
+    if freeze is None:
+        freeze = task.name in PAPER_FREEZES_TEMPLATE if paper else True
+    layout = Layout(prompt.head, config.length, prompt.tail)
+    longest = layout.length + max(map(len, contexts))
+    if lm.context_length is not None and longest > lm.context_length:
+        raise UserError(f"--length {config.length} plus template exceeds the model's context")
+    allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0], config.token_filter)
+    projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts)
+    solver_cfg = SolverConfig(
+        steps=config.steps,
+        inner_steps=config.inner_steps,
+        rho=config.rho,
+        lr=config.lr,
+        grad_clip=config.grad_clip,
+        init_candidates=config.init_candidates,
+        init_scale=config.init_scale,
+        score_init_scaled=config.score_init_scaled,
+        freeze_template=freeze,
+        select=config.select,
+    )
+    loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
+    solver = ADMMSolver(lm.model, loss, projector, layout, config.batch, solver_cfg)
+    classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
+    problems = Problems(
+        classes=classes,
+        label_ids=torch.tensor(prompt.label_ids)[classes],
+        seeds=[problem_seed(config.seed, p) for p in range(len(classes))],
+    )
+    return solver, problems, contexts
 
 
 def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:

@@ -91,8 +91,8 @@ def example_gradients(
     """Closed-form inputs of per-example output-layer gradients.
 
     Sequences are right-padded (and masked): with causal attention the padding never influences
-    the last real position, so batching is exact. Returns (N, V) residuals ``r`` and (N, d) hidden states
-    ``h``; the gradient of example ``i`` is ``(r_i h_iᵀ, r_i)``.
+    the last real position, so batching is exact. Returns (N, V) residuals ``r`` and (N, d)
+    hidden states ``h``; the gradient of example ``i`` is ``(r_i h_iᵀ, r_i)``.
     """
     rs, hs = [], []
     for start in range(0, len(sequences), batch_size):

@@ -1,0 +1,139 @@
+"""Projection and ADMM: allowed tokens, cached == uncached, batched == one at a time, resume."""
+
+import pytest
+import torch
+
+from gradmm.admm import Problems
+from gradmm.generate import GenerateConfig, build_solver, resolve_config
+from gradmm.models import load_model
+from gradmm.projection import Projector, allowed_tokens
+from gradmm.release import ReleaseConfig, load_release, release_targets
+from gradmm.tasks import encode_text
+
+
+@pytest.fixture(scope="module")
+def release_dir(model_dirs, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("solver") / "rel"
+    cfg = ReleaseConfig(
+        task="sst2", model=str(model_dirs["llama"]), n_per_class=5, data_dir=str(data_dir)
+    )
+    release_targets(cfg, out)
+    return out
+
+
+def lm_and_release(model_dirs, release_dir, double=False):
+    lm = load_model(str(model_dirs["llama"]))
+    rel = load_release(release_dir)
+    if double:
+        lm.model.double()
+        rel.target_weight = rel.target_weight.double()
+    return lm, rel
+
+
+def small(**kw) -> GenerateConfig:
+    base = dict(per_class=6, batch=3, length=5, steps=3, inner_steps=4, topk=12, init_candidates=20)
+    return resolve_config({**base, **kw})
+
+
+def test_token_filter_rules(tokenizer):
+    rows = len(tokenizer) + 5  # padding rows beyond the tokenizer, as in phi-1.5
+    fixed = allowed_tokens(tokenizer, rows, "fixed")
+    paper = allowed_tokens(tokenizer, rows, "paper")
+    great = tokenizer(" great", add_special_tokens=False).input_ids[0]
+    eos = tokenizer.eos_token_id
+    assert fixed[great] and paper[great]
+    assert not fixed[eos] and not paper[eos]  # "<|endoftext|>" fails the word rule
+    assert not fixed[len(tokenizer) :].any() and paper[len(tokenizer) :].all()
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if any(ch in text for ch in ";:-()'"):
+            assert not fixed[i] and not paper[i], text
+
+
+def test_projection_cached_equals_uncached_and_respects_candidates(model_dirs, tokenizer):
+    lm = load_model(str(model_dirs["llama"]))
+    allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0])
+    contexts = [encode_text(lm.tokenizer, "The"), encode_text(lm.tokenizer, "I")]
+    k = 7
+    cached = Projector(lm.model, lm.embeddings, allowed, k, contexts, row_chunk=3)
+    uncached = Projector(lm.model, lm.embeddings, allowed, k, contexts, use_cache=False)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(5, 6, lm.embeddings.shape[1], generator=gen)
+    classes = torch.tensor([0, 1, 0, 1, 1])
+    ids = cached(v, classes)
+    assert torch.equal(ids, uncached(v, classes))
+
+    unit = torch.nn.functional.normalize(lm.embeddings, dim=-1)
+    for n in range(5):
+        prefix = contexts[int(classes[n])]
+        for pos in range(6):
+            cos = torch.nn.functional.normalize(v[n, pos], dim=0) @ unit.T
+            cos[~allowed] = -float("inf")
+            topk = set(cos.topk(k).indices.tolist())
+            tok = int(ids[n, pos])
+            assert allowed[tok] and tok in topk
+            seq = torch.tensor([prefix + ids[n, :pos].tolist()])
+            logits = lm.model(input_ids=seq).logits[0, -1]
+            assert tok == max(topk, key=lambda t: float(logits[t]))
+
+
+def test_admm_lowers_matching_loss_and_reports_it_honestly(model_dirs, release_dir):
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    solver, problems, _ = build_solver(lm, rel, small(per_class=3, steps=4, inner_steps=10))
+    x0 = solver.initialise(problems)
+    with torch.no_grad():
+        rec_init = solver.rec(x0, problems)
+    solution = solver.solve(problems, progress=False)
+    with torch.no_grad():
+        rec_ids = solver.rec(solver.embed(solution.ids), problems)
+        gen = torch.Generator().manual_seed(0)
+        allowed = torch.isfinite(solver.projector.penalty).nonzero().flatten()
+        random_ids = allowed[torch.randint(len(allowed), (20, 3, 5), generator=gen)]
+        p20 = Problems(problems.classes.repeat(10), problems.label_ids.repeat(10), [0] * 20)
+        rec_random = solver.rec(solver.embed(random_ids), p20)
+    torch.testing.assert_close(solution.rec, rec_ids)
+    assert solution.ids.shape == (2, 3, 5)
+    assert (solution.rec < rec_random.median()).all()
+    assert (solution.rec < rec_init).all()
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_batched_problems_equal_one_at_a_time(model_dirs, release_dir, preset):
+    lm, rel = lm_and_release(model_dirs, release_dir, double=True)
+    solver, problems, _ = build_solver(lm, rel, small(preset=preset, length=5))
+    together = solver.solve(problems, progress=False)
+    for p in range(len(problems)):
+        one = Problems(
+            problems.classes[p : p + 1], problems.label_ids[p : p + 1], problems.seeds[p : p + 1]
+        )
+        alone = solver.solve(one, progress=False)
+        assert torch.equal(alone.ids[0], together.ids[p])
+        torch.testing.assert_close(alone.rec[0], together.rec[p], rtol=1e-9, atol=1e-12)
+
+
+def test_resumed_run_equals_uninterrupted(model_dirs, release_dir, tmp_path):
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    cfg = small(steps=4)
+    solver, problems, _ = build_solver(lm, rel, cfg)
+    full = solver.solve(problems, progress=False)
+
+    solver, problems, _ = build_solver(lm, rel, cfg)
+    calls = {"n": 0}
+    project = solver.projector.__class__.__call__
+
+    def interrupting(self, v, classes):
+        calls["n"] += 1
+        if calls["n"] == 4:  # z-step of outer iteration 4, after the checkpoint of iteration 2
+            raise KeyboardInterrupt
+        return project(self, v, classes)
+
+    ckpt = tmp_path / "checkpoint.pt"
+    solver.projector.__class__ = type("Interrupting", (Projector,), {"__call__": interrupting})
+    with pytest.raises(KeyboardInterrupt):
+        solver.solve(problems, checkpoint=ckpt, checkpoint_every=2, progress=False)
+    assert torch.load(ckpt)["step"] == 2
+
+    solver, problems, _ = build_solver(lm, rel, cfg)
+    resumed = solver.solve(problems, checkpoint=ckpt, checkpoint_every=2, progress=False)
+    assert torch.equal(resumed.ids, full.ids)
+    torch.testing.assert_close(resumed.rec, full.rec, rtol=0, atol=0)
