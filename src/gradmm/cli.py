@@ -133,3 +133,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("gradmm: interrupted (rerun the same command to resume)", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -61,6 +61,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     fp32 by default: transformers v5 would otherwise use the checkpoint's dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar for loading an 8M model is noise; ours stay
 
     path = Path(name).expanduser()
     if not path.exists() and _looks_like_path(name):

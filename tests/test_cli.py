@@ -1,0 +1,205 @@
+"""The command line end to end, and every bad input it must refuse with one line and status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_split
+from typer.testing import CliRunner
+
+from gradmm.cli import app
+
+runner = CliRunner()
+SMALL = [
+    "--per-class",
+    "4",
+    "--batch",
+    "2",
+    "--length",
+    "5",
+    "--steps",
+    "2",
+    "--inner-steps",
+    "3",
+    "--topk",
+    "10",
+    "--init-candidates",
+    "4",
+    "--quiet",
+]
+SHARED_DATA = Path(os.environ.get("GRADMM_SHARED_DATA", Path(__file__).parents[2] / "shared/data"))
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def release_args(model, data, out, task="sst2", n=4):
+    return [
+        "release",
+        "--task",
+        task,
+        "--model",
+        model,
+        "--data-dir",
+        data,
+        "--out",
+        out,
+        "--n-per-class",
+        n,
+    ]
+
+
+def read_rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task, n_classes", [("sst2", 2), ("tweet_emotion", 4)])
+def test_release_then_generate(task, n_classes, model_dirs, data_dir, tmp_path):
+    r = invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", task=task, n=3))
+    assert r.exit_code == 0, r.output
+    r = invoke("generate", "--release", tmp_path / "rel", "--out", tmp_path / "run", *SMALL)
+    assert r.exit_code == 0, r.output
+    rows = read_rows(tmp_path / "run" / "synthetic.jsonl")
+    assert [sum(row["label"] == c for row in rows) for c in range(n_classes)] == [4] * n_classes
+    for row in rows:
+        assert set(row) >= {"text", "label", "label_name", "problem", "rec_loss", "perplexity"}
+        assert isinstance(row["text"], str) and row["text"]
+        assert 0 <= row["rec_loss"] <= 2 and row["perplexity"] > 1
+    assert len({row["problem"] for row in rows}) == 2 * n_classes
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["per_class"] == 4 and manifest["seeds"]["seed"] == 0
+    assert {"init", "x_steps", "projection", "total"} <= set(manifest["timings_s"])
+    assert sorted(os.listdir(tmp_path / "run")) == ["manifest.json", "synthetic.jsonl"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="shared/data not present")
+def test_console_script_on_shared_data_layout(model_dirs, tmp_path):
+    env = {**os.environ, "GRADMM_DATA_DIR": str(SHARED_DATA)}
+    gradmm = [sys.executable, "-m", "gradmm.cli"]
+    subprocess.run(
+        [
+            *gradmm,
+            "release",
+            "--task",
+            "sst2",
+            "--model",
+            model_dirs["gpt2"],
+            "--out",
+            tmp_path / "rel",
+            "--n-per-class",
+            "5",
+        ],
+        env=env,
+        check=True,
+    )
+    subprocess.run(
+        [*gradmm, "generate", "--release", tmp_path / "rel", "--out", tmp_path / "run", *SMALL],
+        env=env,
+        check=True,
+    )
+    rows = read_rows(tmp_path / "run" / "synthetic.jsonl")
+    assert [row["label_name"] for row in rows] == ["negative"] * 4 + ["positive"] * 4
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradmm: error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_bad_inputs_give_one_line_and_status_2(model_dirs, data_dir, tmp_path):
+    model = model_dirs["llama"]
+    out = tmp_path / "rel"
+    bad = tmp_path / "bad"
+
+    one_line_error(invoke(*release_args(model, data_dir, out, task="nope")), "unknown task")
+    one_line_error(invoke(*release_args(model, tmp_path / "empty", out)), "data folder not found")
+    (bad / "sst2").mkdir(parents=True)
+    one_line_error(invoke(*release_args(model, bad, out)), "data file not found")
+    write_split(bad / "sst2", "train", [("fine", 1)])
+    with (bad / "sst2" / "train.jsonl").open("a") as f:
+        f.write('{"text": "broken", "label": \n')
+    one_line_error(invoke(*release_args(model, bad, out)), "train.jsonl:2", "malformed")
+    write_split(bad / "sst2", "train", [("fine", 1), ("odd", 5)])
+    one_line_error(invoke(*release_args(model, bad, out)), "train.jsonl:2", "label 5 outside")
+    write_split(bad / "sst2", "train", [("fine", 1), ("", 0)])
+    one_line_error(invoke(*release_args(model, bad, out)), "train.jsonl:2", "empty text")
+    write_split(bad / "sst2", "train", [("fine", 1), ("dull", 0), ("good", 1)])
+    one_line_error(invoke(*release_args(model, bad, out, n=2)), "'negative'", "fewer than the 2")
+
+    spec = tmp_path / "t.yaml"
+    spec.write_text(
+        f"label_names: [a, b]\nlabel_words: [' bad', ' great']\n"
+        f"template: 'no slot'\nlocal_dir: {data_dir / 'sst2'}\n"
+    )
+    one_line_error(invoke(*release_args(model, data_dir, out, task=spec)), "text slot")
+    spec.write_text(
+        f"label_names: [a, b]\nlabel_words: [' bad', ' zqxwvu']\nlocal_dir: {data_dir / 'sst2'}\n"
+    )
+    one_line_error(invoke(*release_args(model, data_dir, out, task=spec)), "' zqxwvu'")
+    one_line_error(
+        invoke(*release_args(tmp_path / "no-model", data_dir, out)), "model folder not found"
+    )
+    assert not out.exists()
+
+    assert invoke(*release_args(model, data_dir, out)).exit_code == 0
+    one_line_error(invoke(*release_args(model, data_dir, out)), "already holds a release")
+    run = tmp_path / "run"
+    assert invoke("generate", "--release", out, "--out", run, *SMALL).exit_code == 0
+    one_line_error(
+        invoke("generate", "--release", out, "--out", run, *SMALL), "already holds a finished run"
+    )
+    assert invoke("generate", "--release", out, "--out", run, *SMALL, "--overwrite").exit_code == 0
+    one_line_error(
+        invoke("generate", "--release", tmp_path / "none", "--out", tmp_path / "r2"),
+        "no release found",
+    )
+    one_line_error(
+        invoke(
+            "generate",
+            "--release",
+            out,
+            "--out",
+            tmp_path / "r3",
+            "--per-class",
+            "5",
+            "--batch",
+            "2",
+        ),
+        "multiple of --batch",
+    )
+    one_line_error(
+        invoke("generate", "--release", out, "--out", tmp_path / "r4", "--rho", "-1"), "rho"
+    )
+    assert not (tmp_path / "r3").exists() and not (tmp_path / "r4").exists()
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradmm.cli",
+            "release",
+            "--task",
+            "nope",
+            "--model",
+            "x/y/z",
+            "--out",
+            tmp_path / "o",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == "gradmm: error: unknown task 'nope' (built-in: imdb, "
+        "rotten_tomatoes, sst2, tweet_emotion; or a .yaml task file)"
+    )
