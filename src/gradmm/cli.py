@@ -126,6 +126,44 @@ def generate(
     typer.echo(f"wrote {path}")
 
 
+lm_app = typer.Typer(no_args_is_help=True, help="The project's reference language model.")
+app.add_typer(lm_app, name="lm")
+
+
+@lm_app.command("train")
+def lm_train(
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = ...,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Folder laid out like shared/data [$GRADMM_DATA_DIR].")
+    ] = None,
+    work: Annotated[
+        Path | None, typer.Option(help="Checkpoint folder [OUT.work]; rerun to resume.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps [3000].")] = None,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train the reference LM (tokenizer + Llama) on IMDB train + WikiText-2 valid/test."""
+    import os
+
+    from gradmm.lm import LMTrainConfig, train_lm
+
+    try:
+        cfg = build_config(
+            LMTrainConfig,
+            dict(
+                data_dir=data_dir or os.environ.get("GRADMM_DATA_DIR"),
+                max_steps=max_steps,
+                seed=seed,
+            ),
+            config,
+        )
+        path = train_lm(cfg, out, work)
+    except UserError as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
