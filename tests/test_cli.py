@@ -203,3 +203,20 @@ def test_console_script_exit_status(tmp_path):
         proc.stderr.strip() == "gradmm: error: unknown task 'nope' (built-in: imdb, "
         "rotten_tomatoes, sst2, tweet_emotion; or a .yaml task file)"
     )
+
+
+def test_unfinished_run_with_other_settings_is_not_resumed(model_dirs, data_dir, tmp_path):
+    assert invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel")).exit_code == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock.json").write_text('{"config_sha256": "something else"}')
+    one_line_error(
+        invoke("generate", "--release", tmp_path / "rel", "--out", run, *SMALL),
+        "unfinished run with different settings",
+    )
+    assert (
+        invoke(
+            "generate", "--release", tmp_path / "rel", "--out", run, *SMALL, "--overwrite"
+        ).exit_code
+        == 0
+    )

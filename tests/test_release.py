@@ -77,3 +77,27 @@ def test_sampling_is_stratified_seeded_and_checked():
     assert [sorted({labels[i] for i in ix}) for ix in a] == [[0], [1]]
     with pytest.raises(UserError, match=r"class 1 \('pos'\) has 3 examples"):
         sample_per_class(labels, ("neg", "pos"), 4, seed=0)
+
+
+def test_text_longer_than_context_is_refused(model_dirs, tmp_path):
+    from conftest import write_split
+
+    long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
+    write_split(tmp_path / "sst2", "train", [("fine film", 1), (long_text, 0)])
+    cfg = ReleaseConfig(
+        task="sst2", model=str(model_dirs["llama"]), n_per_class=1, data_dir=str(tmp_path)
+    )
+    with pytest.raises(UserError, match="longer than the model's context"):
+        release_targets(cfg, tmp_path / "rel")
+    assert not (tmp_path / "rel").exists()
+
+
+def test_model_without_linear_output_layer_is_refused():
+    from gradmm.models import output_layer
+
+    class Encoder(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(UserError, match="no linear output layer"):
+        output_layer(Encoder())

@@ -102,3 +102,14 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
     with pytest.raises(UserError, match=message) as err:
         load_examples(BUILTIN_TASKS["sst2"], "train", tmp_path)
     assert "train.jsonl:2" in str(err.value)
+
+
+def test_csv_split_is_read_like_jsonl(tmp_path):
+    folder = tmp_path / "sst2"
+    folder.mkdir()
+    (folder / "train.csv").write_text('text,label\n"a fine, warm film",1\nflat,0\n')
+    ex = load_examples(BUILTIN_TASKS["sst2"], "train", tmp_path)
+    assert ex.texts == ["a fine, warm film", "flat"] and ex.labels == [1, 0]
+    (folder / "train.csv").write_text("text,label\nok,1\nbad row,x\n")
+    with pytest.raises(UserError, match=r"train.csv:3: label 'x' is not an integer"):
+        load_examples(BUILTIN_TASKS["sst2"], "train", tmp_path)
