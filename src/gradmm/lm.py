@@ -178,6 +178,9 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, seconds = state["step"], state["seconds"]
+        if log_path.exists():  # drop log lines written after the checkpoint we resume from
+            kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step]
+            log_path.write_text("".join(line + "\n" for line in kept))
     model.train()
     bar = tqdm(total=config.max_steps, initial=step, desc="lm train", unit="step")
     tokens_per_step = config.batch_size * config.seq_len
@@ -192,7 +195,7 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        window_loss, window_steps = window_loss + float(loss), window_steps + 1
+        window_loss, window_steps = window_loss + float(loss.detach()), window_steps + 1
         bar.update(1)
         if step % config.log_every == 0:
             elapsed = seconds + time.time() - started

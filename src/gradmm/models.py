@@ -51,12 +51,25 @@ class LoadedModel:
         )
 
 
+# The project's reference LM (see gradmm.lm), shipped inside the package; `--model reference`.
+REFERENCE_LM_DIR = Path(__file__).parent / "reference_lm"
+
+
+def resolve_model_name(name: str) -> str:
+    """``reference`` -> the shipped reference LM folder; anything else unchanged."""
+    if name != "reference":
+        return name
+    if not (REFERENCE_LM_DIR / "config.json").is_file():
+        raise UserError(f"the reference LM is not in this installation ({REFERENCE_LM_DIR})")
+    return str(REFERENCE_LM_DIR)
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") >= 2 or name.endswith("/")
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer by hub id or local folder, frozen, in eval mode.
+    """Load a causal LM and its tokenizer by hub id, local folder or ``reference``, frozen, eval.
 
     fp32 by default: transformers v5 would otherwise use the checkpoint's dtype.
     """
@@ -65,10 +78,11 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
     hf_logging.disable_progress_bar()  # a bar for loading an 8M model is noise; ours stay
 
-    path = Path(name).expanduser()
-    if not path.exists() and _looks_like_path(name):
+    resolved = resolve_model_name(name)
+    path = Path(resolved).expanduser()
+    if not path.exists() and _looks_like_path(resolved):
         raise UserError(f"model folder not found: {name}")
-    source = str(path) if path.exists() else name
+    source = str(path) if path.exists() else resolved
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
