@@ -151,12 +151,16 @@ class ADMMSolver:
 
     def project(self, x: Tensor, problems: Problems) -> Tensor:
         """(P, B, L, d) -> (P, B, G) free token ids."""
-        started = time.perf_counter()
         n_problems, batch = x.shape[:2]
         v = x[:, :, self.layout.free].reshape(n_problems * batch, self.layout.n_free, -1)
         ids = self.projector(v, problems.classes.repeat_interleave(batch))
-        self.timings["projection"] += time.perf_counter() - started
         return ids.reshape(n_problems, batch, -1)
+
+    def _timed_project(self, x: Tensor, problems: Problems) -> Tensor:
+        started = time.perf_counter()
+        ids = self.project(x, problems)
+        self.timings["projection"] += time.perf_counter() - started
+        return ids
 
     def _with_template(self, x: Tensor) -> Tensor:
         x[:, :, self.fixed] = self.fixed_emb
@@ -164,6 +168,20 @@ class ADMMSolver:
 
     def _rescale(self, x: Tensor) -> Tensor:
         return torch.nn.functional.normalize(x, dim=-1) * self.init_scale
+
+    def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
+        """(n, B, L, d) candidate batches of one problem -> (n,) rec, in one forward pass."""
+        n = cand.shape[0]
+        return self.rec(
+            cand, Problems(single.classes.expand(n), single.label_ids.expand(n), [0] * n)
+        )
+
+    def _inner_extra(self, x: Tensor, z_ids: Tensor) -> Tensor | float:
+        """Extra term of the x-step objective (nothing here; see ReferenceSolver)."""
+        return 0.0
+
+    def _log_iteration(self, step: int, x: Tensor, problems: Problems) -> None:
+        """Work after each outer iteration (nothing here; see ReferenceSolver)."""
 
     @torch.no_grad()
     def initialise(self, problems: Problems) -> Tensor:
@@ -181,10 +199,7 @@ class ADMMSolver:
                 cand = torch.randn(n, self.batch, length, dim, generator=gen, dtype=dtype)
                 if self.cfg.score_init_scaled:
                     cand = self._rescale(cand)
-                cand = self._with_template(cand)
-                rec = self.rec(
-                    cand, Problems(single.classes.expand(n), single.label_ids.expand(n), [0] * n)
-                )
+                rec = self._score_candidates(self._with_template(cand), single)
                 i = int(rec.argmin())
                 if float(rec[i]) < best_rec:
                     best_rec, best = float(rec[i]), cand[i].clone()
@@ -235,7 +250,7 @@ class ADMMSolver:
         for step in bar:
             with torch.no_grad():
                 self._with_template(x)
-            z_ids = self.project(x.detach() + u, problems)
+            z_ids = self._timed_project(x.detach() + u, problems)
             z = self.embed(z_ids)
             if cfg.select == "projected":
                 best_rec, best_ids = self._keep_best(problems, z_ids, z, best_rec, best_ids)
@@ -244,12 +259,13 @@ class ADMMSolver:
             for _ in range(cfg.inner_steps):
                 opt.zero_grad(set_to_none=True)
                 obj = self.rec(x, problems) + 0.5 * cfg.rho * (x - z + u).pow(2).sum((1, 2, 3))
-                obj.sum().backward()
+                (obj.sum() + self._inner_extra(x, z_ids)).backward()
                 self._condition_gradient(x.grad)
                 opt.step()
                 last_obj = obj.detach()
             self.timings["x_steps"] += time.perf_counter() - started
 
+            self._log_iteration(step, x.detach(), problems)
             with torch.no_grad():
                 u += x - z
                 self._with_template(x)
@@ -277,19 +293,21 @@ class ADMMSolver:
 
         x = x.detach()
         if cfg.select == "projected":
-            final_ids = self.project(x + u, problems)
+            final_ids = self._timed_project(x + u, problems)
             best_rec, best_ids = self._keep_best(
                 problems, final_ids, self.embed(final_ids), best_rec, best_ids
             )
         else:
-            best_ids = self.project(best_x, problems)
+            best_ids = self._timed_project(best_x, problems)
             with torch.no_grad():
                 best_rec = self.rec(self.embed(best_ids), problems)
         return Solution(ids=best_ids, rec=best_rec, timings=dict(self.timings))
 
     @torch.no_grad()
     def _keep_best(self, problems, ids, emb, best_rec, best_ids):
+        started = time.perf_counter()
         rec = self.rec(emb, problems)
+        self.timings["selection"] += time.perf_counter() - started
         better = rec < best_rec
         best_ids = best_ids.clone()
         best_ids[better] = ids[better]
@@ -305,6 +323,82 @@ class ADMMSolver:
                 norm > self.cfg.grad_clip, self.cfg.grad_clip / (norm + 1e-6), torch.ones_like(norm)
             )
             grad.mul_(scale[:, None, None, None])
+
+
+class ReferenceSolver(ADMMSolver):
+    """The authors' computation (REFERENCE.md §8), kept as the oracle of the fast engine.
+
+    Same algorithm and random draws as :class:`ADMMSolver`, computed the slow way: ``rec`` by
+    ``autograd.grad(create_graph=True)`` w.r.t. the output layer and a second backward; the
+    projection re-encodes the whole prefix at every position; problems and init candidates one at
+    a time; and the work the authors do only for logging (a zero-weight perplexity term in every
+    inner step, an extra projection + loss evaluation per outer iteration, a third projection
+    every 10). No checkpointing.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector.use_cache = False
+        out = self.loss.output
+        self.params = [out.weight.detach()] + ([] if out.bias is None else [out.bias.detach()])
+
+    def rec(self, x: Tensor, problems: Problems) -> Tensor:
+        n_problems, batch, length, dim = x.shape
+        with torch.enable_grad():
+            params = [p.clone().requires_grad_(True) for p in self.params]
+            h = final_hidden(self.model, inputs_embeds=x.reshape(-1, length, dim))
+            logits = torch.nn.functional.linear(h, *params)[:, -1]  # all positions, as theirs
+            logits = logits.reshape(n_problems, batch, -1)
+            recs = []
+            for p in range(n_problems):
+                c = int(problems.classes[p])
+                ce = torch.nn.functional.cross_entropy(
+                    logits[p], problems.label_ids[p].expand(batch)
+                )
+                grads = torch.autograd.grad(ce, params, create_graph=x.requires_grad)
+                targets = [self.loss.tw[c]] + ([] if self.loss.tb is None else [self.loss.tb[c]])
+                cos = [
+                    torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0)
+                    for g, t in zip(grads, targets, strict=True)
+                ]
+                recs.append(1 - torch.stack(cos).mean())
+        return torch.stack(recs)
+
+    def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
+        return torch.cat([self.rec(c[None], single) for c in cand])
+
+    def _inner_extra(self, x: Tensor, z_ids: Tensor) -> Tensor:
+        n_problems, batch, length, dim = x.shape
+        logits = self.model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, :-1]
+        targets = self.layout.full_ids(z_ids).reshape(-1, length)[:, 1:]
+        ppl = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets)
+        return 0.0 * ppl
+
+    @torch.no_grad()
+    def _log_iteration(self, step: int, x: Tensor, problems: Problems) -> None:
+        started = time.perf_counter()
+        ids = self.project(x, problems)
+        self.rec(x, problems)
+        self.rec(self.embed(ids), problems)
+        self.model(input_ids=self.layout.full_ids(ids).flatten(0, 1))
+        if step % 10 == 0:
+            self.project(x, problems)
+        self.timings["logging"] += time.perf_counter() - started
+
+    def solve(self, problems: Problems, checkpoint=None, checkpoint_every=5, progress=True):
+        solutions = []
+        for p in range(len(problems)):
+            single = Problems(
+                problems.classes[p : p + 1],
+                problems.label_ids[p : p + 1],
+                problems.seeds[p : p + 1],
+            )
+            solutions.append(super().solve(single, None, checkpoint_every, progress))
+        return Solution(
+            ids=torch.cat([s.ids for s in solutions]),
+            rec=torch.cat([s.rec for s in solutions]),
+            timings=dict(self.timings),
+        )
 
 
 def _save_atomic(state: dict, path: Path) -> None:

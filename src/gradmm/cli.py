@@ -96,6 +96,9 @@ def generate(
         int | None, typer.Option(help="K: random init batches scored [500].")
     ] = None,
     seed: SeedOpt = None,
+    engine: Annotated[
+        str | None, typer.Option(help="'fast' or 'reference' (the authors' computation) [fast].")
+    ] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -116,6 +119,7 @@ def generate(
         lr=lr,
         init_candidates=init_candidates,
         seed=seed,
+        engine=engine,
         preset=preset,
     )
     try:

@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from gradmm import __version__
-from gradmm.admm import ADMMSolver, Layout, Problems, SolverConfig, problem_seed
+from gradmm.admm import (
+    ADMMSolver,
+    Layout,
+    Problems,
+    ReferenceSolver,
+    SolverConfig,
+    problem_seed,
+)
 from gradmm.config import build_config, read_options_file
 from gradmm.errors import UserError
 from gradmm.files import write_json, write_jsonl
@@ -50,6 +57,9 @@ class GenerateConfig(BaseModel):
         None, gt=0, description="per-position init norm (default: mean token embedding norm)"
     )
     seed: int = 0
+    engine: Literal["fast", "reference"] = Field(
+        "fast", description="fast (exact reformulation) or reference (the authors' computation)"
+    )
     # Set by the preset unless given explicitly.
     select: Literal["projected", "augmented"] | None = None
     token_filter: TokenFilter | None = None
@@ -175,7 +185,8 @@ def build_solver(
         select=config.select,
     )
     loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
-    solver = ADMMSolver(lm.model, loss, projector, layout, config.batch, solver_cfg)
+    engine = ADMMSolver if config.engine == "fast" else ReferenceSolver
+    solver = engine(lm.model, loss, projector, layout, config.batch, solver_cfg)
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
     problems = Problems(
         classes=classes,
