@@ -220,3 +220,43 @@ def test_unfinished_run_with_other_settings_is_not_resumed(model_dirs, data_dir,
         ).exit_code
         == 0
     )
+
+
+def test_two_processes_write_what_one_process_writes(model_dirs, data_dir, tmp_path):
+    assert (
+        invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
+    )
+    args = [
+        "--per-class",
+        "6",
+        "--batch",
+        "2",
+        "--length",
+        "5",
+        "--steps",
+        "3",
+        "--inner-steps",
+        "3",
+        "--topk",
+        "10",
+        "--init-candidates",
+        "4",
+        "--quiet",
+    ]
+    for nproc, run in ((1, "one"), (2, "two")):
+        r = invoke(
+            "generate",
+            "--release",
+            tmp_path / "rel",
+            "--out",
+            tmp_path / run,
+            *args,
+            "--nproc",
+            nproc,
+        )
+        assert r.exit_code == 0, r.output
+    one = (tmp_path / "one" / "synthetic.jsonl").read_text()
+    assert one == (tmp_path / "two" / "synthetic.jsonl").read_text()
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    assert sorted(os.listdir(tmp_path / "two")) == ["manifest.json", "synthetic.jsonl"]

@@ -160,3 +160,13 @@ def test_engines_agree_in_float32(model_dirs, release_dir):
     fast = fast_solver.solve(problems, progress=False).rec
     ref = ref_solver.solve(problems, progress=False).rec
     assert abs(float(fast.mean() - ref.mean())) < 0.1 * float(ref.mean())
+
+
+def test_shards_cover_problems_once_in_order():
+    from gradmm.distributed import shard
+
+    for n in (1, 5, 6, 7):
+        for world in (1, 2, 3, 4):
+            blocks = [list(shard(n, r, world)) for r in range(world)]
+            assert sum(blocks, []) == list(range(n))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1

@@ -102,6 +102,9 @@ def generate(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Local processes to shard problems over (gloo).")
+    ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Stage 2: generate synthetic text by ADMM gradient matching against a release."""
@@ -124,10 +127,13 @@ def generate(
     )
     try:
         cfg = resolve_config(options, config)
-        path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet)
+        path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc)
     except UserError as e:
         _fail(e)
-    typer.echo(f"wrote {path}")
+    from gradmm.distributed import rank_and_world
+
+    if rank_and_world()[0] == 0:
+        typer.echo(f"wrote {path}")
 
 
 lm_app = typer.Typer(no_args_is_help=True, help="The project's reference language model.")

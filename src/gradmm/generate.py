@@ -28,6 +28,7 @@ from gradmm.admm import (
     problem_seed,
 )
 from gradmm.config import build_config, read_options_file
+from gradmm.distributed import barrier, gather_to_zero, init_from_env, rank_and_world, shard, spawn
 from gradmm.errors import UserError
 from gradmm.files import write_json, write_jsonl
 from gradmm.matching import MatchingLoss
@@ -100,33 +101,76 @@ def generate(
     config: GenerateConfig,
     overwrite: bool = False,
     progress: bool = True,
+    nproc: int = 1,
 ) -> Path:
-    """Run stage 2; returns the path of ``synthetic.jsonl``."""
+    """Run stage 2; returns the path of ``synthetic.jsonl``.
+
+    Problems are sharded over ``nproc`` local processes, or over the ranks of an existing
+    process group (``torchrun``); the output is the same as a single-process run.
+    """
     t0 = time.perf_counter()
     out = Path(out)
-    synthetic_path, manifest_path = out / "synthetic.jsonl", out / "manifest.json"
-    checkpoint = out / "checkpoint.pt"
-    if synthetic_path.exists() and not overwrite:
+    if (out / "synthetic.jsonl").exists() and not overwrite:
         raise UserError(f"{out} already holds a finished run (pass --overwrite to replace it)")
     if config.per_class % config.batch:
         raise UserError(
             f"--per-class ({config.per_class}) must be a multiple of --batch ({config.batch})"
         )
+    if nproc > 1 and config.engine == "reference":
+        raise UserError("--engine reference runs in one process (it is the oracle)")
     release = load_release(release_dir)
-    task = release.task
+    lm = _load_release_model(release)
+    build_solver(lm, release, config)  # validates settings against the model before any write
     config_digest = hashlib.sha256(
         json.dumps([config.model_dump(mode="json"), release.meta], sort_keys=True).encode()
     ).hexdigest()
-    lm = _load_release_model(release)
-    timings = {"load": time.perf_counter() - t0}
+    init_from_env()
+    if rank_and_world()[0] == 0:
+        _prepare_run_dir(out, config_digest, overwrite)  # only now: bad input leaves no folder
+    barrier()
+    args = (release, out, config, progress, time.perf_counter() - t0)
+    if nproc > 1:
+        spawn(_solve_and_write, args, nproc)
+    else:
+        _solve_and_write(*args, lm=lm)
+    return out / "synthetic.jsonl"
+
+
+def _solve_and_write(
+    release: Release,
+    out: Path,
+    config: GenerateConfig,
+    progress: bool,
+    load_seconds: float,
+    lm: LoadedModel | None = None,
+) -> None:
+    """Solve this rank's block of problems; rank 0 gathers all blocks and writes the files."""
+    t0 = time.perf_counter()
+    lm = lm or _load_release_model(release)
     solver, problems, contexts = build_solver(lm, release, config)
-    _prepare_run_dir(out, config_digest, overwrite)  # only now: bad input leaves no folder behind
-    solution = solver.solve(problems, checkpoint, config.checkpoint_every, progress)
-    timings.update(solution.timings)
+    rank, world = rank_and_world()
+    mine = shard(len(problems), rank, world)
+    block = Problems(
+        problems.classes[mine.start : mine.stop],
+        problems.label_ids[mine.start : mine.stop],
+        problems.seeds[mine.start : mine.stop],
+    )
+    checkpoint = out / ("checkpoint.pt" if world == 1 else f"checkpoint.rank{rank}.pt")
+    solution = solver.solve(block, checkpoint, config.checkpoint_every, progress and rank == 0)
+    parts = gather_to_zero((solution.ids, solution.rec, solution.timings))
+    if parts is None:
+        return
+    ids = torch.cat([p[0] for p in parts])
+    rec = torch.cat([p[1] for p in parts])
+    # seconds per stage summed over ranks (= wall time x processes when balanced)
+    timings = {"load": load_seconds}
+    for part in parts:
+        for k, v in part[2].items():
+            timings[k] = timings.get(k, 0.0) + v
 
     t_write = time.perf_counter()
-    classes = problems.classes
-    ppl = per_token_perplexity(lm, solution.ids, classes, contexts, release.prompt.head)
+    task, classes = release.task, problems.classes
+    ppl = per_token_perplexity(lm, ids, classes, contexts, release.prompt.head)
     rows = []
     for p in range(len(problems)):
         c = int(classes[p])
@@ -134,21 +178,22 @@ def generate(
             rows.append(
                 {
                     "id": len(rows),
-                    "text": lm.tokenizer.decode(solution.ids[p, b].tolist()).strip(),
+                    "text": lm.tokenizer.decode(ids[p, b].tolist()).strip(),
                     "label": c,
                     "label_name": task.label_names[c],
                     "problem": p,
-                    "rec_loss": round(float(solution.rec[p]), 6),
+                    "rec_loss": round(float(rec[p]), 6),
                     "perplexity": round(float(ppl[p, b]), 4),
                 }
             )
     timings["write"] = time.perf_counter() - t_write
-    timings["total"] = time.perf_counter() - t0
-    write_jsonl(synthetic_path, rows)
-    write_json(manifest_path, _manifest(config, release, solver.cfg, problems, timings, rows))
-    checkpoint.unlink(missing_ok=True)
-    (out / "run.lock.json").unlink(missing_ok=True)
-    return synthetic_path
+    timings["total"] = load_seconds + time.perf_counter() - t0
+    manifest = _manifest(config, release, solver.cfg, problems, timings, rows)
+    manifest["processes"] = world
+    write_jsonl(out / "synthetic.jsonl", rows)
+    write_json(out / "manifest.json", manifest)
+    for leftover in [*out.glob("checkpoint*.pt"), out / "run.lock.json"]:
+        leftover.unlink(missing_ok=True)
 
 
 def build_solver(

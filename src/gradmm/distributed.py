@@ -1,0 +1,87 @@
+"""Sharding independent ADMM problems over processes with ``torch.distributed``.
+
+Problems never interact, so each rank solves a contiguous block of them and rank 0 gathers the
+blocks in problem order. Because every problem has its own init seed and the solver treats
+problems independently, the merged result equals a single-process run.
+
+Two ways in:
+
+* ``gradmm generate --nproc N``: spawns N local processes (gloo backend).
+* ``torchrun --nproc-per-node N -m gradmm.cli generate ...`` (or ``--nnodes``/``--rdzv-*`` for
+  several machines): the environment variables torchrun sets are honoured as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n_items: int, rank: int, world: int) -> range:
+    """Contiguous block of ``range(n_items)`` owned by ``rank`` (sizes differ by at most one)."""
+    base, extra = divmod(n_items, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def gather_to_zero(obj: Any) -> list[Any] | None:
+    """Objects of all ranks in rank order on rank 0, None elsewhere (``[obj]`` when alone)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True if we did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, threads: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, args: tuple, nproc: int) -> None:
+    """Run ``fn(*args)`` in ``nproc`` local processes joined in one gloo process group.
+
+    The machine's threads are divided among the processes.
+    """
+    threads = max(1, torch.get_num_threads() // nproc)
+    torch.multiprocessing.spawn(
+        _worker, args=(nproc, _free_port(), fn, args, threads), nprocs=nproc, join=True
+    )
