@@ -74,3 +74,27 @@ def test_per_example_norms_and_sums_equal_explicit_gradients():
     sw, sb = summed_grads(r, h, w)
     torch.testing.assert_close(sw, sum(w[i] * torch.outer(r[i], h[i]) for i in range(5)))
     torch.testing.assert_close(sb, (w[:, None] * r).sum(0))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi"])
+def test_autograd_loss_on_output_params_equals_closed_form(kind):
+    from gradmm.matching import AutogradMatchingLoss
+    from gradmm.models import matched_parameters
+
+    model = build_model(kind, vocab=50).double()
+    out = output_layer(model)
+    params = matched_parameters(model, "output")
+    gen = torch.Generator().manual_seed(3)
+    targets = {
+        n: torch.randn(2, *p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()
+    }
+    names = list(params)
+    closed = MatchingLoss(targets[names[0]], targets[names[1]] if len(names) > 1 else None, out)
+    auto = AutogradMatchingLoss(params, targets)
+    x = torch.randn(2, 3, 6, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    classes, labels = torch.tensor([1, 0]), torch.tensor([4, 7])
+    a, b = closed.rec(model, x, classes, labels), auto.rec(model, x, classes, labels)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ga, gb = (torch.autograd.grad(v.sum(), x)[0] for v in (a, b))
+    torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-12)
+    assert all(p.grad is None and not p.requires_grad for p in params.values())

@@ -101,3 +101,41 @@ def test_model_without_linear_output_layer_is_refused():
 
     with pytest.raises(UserError, match="no linear output layer"):
         output_layer(Encoder())
+
+
+def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_path):
+    from gradmm.models import matched_parameters
+
+    cfg = ReleaseConfig(
+        task="sst2",
+        model=str(model_dirs["phi"]),
+        n_per_class=4,
+        data_dir=str(data_dir),
+        match_params="last-block",
+        batch_size=3,
+    )
+    rel = release_targets(cfg, tmp_path / "rel")
+    lm = load_model(str(model_dirs["phi"]))
+    params = matched_parameters(lm.model, "last-block")
+    assert list(rel.targets) == list(params) == rel.meta["parameters"]
+    assert any(".layers.1." in n for n in params) and "lm_head.bias" in params
+    task = BUILTIN_TASKS["sst2"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    ex = load_examples(task, "train", data_dir)
+    for p in params.values():
+        p.requires_grad_(True)
+    for c, indices in enumerate(sample_per_class(ex.labels, task.label_names, 4, 0)):
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for i in indices:
+            ids = torch.tensor([prompt.encode(lm.tokenizer, ex.texts[i])])
+            logits = lm.model(inputs_embeds=lm.embeddings[ids].detach()).logits[0, -1]
+            ce = torch.nn.functional.cross_entropy(
+                logits[None], torch.tensor([prompt.label_ids[c]])
+            )
+            for n, g in zip(params, torch.autograd.grad(ce, list(params.values())), strict=True):
+                total[n] += g / len(indices)
+        for n in params:
+            torch.testing.assert_close(rel.targets[n][c], total[n], rtol=1e-4, atol=1e-6)
+    # the output layer's part equals the closed form of an `output` release
+    out = release_targets(cfg.model_copy(update={"match_params": "output"}), tmp_path / "out")
+    torch.testing.assert_close(out.target_weight, rel.target_weight, rtol=1e-4, atol=1e-6)

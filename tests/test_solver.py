@@ -26,7 +26,7 @@ def lm_and_release(model_dirs, release_dir, double=False):
     rel = load_release(release_dir)
     if double:
         lm.model.double()
-        rel.target_weight = rel.target_weight.double()
+        rel.targets = {k: v.double() for k, v in rel.targets.items()}
     return lm, rel
 
 
@@ -170,3 +170,25 @@ def test_shards_cover_problems_once_in_order():
             blocks = [list(shard(n, r, world)) for r in range(world)]
             assert sum(blocks, []) == list(range(n))
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
+    from gradmm.generate import _load_release_model
+
+    cfg = ReleaseConfig(
+        task="sst2",
+        model=str(model_dirs["llama"]),
+        n_per_class=4,
+        data_dir=str(data_dir),
+        match_params="last-block",
+    )
+    release_targets(cfg, tmp_path / "rel")
+    rel = load_release(tmp_path / "rel")
+    lm = _load_release_model(rel)
+    solver, problems, _ = build_solver(lm, rel, small(per_class=3, steps=3, inner_steps=8))
+    with torch.no_grad():
+        rec_init = solver.rec(solver.initialise(problems), problems)
+    solution = solver.solve(problems, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(solution.rec, solver.rec(solver.embed(solution.ids), problems))
+    assert (solution.rec < rec_init).all()

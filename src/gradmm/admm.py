@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradmm.matching import MatchingLoss
-from gradmm.models import final_hidden
+from gradmm.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.projection import Projector
 
 
@@ -114,7 +113,7 @@ class ADMMSolver:
     def __init__(
         self,
         model: torch.nn.Module,
-        loss: MatchingLoss,
+        loss: MatchingLoss | AutogradMatchingLoss,
         projector: Projector,
         layout: Layout,
         batch: int,
@@ -141,9 +140,7 @@ class ADMMSolver:
 
     def rec(self, x: Tensor, problems: Problems) -> Tensor:
         """(P, B, L, d) embeddings -> (P,) matching loss."""
-        n_problems, batch, length, dim = x.shape
-        h = final_hidden(self.model, inputs_embeds=x.reshape(-1, length, dim))[:, -1]
-        return self.loss(h.reshape(n_problems, batch, dim), problems.classes, problems.label_ids)
+        return self.loss.rec(self.model, x, problems.classes, problems.label_ids)
 
     def embed(self, free_ids: Tensor) -> Tensor:
         """(P, B, G) free ids -> (P, B, L, d) embeddings with the template."""
@@ -259,7 +256,8 @@ class ADMMSolver:
             for _ in range(cfg.inner_steps):
                 opt.zero_grad(set_to_none=True)
                 obj = self.rec(x, problems) + 0.5 * cfg.rho * (x - z + u).pow(2).sum((1, 2, 3))
-                (obj.sum() + self._inner_extra(x, z_ids)).backward()
+                # autograd.grad, not backward: nothing accumulates into the model's parameters
+                (x.grad,) = torch.autograd.grad(obj.sum() + self._inner_extra(x, z_ids), x)
                 self._condition_gradient(x.grad)
                 opt.step()
                 last_obj = obj.detach()
@@ -329,7 +327,7 @@ class ReferenceSolver(ADMMSolver):
     """The authors' computation (REFERENCE.md §8), kept as the oracle of the fast engine.
 
     Same algorithm and random draws as :class:`ADMMSolver`, computed the slow way: ``rec`` by
-    ``autograd.grad(create_graph=True)`` w.r.t. the output layer and a second backward; the
+    ``autograd.grad(create_graph=True)`` w.r.t. the matched parameters and a second backward; the
     projection re-encodes the whole prefix at every position; problems and init candidates one at
     a time; and the work the authors do only for logging (a zero-weight perplexity term in every
     inner step, an extra projection + loss evaluation per outer iteration, a third projection
@@ -339,30 +337,14 @@ class ReferenceSolver(ADMMSolver):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector.use_cache = False
-        out = self.loss.output
-        self.params = [out.weight.detach()] + ([] if out.bias is None else [out.bias.detach()])
-
-    def rec(self, x: Tensor, problems: Problems) -> Tensor:
-        n_problems, batch, length, dim = x.shape
-        with torch.enable_grad():
-            params = [p.clone().requires_grad_(True) for p in self.params]
-            h = final_hidden(self.model, inputs_embeds=x.reshape(-1, length, dim))
-            logits = torch.nn.functional.linear(h, *params)[:, -1]  # all positions, as theirs
-            logits = logits.reshape(n_problems, batch, -1)
-            recs = []
-            for p in range(n_problems):
-                c = int(problems.classes[p])
-                ce = torch.nn.functional.cross_entropy(
-                    logits[p], problems.label_ids[p].expand(batch)
-                )
-                grads = torch.autograd.grad(ce, params, create_graph=x.requires_grad)
-                targets = [self.loss.tw[c]] + ([] if self.loss.tb is None else [self.loss.tb[c]])
-                cos = [
-                    torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0)
-                    for g, t in zip(grads, targets, strict=True)
-                ]
-                recs.append(1 - torch.stack(cos).mean())
-        return torch.stack(recs)
+        if isinstance(self.loss, MatchingLoss):
+            out = self.loss.output
+            params = {"weight": out.weight, "bias": out.bias}
+            targets = {"weight": self.loss.tw, "bias": self.loss.tb}
+            keep = [k for k in params if params[k] is not None]
+            self.loss = AutogradMatchingLoss(
+                {k: params[k] for k in keep}, {k: targets[k] for k in keep}
+            )
 
     def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
         return torch.cat([self.rec(c[None], single) for c in cand])

@@ -46,6 +46,10 @@ def release(
         str | None, typer.Option(help="Local data folder [$GRADMM_DATA_DIR, else the hub].")
     ] = None,
     preset: PresetOpt = None,
+    match_params: Annotated[
+        str | None,
+        typer.Option(help="'output' (the paper) or 'last-block' (also the last decoder block)."),
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -63,6 +67,7 @@ def release(
                 seed=seed,
                 data_dir=data_dir,
                 preset=preset,
+                match_params=match_params,
             ),
             config,
         )

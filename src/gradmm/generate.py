@@ -31,8 +31,8 @@ from gradmm.config import build_config, read_options_file
 from gradmm.distributed import barrier, gather_to_zero, init_from_env, rank_and_world, shard, spawn
 from gradmm.errors import UserError
 from gradmm.files import write_json, write_jsonl
-from gradmm.matching import MatchingLoss
-from gradmm.models import LoadedModel, fingerprint, load_model
+from gradmm.matching import AutogradMatchingLoss, MatchingLoss
+from gradmm.models import LoadedModel, fingerprint, load_model, matched_parameters
 from gradmm.projection import Projector, TokenFilter, allowed_tokens
 from gradmm.release import Release, load_release
 from gradmm.tasks import PAPER_FREEZES_TEMPLATE, PAPER_LM_PREFIX, encode_text
@@ -229,7 +229,12 @@ def build_solver(
         freeze_template=freeze,
         select=config.select,
     )
-    loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
+    if release.meta["match_params"] == "output":
+        loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
+    else:  # no closed form beyond the output layer: differentiate the gradient
+        params = matched_parameters(lm.model, release.meta["match_params"])
+        targets = {n: t.to(lm.embeddings.dtype) for n, t in release.targets.items()}
+        loss = AutogradMatchingLoss(params, targets)
     engine = ADMMSolver if config.engine == "fast" else ReferenceSolver
     solver = engine(lm.model, loss, projector, layout, config.batch, solver_cfg)
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
@@ -259,7 +264,9 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
 
 def _load_release_model(release: Release) -> LoadedModel:
     info = release.meta["model"]
-    lm = load_model(info.get("path") or info["name"])
+    # double backward through attention needs eager attention (SDPA's CPU kernel has none)
+    eager = "eager" if release.meta["match_params"] != "output" else None
+    lm = load_model(info.get("path") or info["name"], attn_implementation=eager)
     if fingerprint(lm.model) != info["fingerprint"]:
         raise UserError(
             f"model {info['name']!r} differs from the one the release was computed with "

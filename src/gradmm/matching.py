@@ -10,7 +10,9 @@ together, ``G = (1/B) Σ_b g_b`` and::
 
 so the loss ``rec = mean over {W, b} of (1 − cos(T, G))`` is an ordinary function of ``(h, p)``:
 one forward and one backward per step, no V×d synthetic gradient, no double backward.
-The equivalence with autograd is tested in ``tests/test_matching.py``.
+The equivalence with autograd is tested in ``tests/test_matching.py``. :class:`AutogradMatchingLoss`
+is the general (and the authors') computation: ``autograd.grad(..., create_graph=True)`` for any
+set of parameters, then a second backward.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradmm.models import OutputLayer
+from gradmm.models import OutputLayer, final_hidden
 
 
 def residuals(logits: Tensor, label_ids: Tensor) -> Tensor:
@@ -58,6 +60,12 @@ class MatchingLoss:
         self.tw_norm = target_weight.flatten(1).norm(dim=1)  # (C,)
         self.tb_norm = None if target_bias is None else target_bias.norm(dim=1)
 
+    def rec(self, model, x: Tensor, classes: Tensor, label_ids: Tensor) -> Tensor:
+        """(P, B, L, d) input embeddings -> (P,) ``rec`` (one forward through ``model``)."""
+        n_problems, batch, length, dim = x.shape
+        h = final_hidden(model, inputs_embeds=x.reshape(-1, length, dim))[:, -1]
+        return self(h.reshape(n_problems, batch, dim), classes, label_ids)
+
     def __call__(self, h: Tensor, classes: Tensor, label_ids: Tensor) -> Tensor:
         """Matching loss per problem.
 
@@ -86,3 +94,48 @@ class MatchingLoss:
         g_b = r.mean(1)  # (P, V)
         cos_b = (g_b * self.tb[classes]).sum(-1) / (self.tb_norm[classes] * g_b.norm(dim=-1))
         return 1.0 - 0.5 * (cos_w + cos_b)
+
+
+class AutogradMatchingLoss:
+    """``rec`` for any set of parameters, by differentiating the loss gradient (double backward).
+
+    Args:
+        params: the model's matched parameters by name (see ``models.matched_parameters``).
+        targets: per-class target gradient of each, by the same names, shape (C, *param.shape).
+    """
+
+    def __init__(self, params: dict[str, Tensor], targets: dict[str, Tensor]):
+        if params.keys() != targets.keys():
+            raise ValueError("targets must cover exactly the matched parameters")
+        self.names = list(params)
+        self.params = [params[n] for n in self.names]
+        self.targets = [targets[n] for n in self.names]
+
+    def rec(self, model, x: Tensor, classes: Tensor, label_ids: Tensor) -> Tensor:
+        """(P, B, L, d) input embeddings -> (P,) ``rec``; differentiable in ``x``."""
+        n_problems, batch, length, dim = x.shape
+        recs = []
+        with torch.enable_grad():
+            for p in self.params:
+                p.requires_grad_(True)
+            try:
+                logits = model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, -1]
+                logits = logits.reshape(n_problems, batch, -1)
+                for i in range(n_problems):
+                    ce = torch.nn.functional.cross_entropy(logits[i], label_ids[i].expand(batch))
+                    grads = torch.autograd.grad(
+                        ce,
+                        self.params,
+                        create_graph=x.requires_grad,
+                        retain_graph=x.requires_grad or i + 1 < n_problems,  # shared forward
+                    )
+                    c = int(classes[i])
+                    cos = [
+                        torch.nn.functional.cosine_similarity(g.flatten(), t[c].flatten(), dim=0)
+                        for g, t in zip(grads, self.targets, strict=True)
+                    ]
+                    recs.append(1 - torch.stack(cos).mean())
+            finally:
+                for p in self.params:
+                    p.requires_grad_(False)
+        return torch.stack(recs)

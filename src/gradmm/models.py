@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -68,10 +69,14 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") >= 2 or name.endswith("/")
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer by hub id, local folder or ``reference``, frozen, eval.
 
-    fp32 by default: transformers v5 would otherwise use the checkpoint's dtype.
+    fp32 by default: transformers v5 would otherwise use the checkpoint's dtype. Pass
+    ``attn_implementation="eager"`` to differentiate gradients through attention (SDPA's CPU
+    kernel has no double backward).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -85,7 +90,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     source = str(path) if path.exists() else resolved
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation
+        )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {name!r}: {first}") from None
@@ -107,6 +114,30 @@ def output_layer(model: torch.nn.Module) -> OutputLayer:
         if getattr(model.config, attr, None) not in (None, 1.0):
             raise UserError(f"models with {attr} are not supported (logits must be W h + b)")
     return OutputLayer(weight=head.weight, bias=head.bias, tied=tied)
+
+
+MatchParams = Literal["output", "last-block"]
+
+
+def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") -> dict[str, Tensor]:
+    """The parameters whose gradient is matched, by their names in ``model``.
+
+    ``output``: the output layer's weight (and bias), as in the paper. ``last-block``: those plus
+    every parameter of the last decoder block (the longest ``ModuleList`` of the model).
+    """
+    head = model.get_output_embeddings()
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    params = {f"{head_name}.weight": head.weight}
+    if head.bias is not None:
+        params[f"{head_name}.bias"] = head.bias
+    if which == "last-block":
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        if not lists:
+            raise UserError(f"{type(model).__name__}: no list of decoder blocks found")
+        name, blocks = max(lists, key=lambda nm: len(nm[1]))
+        last = f"{name}.{len(blocks) - 1}"
+        params.update({f"{last}.{n}": p for n, p in blocks[-1].named_parameters()})
+    return params
 
 
 def final_hidden(

@@ -30,7 +30,14 @@ from gradmm import __version__
 from gradmm.errors import UserError
 from gradmm.files import read_json, staged_dir, write_json
 from gradmm.matching import residuals, summed_grads
-from gradmm.models import LoadedModel, final_hidden, fingerprint, load_model
+from gradmm.models import (
+    LoadedModel,
+    MatchParams,
+    final_hidden,
+    fingerprint,
+    load_model,
+    matched_parameters,
+)
 from gradmm.tasks import PromptTokens, Task, load_examples, load_task, tokenize_prompt
 
 RELEASE_FORMAT = 1
@@ -47,6 +54,9 @@ class ReleaseConfig(BaseModel):
     seed: int = 0
     data_dir: str | None = Field(None, description="folder laid out like shared/data")
     preset: Literal["default", "paper"] = "default"
+    match_params: MatchParams = Field(
+        "output", description="output layer (the paper) or also the last decoder block"
+    )
     batch_size: int = Field(32, ge=1, description="real examples per forward pass")
 
 
@@ -56,8 +66,18 @@ class Release:
 
     path: Path
     meta: dict
-    target_weight: Tensor  # (C, V, d)
-    target_bias: Tensor | None  # (C, V)
+    targets: dict[str, Tensor]  # parameter name -> (C, *parameter shape)
+
+    @property
+    def target_weight(self) -> Tensor:
+        """(C, V, d) target of the output layer's weight."""
+        return self.targets[self.meta["output_params"]["weight"]]
+
+    @property
+    def target_bias(self) -> Tensor | None:
+        """(C, V) target of the output layer's bias, or None."""
+        name = self.meta["output_params"]["bias"]
+        return None if name is None else self.targets[name]
 
     @property
     def task(self) -> Task:
@@ -96,20 +116,57 @@ def example_gradients(
     """
     rs, hs = [], []
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        lengths = torch.tensor([len(s) for s in chunk])
-        ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask, last = _right_padded(sequences[start : start + batch_size])
         with torch.no_grad():
             hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
-        h = hidden[torch.arange(len(chunk)), lengths - 1]
+        h = hidden[torch.arange(len(last)), last]
         y = torch.tensor(label_ids[start : start + batch_size])
         rs.append(residuals(lm.output.logits(h), y))
         hs.append(h)
     return torch.cat(rs), torch.cat(hs)
+
+
+def summed_autograd_grads(
+    lm: LoadedModel,
+    params: dict[str, Tensor],
+    sequences: list[list[int]],
+    label_ids: list[int],
+    batch_size: int = 32,
+) -> dict[str, Tensor]:
+    """Σ_i of the per-example gradients w.r.t. ``params``, one backward per batch.
+
+    Inputs are detached embeddings (as for synthetic sequences): for a tied output layer only
+    its output use is differentiated.
+    """
+    sums = {name: torch.zeros_like(p) for name, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        for start in range(0, len(sequences), batch_size):
+            ids, mask, last = _right_padded(sequences[start : start + batch_size])
+            emb = lm.embeddings[ids].detach()
+            logits = lm.model(inputs_embeds=emb, attention_mask=mask).logits
+            y = torch.tensor(label_ids[start : start + batch_size])
+            ce = torch.nn.functional.cross_entropy(
+                logits[torch.arange(len(last)), last], y, reduction="sum"
+            )
+            for name, g in zip(params, torch.autograd.grad(ce, list(params.values())), strict=True):
+                sums[name] += g
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return sums
+
+
+def _right_padded(chunk: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, L) right-padded ids, (N, L) attention mask, (N,) last real position."""
+    lengths = torch.tensor([len(s) for s in chunk])
+    ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(chunk):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask, lengths - 1
 
 
 def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -> Release:
@@ -127,8 +184,10 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
 
     lm = load_model(config.model)
     prompt = tokenize_prompt(task, lm.tokenizer)
+    params = matched_parameters(lm.model, config.match_params)
+    head = list(params)[:2] if lm.output.bias is not None else list(params)[:1]
     ctx = lm.context_length
-    weights, biases = [], []
+    per_class: list[dict[str, Tensor]] = []
     for c, indices in enumerate(tqdm(picked, desc="release: class targets", unit="class")):
         seqs = []
         for i in indices:
@@ -139,10 +198,13 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
                     f"longer than the model's context ({ctx})"
                 )
             seqs.append(seq)
-        r, h = example_gradients(lm, seqs, [prompt.label_ids[c]] * len(seqs), config.batch_size)
-        g_w, g_b = summed_grads(r, h)
-        weights.append(g_w / len(indices))
-        biases.append(g_b / len(indices))
+        labels = [prompt.label_ids[c]] * len(seqs)
+        if config.match_params == "output":
+            r, h = example_gradients(lm, seqs, labels, config.batch_size)
+            sums = dict(zip(head, summed_grads(r, h), strict=False))
+        else:
+            sums = summed_autograd_grads(lm, params, seqs, labels, config.batch_size)
+        per_class.append({name: g / len(indices) for name, g in sums.items()})
 
     meta = {
         "format": RELEASE_FORMAT,
@@ -165,19 +227,20 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         "config": config.model_dump(mode="json"),
         "targets": (
             "per-class mean over the sampled examples of the gradient of CE(next token after "
-            "the template, label token) w.r.t. the output layer (weight, bias), at the model's "
-            "weights, fp32, no clipping"
+            "the template, label token) w.r.t. the matched parameters, at the model's weights, "
+            "fp32, no clipping"
         ),
+        "match_params": config.match_params,
+        "parameters": list(params),
+        "output_params": {"weight": head[0], "bias": head[1] if len(head) > 1 else None},
         "mechanism": {"type": "none", "private": False},
         "seconds": round(time.time() - started, 3),
     }
-    tensors = {"weight": torch.stack(weights).contiguous()}
-    if lm.output.bias is not None:
-        tensors["bias"] = torch.stack(biases).contiguous()
+    tensors = {name: torch.stack([t[name] for t in per_class]).contiguous() for name in params}
     with staged_dir(out) as tmp:
         save_file(tensors, str(tmp / "targets.safetensors"))
         write_json(tmp / "release.json", meta)
-    return Release(out, meta, tensors["weight"], tensors.get("bias"))
+    return Release(out, meta, tensors)
 
 
 def load_release(path: Path) -> Release:
@@ -188,5 +251,4 @@ def load_release(path: Path) -> Release:
     meta = read_json(path / "release.json")
     if meta.get("format") != RELEASE_FORMAT:
         raise UserError(f"{path}: unsupported release format {meta.get('format')!r}")
-    tensors = load_file(str(path / "targets.safetensors"))
-    return Release(path, meta, tensors["weight"], tensors.get("bias"))
+    return Release(path, meta, load_file(str(path / "targets.safetensors")))
