@@ -250,8 +250,9 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
     """Start fresh, or resume an unfinished run of the same configuration."""
     lock = out / "run.lock.json"
     if overwrite and out.exists():
-        for name in ("synthetic.jsonl", "manifest.json", "checkpoint.pt", "run.lock.json"):
-            (out / name).unlink(missing_ok=True)
+        names = ("synthetic.jsonl", "manifest.json", "run.lock.json")
+        for path in [*(out / n for n in names), *out.glob("checkpoint*.pt")]:
+            path.unlink(missing_ok=True)
     if lock.exists():
         if json.loads(lock.read_text()).get("config_sha256") != config_digest:
             raise UserError(
