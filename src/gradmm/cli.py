@@ -50,6 +50,18 @@ def release(
         str | None,
         typer.Option(help="'output' (the paper) or 'last-block' (also the last decoder block)."),
     ] = None,
+    epsilon: Annotated[float | None, typer.Option(help="DP ε: makes a DP release.")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP δ.")] = None,
+    clip: Annotated[float | None, typer.Option(help="DP per-example norm bound C [1.0].")] = None,
+    neighbouring: Annotated[
+        str | None, typer.Option(help="DP relation: 'replace' or 'add-remove' [replace].")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="'real', or 'noise': DP noise only, reads no data.")
+    ] = None,
+    noise_seed: Annotated[
+        int | None, typer.Option(help="Seed of the DP noise (never recorded; keep it secret).")
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -68,6 +80,12 @@ def release(
                 data_dir=data_dir,
                 preset=preset,
                 match_params=match_params,
+                epsilon=epsilon,
+                delta=delta,
+                clip=clip,
+                neighbouring=neighbouring,
+                target=target,
+                noise_seed=noise_seed,
             ),
             config,
         )
@@ -104,6 +122,9 @@ def generate(
     engine: Annotated[
         str | None, typer.Option(help="'fast' or 'reference' (the authors' computation) [fast].")
     ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="'release', or 'none': no-matching control [release].")
+    ] = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -128,6 +149,7 @@ def generate(
         init_candidates=init_candidates,
         seed=seed,
         engine=engine,
+        target=target,
         preset=preset,
     )
     try:
@@ -139,6 +161,54 @@ def generate(
 
     if rank_and_world()[0] == 0:
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def privacy(
+    releases: Annotated[list[Path] | None, typer.Argument(help="Release folders.")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="ε of one release.")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ of one release.")] = None,
+    clip: Annotated[float | None, typer.Option(help="Per-example norm bound C.")] = None,
+    n_per_class: Annotated[int | None, typer.Option(help="Public examples per class.")] = None,
+    neighbouring: Annotated[str, typer.Option(help="'replace' or 'add-remove'.")] = "replace",
+) -> None:
+    """Privacy report of releases (composed when several), or the noise of one (ε, δ)."""
+    from gradmm import privacy as dp
+    from gradmm.release import load_release
+
+    try:
+        if releases:
+            metas = [load_release(p).meta for p in releases]
+            for path, meta in zip(releases, metas, strict=True):
+                typer.echo(f"== {path}\n{dp.report(meta)}")
+            noisy = [m["mechanism"] for m in metas if m["mechanism"]["type"] == "gaussian"]
+            if len(noisy) > 1:
+                total_delta = sum(m["delta"] for m in noisy)
+                eps = dp.composed_epsilon([m["noise_multiplier"] for m in noisy], total_delta)
+                typer.echo(
+                    f"== composition of {len(noisy)} DP releases on the same examples "
+                    f"(PLD accountant): ε = {eps:.6g} at δ = {total_delta:.3g}"
+                )
+            return
+        if neighbouring not in ("replace", "add-remove"):
+            raise UserError(
+                f"--neighbouring must be 'replace' or 'add-remove', not {neighbouring!r}"
+            )
+        z = dp.noise_multiplier(epsilon, delta)
+        typer.echo(
+            f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian release"
+        )
+        if clip is not None and n_per_class is not None:
+            if clip <= 0 or n_per_class < 1:
+                raise UserError("--clip must be > 0 and --n-per-class >= 1")
+            sens = dp.sensitivity(clip, neighbouring)
+            typer.echo(
+                f"sensitivity Δ = {sens:.6g} ({neighbouring}, C = {clip}); noise std σ = "
+                f"{z * sens:.6g} on each class sum, {z * sens / n_per_class:.6g} on each released "
+                f"class mean (n = {n_per_class})"
+            )
+    except UserError as e:
+        _fail(e)
 
 
 lm_app = typer.Typer(no_args_is_help=True, help="The project's reference language model.")

@@ -33,6 +33,7 @@ from gradmm.errors import UserError
 from gradmm.files import write_json, write_jsonl
 from gradmm.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.models import LoadedModel, fingerprint, load_model, matched_parameters
+from gradmm.privacy import report as privacy_report
 from gradmm.projection import Projector, TokenFilter, allowed_tokens
 from gradmm.release import Release, load_release
 from gradmm.tasks import PAPER_FREEZES_TEMPLATE, PAPER_LM_PREFIX, encode_text
@@ -58,6 +59,9 @@ class GenerateConfig(BaseModel):
         None, gt=0, description="per-position init norm (default: mean token embedding norm)"
     )
     seed: int = 0
+    target: Literal["release", "none"] = Field(
+        "release", description="'none': no-matching control, the projection of the random init"
+    )
     engine: Literal["fast", "reference"] = Field(
         "fast", description="fast (exact reformulation) or reference (the authors' computation)"
     )
@@ -217,13 +221,14 @@ def build_solver(
         raise UserError(f"--length {config.length} plus template exceeds the model's context")
     allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0], config.token_filter)
     projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts)
+    no_matching = config.target == "none"  # one random draw, projected; the target is unused
     solver_cfg = SolverConfig(
-        steps=config.steps,
+        steps=0 if no_matching else config.steps,
         inner_steps=config.inner_steps,
         rho=config.rho,
         lr=config.lr,
         grad_clip=config.grad_clip,
-        init_candidates=config.init_candidates,
+        init_candidates=1 if no_matching else config.init_candidates,
         init_scale=config.init_scale,
         score_init_scaled=config.score_init_scaled,
         freeze_template=freeze,
@@ -320,6 +325,7 @@ def _manifest(config, release, solver_cfg, problems, timings, rows) -> dict:
             "model": release.meta["model"],
             "mechanism": release.meta["mechanism"],
         },
+        "privacy_report": privacy_report(release.meta),
         "seeds": {"seed": config.seed, "problem_seeds": problems.seeds},
         "counts": counts,
         "mean_rec_loss": sum(recs) / len(recs),

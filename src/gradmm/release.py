@@ -3,17 +3,20 @@
 It samples ``n_per_class`` examples per class from the task's private split (stratified,
 seeded), computes each class's mean output-layer gradient at the model's weights and writes
 
-* ``targets.safetensors``: ``weight`` (C, V, d) and, for heads with a bias, ``bias`` (C, V);
+* ``targets.safetensors``: one tensor per matched parameter, class dimension first;
 * ``release.json``: task (with its template and verbalizer), model name and fingerprint, the
   tokenised prompt, counts, seed and how the targets were computed. No text, no statistic of the
   private examples other than the targets and counts.
 
 Later stages read a release and public data only. The ``mechanism`` entry of ``release.json`` says
-what protects the targets (``none`` here; differential privacy plugs in at this point).
+what protects the targets: ``none``, or the Gaussian mechanism of :mod:`gradmm.privacy` when
+``epsilon``/``delta`` are given. ``target="noise"`` is the pure-noise control: the same noise,
+no signal, and no data read at all.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ from tqdm.auto import tqdm
 from gradmm import __version__
 from gradmm.errors import UserError
 from gradmm.files import read_json, staged_dir, write_json
-from gradmm.matching import residuals, summed_grads
+from gradmm.matching import per_example_grad_norms, residuals, summed_grads
 from gradmm.models import (
     LoadedModel,
     MatchParams,
@@ -38,6 +41,7 @@ from gradmm.models import (
     load_model,
     matched_parameters,
 )
+from gradmm.privacy import DPSettings, Neighbouring, check_settings, mechanism
 from gradmm.tasks import PromptTokens, Task, load_examples, load_task, tokenize_prompt
 
 RELEASE_FORMAT = 1
@@ -58,6 +62,22 @@ class ReleaseConfig(BaseModel):
         "output", description="output layer (the paper) or also the last decoder block"
     )
     batch_size: int = Field(32, ge=1, description="real examples per forward pass")
+    epsilon: float | None = Field(None, description="DP ε (with delta: a DP release)")
+    delta: float | None = Field(None, description="DP δ")
+    clip: float = Field(1.0, gt=0, description="DP per-example gradient norm bound C")
+    neighbouring: Neighbouring = "replace"
+    target: Literal["real", "noise"] = Field(
+        "real", description="'noise': zero-signal control of the same σ; reads no data"
+    )
+    # Seed of the DP noise. Never recorded: whoever knows it can subtract the noise.
+    noise_seed: int | None = Field(None, exclude=True)
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon is not None or self.delta is not None
+
+    def public_fields(self) -> dict:
+        return self.model_dump(mode="json")
 
 
 @dataclass
@@ -67,6 +87,7 @@ class Release:
     path: Path
     meta: dict
     targets: dict[str, Tensor]  # parameter name -> (C, *parameter shape)
+    reused: bool = False  # an existing DP release returned as it was (no new noise)
 
     @property
     def target_weight(self) -> Tensor:
@@ -170,24 +191,124 @@ def _right_padded(chunk: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -> Release:
-    """Run the release stage and write ``out``; see the module docstring."""
+    """Run the release stage and write ``out``; see the module docstring.
+
+    A DP release is never redrawn: if ``out`` already holds a release with the same settings it is
+    returned as it is; different settings, or ``overwrite``, are refused (a second noisy release
+    of the same examples spends more privacy: write it elsewhere and compose the two with
+    ``gradmm privacy``).
+    """
     out = Path(out)
-    if (out / "release.json").exists() and not overwrite:
-        raise UserError(f"{out} already holds a release (pass --overwrite to replace it)")
+    dp = _dp_settings(config)
+    if (out / "release.json").exists():
+        if dp is not None:
+            existing = read_json(out / "release.json")
+            if existing.get("config") == config.public_fields() and not overwrite:
+                release = load_release(out)
+                release.reused = True
+                return release
+            raise UserError(
+                f"{out} already holds a DP release; it is never redrawn (use a new --out and "
+                "compose the two with `gradmm privacy`)"
+            )
+        if not overwrite:
+            raise UserError(f"{out} already holds a release (pass --overwrite to replace it)")
+    if config.target == "noise" and dp is None:
+        raise UserError("--target noise is a DP control: give --epsilon and --delta")
+    if dp is not None and config.match_params != "output":
+        raise UserError("DP releases support --match-params output only")
     started = time.time()
     task = load_task(config.task)
     if config.preset == "paper":
         task = task.with_paper_tokens()
-    split = config.split or task.private_split
-    examples = load_examples(task, split, config.data_dir)
-    picked = sample_per_class(examples.labels, task.label_names, config.n_per_class, config.seed)
-
     lm = load_model(config.model)
     prompt = tokenize_prompt(task, lm.tokenizer)
     params = matched_parameters(lm.model, config.match_params)
     head = list(params)[:2] if lm.output.bias is not None else list(params)[:1]
+
+    split = source = None
+    if config.target == "noise":  # the control reads no data at all
+        counts = [config.n_per_class] * task.num_classes
+        sums = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in counts]
+    else:
+        split = config.split or task.private_split
+        examples = load_examples(task, split, config.data_dir)
+        source = examples.source
+        picked = sample_per_class(
+            examples.labels, task.label_names, config.n_per_class, config.seed
+        )
+        counts = [len(ix) for ix in picked]
+        sums = _class_sums(lm, prompt, params, head, examples, picked, config, dp)
+
+    if dp is None:
+        per_class = [{n: g / k for n, g in s.items()} for s, k in zip(sums, counts, strict=True)]
+        protection = {"type": "none", "private": False}
+    else:
+        protection = mechanism(dp, config.n_per_class)
+        gen = torch.Generator().manual_seed(
+            config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
+        )
+        per_class = [
+            {
+                n: (g + protection["sigma_sum"] * torch.randn(g.shape, generator=gen))
+                / config.n_per_class
+                for n, g in s.items()
+            }
+            for s in sums
+        ]
+
+    meta = {
+        "format": RELEASE_FORMAT,
+        "gradmm_version": __version__,
+        "task": task.model_dump(mode="json"),
+        "target": config.target,
+        "split": split,
+        "data_source": source,
+        "model": {
+            "name": config.model,
+            "path": str(Path(config.model).resolve()) if Path(config.model).exists() else None,
+            "fingerprint": fingerprint(lm.model),
+            "vocab_rows": int(lm.output.weight.shape[0]),
+            "hidden_size": int(lm.output.weight.shape[1]),
+            "has_bias": lm.output.bias is not None,
+            "tied": lm.output.tied,
+        },
+        "prompt_tokens": {"head": prompt.head, "tail": prompt.tail, "label_ids": prompt.label_ids},
+        "counts": counts,
+        "seed": config.seed,
+        "config": config.public_fields(),
+        "targets": (
+            "per-class mean over the sampled examples of the gradient of CE(next token after "
+            "the template, label token) w.r.t. the matched parameters, at the model's weights, "
+            "fp32" + ("" if dp is None else ", each example clipped to norm C, Gaussian noise")
+        ),
+        "match_params": config.match_params,
+        "parameters": list(params),
+        "output_params": {"weight": head[0], "bias": head[1] if len(head) > 1 else None},
+        "mechanism": protection,
+        "seconds": round(time.time() - started, 3),
+    }
+    tensors = {name: torch.stack([t[name] for t in per_class]).contiguous() for name in params}
+    with staged_dir(out) as tmp:
+        save_file(tensors, str(tmp / "targets.safetensors"))
+        write_json(tmp / "release.json", meta)
+    return Release(out, meta, tensors)
+
+
+def _dp_settings(config: ReleaseConfig) -> DPSettings | None:
+    if not config.private:
+        return None
+    check_settings(config.epsilon, config.delta)
+    return DPSettings(
+        epsilon=config.epsilon, delta=config.delta, clip=config.clip,
+        neighbouring=config.neighbouring,
+    )  # fmt: skip
+
+
+def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[dict]:
+    """Per class, the sum over its sampled examples of the (clipped, if DP) gradients."""
     ctx = lm.context_length
-    per_class: list[dict[str, Tensor]] = []
+    sums = []
     for c, indices in enumerate(tqdm(picked, desc="release: class targets", unit="class")):
         seqs = []
         for i in indices:
@@ -201,46 +322,14 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         labels = [prompt.label_ids[c]] * len(seqs)
         if config.match_params == "output":
             r, h = example_gradients(lm, seqs, labels, config.batch_size)
-            sums = dict(zip(head, summed_grads(r, h), strict=False))
+            weights = None
+            if dp is not None:  # joint clipping of (weight, bias) from closed-form norms
+                norms = per_example_grad_norms(r, h, has_bias=len(head) > 1)
+                weights = torch.clamp(dp.clip / norms, max=1.0)
+            sums.append(dict(zip(head, summed_grads(r, h, weights), strict=False)))
         else:
-            sums = summed_autograd_grads(lm, params, seqs, labels, config.batch_size)
-        per_class.append({name: g / len(indices) for name, g in sums.items()})
-
-    meta = {
-        "format": RELEASE_FORMAT,
-        "gradmm_version": __version__,
-        "task": task.model_dump(mode="json"),
-        "split": split,
-        "data_source": examples.source,
-        "model": {
-            "name": config.model,
-            "path": str(Path(config.model).resolve()) if Path(config.model).exists() else None,
-            "fingerprint": fingerprint(lm.model),
-            "vocab_rows": int(lm.output.weight.shape[0]),
-            "hidden_size": int(lm.output.weight.shape[1]),
-            "has_bias": lm.output.bias is not None,
-            "tied": lm.output.tied,
-        },
-        "prompt_tokens": {"head": prompt.head, "tail": prompt.tail, "label_ids": prompt.label_ids},
-        "counts": [len(ix) for ix in picked],
-        "seed": config.seed,
-        "config": config.model_dump(mode="json"),
-        "targets": (
-            "per-class mean over the sampled examples of the gradient of CE(next token after "
-            "the template, label token) w.r.t. the matched parameters, at the model's weights, "
-            "fp32, no clipping"
-        ),
-        "match_params": config.match_params,
-        "parameters": list(params),
-        "output_params": {"weight": head[0], "bias": head[1] if len(head) > 1 else None},
-        "mechanism": {"type": "none", "private": False},
-        "seconds": round(time.time() - started, 3),
-    }
-    tensors = {name: torch.stack([t[name] for t in per_class]).contiguous() for name in params}
-    with staged_dir(out) as tmp:
-        save_file(tensors, str(tmp / "targets.safetensors"))
-        write_json(tmp / "release.json", meta)
-    return Release(out, meta, tensors)
+            sums.append(summed_autograd_grads(lm, params, seqs, labels, config.batch_size))
+    return sums
 
 
 def load_release(path: Path) -> Release:

@@ -1,0 +1,288 @@
+"""DP release: calibration against the accountant and the closed form, clipping, noise scale,
+reuse, refusals, the noise-only control, and no private text in any output."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import NEGATIVE, POSITIVE, write_split
+from scipy.stats import norm
+from typer.testing import CliRunner
+
+from gradmm import privacy as dp
+from gradmm.cli import app
+from gradmm.errors import UserError
+from gradmm.matching import per_example_grad_norms
+from gradmm.models import load_model
+from gradmm.release import (
+    ReleaseConfig,
+    example_gradients,
+    release_targets,
+    sample_per_class,
+)
+from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+
+runner = CliRunner()
+# ENVIRONMENT.md, exact analytic Gaussian noise multipliers
+KNOWN = {
+    (0.05, 1e-4): 44.78,
+    (1, 1e-4): 3.186,
+    (4, 1e-4): 0.9587,
+    (8, 1e-4): 0.5431,
+    (0.05, 1e-5): 57.77,
+    (1, 1e-5): 3.731,
+    (4, 1e-5): 1.081,
+    (8, 1e-5): 0.6002,
+}
+
+
+def analytic_delta(eps: float, z: float) -> float:
+    """Balle & Wang (2018), Thm 8: δ of the Gaussian mechanism with noise multiplier z."""
+    return norm.cdf(0.5 / z - eps * z) - math.exp(eps) * norm.cdf(-0.5 / z - eps * z)
+
+
+@pytest.mark.parametrize("eps, delta", sorted(KNOWN))
+def test_noise_multiplier_is_the_exact_analytic_value(eps, delta):
+    z = dp.noise_multiplier(eps, delta)
+    assert z == pytest.approx(KNOWN[(eps, delta)], rel=5e-3)
+    assert analytic_delta(eps, z) == pytest.approx(delta, rel=1e-3)  # independent closed form
+    assert analytic_delta(eps, z * 0.99) > delta  # and not more noise than needed
+    assert z < math.sqrt(2 * math.log(1.25 / delta)) / eps or eps > 1  # tighter than classic
+
+
+def test_composition_of_two_releases_costs_more_than_one():
+    z = dp.noise_multiplier(1.0, 1e-5)
+    assert dp.composed_epsilon([z], 1e-5) == pytest.approx(1.0, rel=1e-3)
+    assert dp.composed_epsilon([z, z], 2e-5) > 1.2
+
+
+@pytest.mark.parametrize("eps, delta", [(0, 1e-5), (-1, 1e-5), (1, 0), (1, 1), (1, None)])
+def test_invalid_epsilon_delta(eps, delta):
+    with pytest.raises(UserError):
+        dp.noise_multiplier(eps, delta)
+
+
+def test_clipping_bounds_every_autograd_gradient(model_dirs, data_dir):
+    lm = load_model(str(model_dirs["phi"]))
+    task = BUILTIN_TASKS["sst2"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    ex = load_examples(task, "train", data_dir)
+    seqs = [prompt.encode(lm.tokenizer, t) for t in ex.texts[:6]]
+    labels = [prompt.label_ids[y] for y in ex.labels[:6]]
+    r, h = example_gradients(lm, seqs, labels)
+    norms = per_example_grad_norms(r, h, has_bias=True)
+    clip = 0.5 * float(norms.median())
+    weights = torch.clamp(clip / norms, max=1.0)
+    head = lm.model.get_output_embeddings().requires_grad_(True)
+    for i, seq in enumerate(seqs):
+        emb = lm.embeddings[torch.tensor([seq])].detach()
+        ce = torch.nn.functional.cross_entropy(
+            lm.model(inputs_embeds=emb).logits[:, -1], torch.tensor([labels[i]])
+        )
+        gw, gb = torch.autograd.grad(ce, [head.weight, head.bias])
+        full = torch.cat([gw.flatten(), gb]).norm()
+        assert float(norms[i]) == pytest.approx(float(full), rel=1e-4)
+        assert float(weights[i] * full) <= clip * (1 + 1e-5)
+
+
+def dp_config(model_dirs, data_dir, **kw):
+    base = dict(
+        task="sst2",
+        model=str(model_dirs["phi"]),
+        n_per_class=5,
+        data_dir=str(data_dir),
+        epsilon=2.0,
+        delta=1e-5,
+        clip=0.3,
+        noise_seed=7,
+    )
+    return ReleaseConfig(**{**base, **kw})
+
+
+def test_dp_release_noise_scale_reproducibility_and_reuse(model_dirs, data_dir, tmp_path):
+    cfg = dp_config(model_dirs, data_dir)
+    rel = release_targets(cfg, tmp_path / "a")
+    m = rel.meta["mechanism"]
+    z = dp.noise_multiplier(2.0, 1e-5)
+    assert m["noise_multiplier"] == z and m["sensitivity"] == 0.6  # replace: 2C
+    assert m["sigma_target"] == pytest.approx(z * 0.6 / 5)
+    assert "noise_seed" not in json.dumps(rel.meta)
+
+    # the exact clipped means, computed again; what is left is the noise
+    lm = load_model(str(model_dirs["phi"]))
+    task = BUILTIN_TASKS["sst2"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    ex = load_examples(task, "train", data_dir)
+    for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 5, 0)):
+        seqs = [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix]
+        r, h = example_gradients(lm, seqs, [prompt.label_ids[c]] * 5)
+        w = torch.clamp(0.3 / per_example_grad_norms(r, h, True), max=1.0)
+        mean_w = (r * w[:, None]).T @ h / 5
+        noise = rel.target_weight[c] - mean_w
+        assert float(noise.std()) == pytest.approx(m["sigma_target"], rel=0.03)
+        assert abs(float(noise.mean())) < 0.05 * m["sigma_target"]
+
+    again = release_targets(cfg, tmp_path / "b")
+    torch.testing.assert_close(again.target_weight, rel.target_weight, rtol=0, atol=0)
+    other = release_targets(cfg.model_copy(update={"noise_seed": 8}), tmp_path / "c")
+    assert not torch.equal(other.target_weight, rel.target_weight)
+    reused = release_targets(cfg.model_copy(update={"noise_seed": 99}), tmp_path / "a")
+    assert reused.reused and torch.equal(reused.target_weight, rel.target_weight)
+    with pytest.raises(UserError, match="never redrawn"):
+        release_targets(cfg.model_copy(update={"epsilon": 4.0}), tmp_path / "a")
+    with pytest.raises(UserError, match="never redrawn"):
+        release_targets(cfg, tmp_path / "a", overwrite=True)
+
+
+def test_add_remove_sensitivity_is_c(model_dirs, data_dir, tmp_path):
+    rel = release_targets(
+        dp_config(model_dirs, data_dir, neighbouring="add-remove"), tmp_path / "r"
+    )
+    assert rel.meta["mechanism"]["sensitivity"] == 0.3
+
+
+def test_noise_only_control_reads_no_data(model_dirs, tmp_path):
+    cfg = dp_config(model_dirs, tmp_path / "does-not-exist", target="noise")
+    rel = release_targets(cfg, tmp_path / "noise")
+    assert rel.meta["split"] is None and rel.meta["data_source"] is None
+    sigma = rel.meta["mechanism"]["sigma_target"]
+    assert float(rel.target_weight.std()) == pytest.approx(sigma, rel=0.03)
+    assert "no data" in dp.report(rel.meta)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_refused_options_in_dp_mode(model_dirs, data_dir, tmp_path):
+    base = [
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        model_dirs["phi"],
+        "--data-dir",
+        data_dir,
+        "--n-per-class",
+        "3",
+    ]
+    cases = [
+        (["--epsilon", "1", "--delta", "1e-5", "--match-params", "last-block"], "output only"),
+        (["--target", "noise"], "give --epsilon and --delta"),
+        (["--epsilon", "1"], "both --epsilon and --delta"),
+        (["--epsilon", "0", "--delta", "1e-5"], "--epsilon must be a positive"),
+        (["--epsilon", "1", "--delta", "1.5"], "--delta must be in (0, 1)"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        r = invoke(*base, "--out", tmp_path / f"r{i}", *extra)
+        assert r.exit_code == 2 and message in r.stderr, (extra, r.output)
+        assert not (tmp_path / f"r{i}").exists()
+
+
+def test_privacy_command(model_dirs, data_dir, tmp_path):
+    r = invoke("privacy", "--epsilon", "1", "--delta", "1e-5", "--clip", "1", "--n-per-class", "25")
+    assert r.exit_code == 0
+    assert "σ/Δ = 3.73063" in r.stdout and "sensitivity Δ = 2" in r.stdout
+    assert "0.298451" in r.stdout  # 3.7306 * 2 / 25
+    release_targets(dp_config(model_dirs, data_dir), tmp_path / "a")
+    release_targets(dp_config(model_dirs, data_dir, noise_seed=1, epsilon=1.0), tmp_path / "b")
+    r = invoke("privacy", tmp_path / "a", tmp_path / "b")
+    assert r.exit_code == 0 and "composition of 2 DP releases" in r.stdout
+    assert "neighbouring relation" in r.stdout
+
+
+def test_dp_run_outputs_hold_no_private_text(model_dirs, tmp_path):
+    canary = "the zebra council quietly adopted forty purple umbrellas on tuesday"
+    rows = [(canary, 1)] + [(f"the film was {w} indeed", 1) for w in POSITIVE]
+    rows += [(f"the plot was {w} indeed", 0) for w in NEGATIVE]
+    write_split(tmp_path / "data" / "sst2", "train", rows)
+    rel, run = tmp_path / "rel", tmp_path / "run"
+    r = invoke(
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        model_dirs["llama"],
+        "--data-dir",
+        tmp_path / "data",
+        "--out",
+        rel,
+        "--n-per-class",
+        8,
+        "--epsilon",
+        1,
+        "--delta",
+        1e-5,
+    )
+    assert r.exit_code == 0, r.output
+    r = invoke(
+        "generate",
+        "--release",
+        rel,
+        "--out",
+        run,
+        "--per-class",
+        4,
+        "--batch",
+        2,
+        "--length",
+        12,
+        "--steps",
+        2,
+        "--inner-steps",
+        2,
+        "--init-candidates",
+        2,
+        "--topk",
+        10,
+        "--quiet",
+    )
+    assert r.exit_code == 0, r.output
+    words = canary.split()
+    grams = [" ".join(words[i : i + 8]) for i in range(len(words) - 7)]
+    for path in [*rel.iterdir(), *run.iterdir()]:
+        content = path.read_bytes().decode("utf-8", errors="ignore").lower()
+        assert canary not in content and not any(g in content for g in grams), path
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "(1.0, 1e-05)-DP" in manifest["privacy_report"]
+
+
+def test_no_matching_control_is_a_projection_of_noise(model_dirs, data_dir, tmp_path):
+    rel = tmp_path / "rel"
+    assert (
+        invoke(
+            "release",
+            "--task",
+            "sst2",
+            "--model",
+            model_dirs["llama"],
+            "--data-dir",
+            data_dir,
+            "--out",
+            rel,
+            "--n-per-class",
+            3,
+        ).exit_code
+        == 0
+    )
+    r = invoke(
+        "generate",
+        "--release",
+        rel,
+        "--out",
+        tmp_path / "run",
+        "--per-class",
+        4,
+        "--batch",
+        2,
+        "--length",
+        5,
+        "--target",
+        "none",
+        "--quiet",
+    )
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["solver"]["steps"] == 0 and manifest["solver"]["init_candidates"] == 1
+    assert "x_steps" not in manifest["timings_s"]
