@@ -91,3 +91,18 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in REQUIRED_TOKENS)
     info = json.loads((resumed / "training.json").read_text())
     assert info["steps"] == 6 and info["corpus"][0]["path"] == "imdb/train.jsonl"
+
+
+def test_training_loss_predicts_the_next_token():
+    from gradmm.lm import build_model, next_token_loss
+
+    model = build_model(
+        LMTrainConfig(data_dir="x", hidden_size=16, layers=1, heads=2, intermediate_size=32),
+        vocab=50,
+    )
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids).logits
+    manual = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(next_token_loss(model, ids), manual)

@@ -118,6 +118,14 @@ def build_model(config: LMTrainConfig, vocab: int):
     return LlamaForCausalLM(cfg)
 
 
+def next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean CE of predicting ``ids[:, t+1]`` from ``ids[:, :t+1]`` ((N, L) -> scalar).
+
+    Hugging Face shifts ``labels`` itself, so the same tensor goes in as inputs and labels.
+    """
+    return model(input_ids=ids, labels=ids).loss
+
+
 def _batch(tokens: np.ndarray, config: LMTrainConfig, step: int) -> torch.Tensor:
     gen = np.random.default_rng([config.seed, step])
     starts = gen.integers(0, len(tokens) - config.seq_len - 1, size=config.batch_size)
@@ -141,7 +149,7 @@ def heldout_loss(model, tokens: np.ndarray, seq_len: int, max_windows: int = 200
         chunk = torch.stack(
             [windows[j * seq_len : (j + 1) * seq_len + 1] for j in range(i, min(n, i + 16))]
         )
-        losses.append(float(model(input_ids=chunk[:, :-1], labels=chunk[:, 1:]).loss))
+        losses.append(float(next_token_loss(model, chunk)))
     return sum(losses) / len(losses)
 
 
@@ -189,7 +197,7 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
         batch = _batch(train_ids, config, step)
         for group in opt.param_groups:
             group["lr"] = _lr(config, step)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
+        loss = next_token_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
