@@ -211,6 +211,25 @@ def privacy(
         _fail(e)
 
 
+@app.command()
+def audit(
+    run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
+    data_dir: Annotated[
+        str | None, typer.Option(help="Data folder of the release [as recorded].")
+    ] = None,
+) -> None:
+    """Audit a run: n-gram overlap and nearest private neighbour of each synthetic example."""
+    from gradmm.audit import audit_run
+
+    try:
+        result = audit_run(run, data_dir)
+    except UserError as e:
+        _fail(e)
+    for key, value in result.get("summary", {"pool": result["pool"]}).items():
+        typer.echo(f"{key}: {value}")
+    typer.echo(f"wrote {run / 'audit.json'}")
+
+
 lm_app = typer.Typer(no_args_is_help=True, help="The project's reference language model.")
 app.add_typer(lm_app, name="lm")
 

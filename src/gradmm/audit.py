@@ -1,0 +1,100 @@
+"""Empirical privacy audit of a run: how close is the synthetic text to the private pool?
+
+For each synthetic example: the longest token n-gram it shares with any private example, and its
+nearest private example by token-set Jaccard similarity. The audit re-reads the private pool (it
+re-derives it from the release's task, split, seed and counts), so it is itself private code: it
+writes only statistics, never text. A membership-inference test on the fine-tuned model joins
+when fine-tuning exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradmm.errors import UserError
+from gradmm.files import read_json, read_jsonl, write_json
+from gradmm.release import load_release, sample_per_class
+from gradmm.tasks import encode_text, load_examples
+
+
+def longest_common_ngram(tokens: list[int], pool_ngrams: dict[int, set[tuple]]) -> int:
+    """Length of the longest contiguous run of ``tokens`` that occurs in the pool.
+
+    ``pool_ngrams[n]`` is the set of the pool's n-grams; presence is monotone in ``n``, so a binary
+    search over ``n`` suffices.
+    """
+    lo, hi = 0, min(len(tokens), max(pool_ngrams, default=0))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        grams = pool_ngrams.get(mid, set())
+        if any(tuple(tokens[i : i + mid]) in grams for i in range(len(tokens) - mid + 1)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def ngram_index(sequences: list[list[int]]) -> dict[int, set[tuple]]:
+    index: dict[int, set[tuple]] = {}
+    for seq in sequences:
+        for n in range(1, len(seq) + 1):
+            index.setdefault(n, set()).update(
+                tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)
+            )
+    return index
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def audit_run(run_dir: Path, data_dir: str | None = None) -> dict:
+    """Audit ``run_dir`` against its release's private pool; writes ``run_dir/audit.json``."""
+    from transformers import AutoTokenizer
+
+    from gradmm.models import resolve_model_name
+
+    run_dir = Path(run_dir)
+    rows = read_jsonl(run_dir / "synthetic.jsonl")
+    manifest = read_json(run_dir / "manifest.json")
+    release = load_release(Path(manifest["release"]["path"]))
+    meta = release.meta
+    if meta["target"] == "noise":
+        result = {"pool": "none: the release read no data", "examples": []}
+        write_json(run_dir / "audit.json", result)
+        return result
+    task = release.task
+    model = meta["model"].get("path") or resolve_model_name(meta["model"]["name"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    examples = load_examples(task, meta["split"], data_dir or meta["config"]["data_dir"])
+    picked = sample_per_class(examples.labels, task.label_names, meta["counts"][0], meta["seed"])
+    if [len(ix) for ix in picked] != meta["counts"]:
+        raise UserError("the private pool cannot be re-derived from the release's settings")
+    pool = [encode_text(tokenizer, examples.texts[i]) for ix in picked for i in ix]
+    index, pool_sets = ngram_index(pool), [set(p) for p in pool]
+    per_example = []
+    for row in rows:
+        toks = encode_text(tokenizer, row["text"])
+        per_example.append(
+            {
+                "id": row["id"],
+                "longest_common_ngram": longest_common_ngram(toks, index),
+                "nearest_jaccard": round(max(jaccard(set(toks), s) for s in pool_sets), 4),
+            }
+        )
+    ngrams = [e["longest_common_ngram"] for e in per_example]
+    nearest = [e["nearest_jaccard"] for e in per_example]
+    result = {
+        "pool": {"examples": len(pool), "split": meta["split"], "seed": meta["seed"]},
+        "summary": {
+            "max_longest_common_ngram": max(ngrams),
+            "mean_longest_common_ngram": round(sum(ngrams) / len(ngrams), 3),
+            "share_with_8gram_or_longer": round(sum(n >= 8 for n in ngrams) / len(ngrams), 4),
+            "max_nearest_jaccard": max(nearest),
+            "mean_nearest_jaccard": round(sum(nearest) / len(nearest), 4),
+        },
+        "membership_inference": "not run: needs a fine-tuned model (gradmm finetune)",
+        "examples": per_example,
+    }
+    write_json(run_dir / "audit.json", result)
+    return result
