@@ -125,7 +125,7 @@ def data_dir(tmp_path_factory) -> Path:
         rows += [(sentence(rng, POSITIVE), 1) for _ in range(n)]
         write_split(root / "sst2", split, rows)
     (root / "sst2" / "labels.json").write_text('["negative", "positive"]')
-    rows = [(sentence(rng, w), i) for i, w in enumerate(EMOTIONS.values()) for _ in range(12)]
+    rows = [(sentence(rng, w), i) for i, w in enumerate(EMOTIONS.values()) for _ in range(24)]
     write_split(root / "tweet_eval_emotion", "train", rows)
     (root / "tweet_eval_emotion" / "labels.json").write_text(json.dumps(list(EMOTIONS)))
     return root

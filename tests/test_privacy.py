@@ -18,6 +18,7 @@ from gradmm.models import load_model
 from gradmm.release import (
     ReleaseConfig,
     example_gradients,
+    private_pool_exclusions,
     release_targets,
     sample_per_class,
 )
@@ -114,7 +115,8 @@ def test_dp_release_noise_scale_reproducibility_and_reuse(model_dirs, data_dir, 
     task = BUILTIN_TASKS["sst2"]
     prompt = tokenize_prompt(task, lm.tokenizer)
     ex = load_examples(task, "train", data_dir)
-    for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 5, 0)):
+    exclude = private_pool_exclusions(task, "train", len(ex.labels))
+    for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 5, 0, exclude)):
         seqs = [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix]
         r, h = example_gradients(lm, seqs, [prompt.label_ids[c]] * 5)
         w = torch.clamp(0.3 / per_example_grad_norms(r, h, True), max=1.0)
@@ -194,8 +196,14 @@ def test_privacy_command(model_dirs, data_dir, tmp_path):
 
 def test_dp_run_outputs_hold_no_private_text(model_dirs, tmp_path):
     canary = "the zebra council quietly adopted forty purple umbrellas on tuesday"
-    rows = [(canary, 1)] + [(f"the film was {w} indeed", 1) for w in POSITIVE]
-    rows += [(f"the plot was {w} indeed", 0) for w in NEGATIVE]
+    rows = [(f"the film was {w} indeed", 1) for w in POSITIVE * 2]
+    rows += [(f"the plot was {w} indeed", 0) for w in NEGATIVE * 2]
+    labels = [y for _, y in rows]
+    task = BUILTIN_TASKS["sst2"]
+    exclude = private_pool_exclusions(task, "train", len(rows))
+    n = min(sum(1 for i, y in enumerate(labels) if y == c and i not in exclude) for c in (0, 1))
+    slot = sample_per_class(labels, task.label_names, n, 0, exclude)[1][0]
+    rows[slot] = (canary, 1)  # a row the private pool is sure to contain
     write_split(tmp_path / "data" / "sst2", "train", rows)
     rel, run = tmp_path / "rel", tmp_path / "run"
     r = invoke(
@@ -209,7 +217,7 @@ def test_dp_run_outputs_hold_no_private_text(model_dirs, tmp_path):
         "--out",
         rel,
         "--n-per-class",
-        8,
+        n,
         "--epsilon",
         1,
         "--delta",

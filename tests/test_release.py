@@ -5,7 +5,13 @@ import torch
 
 from gradmm.errors import UserError
 from gradmm.models import load_model
-from gradmm.release import ReleaseConfig, load_release, release_targets, sample_per_class
+from gradmm.release import (
+    ReleaseConfig,
+    load_release,
+    private_pool_exclusions,
+    release_targets,
+    sample_per_class,
+)
 from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 
@@ -28,7 +34,7 @@ def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp
     task = BUILTIN_TASKS["sst2"]
     prompt = tokenize_prompt(task, lm.tokenizer)
     ex = load_examples(task, "train", data_dir)
-    picked = sample_per_class(ex.labels, task.label_names, 6, 3)
+    picked = sample_per_class(ex.labels, task.label_names, 6, 3, pool_exclusions(task, ex))
     for c, indices in enumerate(picked):
         gw = torch.zeros_like(head.weight)
         gb = None if head.bias is None else torch.zeros_like(head.bias)
@@ -83,7 +89,7 @@ def test_text_longer_than_context_is_refused(model_dirs, tmp_path):
     from conftest import write_split
 
     long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
-    write_split(tmp_path / "sst2", "train", [("fine film", 1), (long_text, 0)])
+    write_split(tmp_path / "sst2", "train", [("fine film", 1)] * 4 + [(long_text, 0)] * 4)
     cfg = ReleaseConfig(
         task="sst2", model=str(model_dirs["llama"]), n_per_class=1, data_dir=str(tmp_path)
     )
@@ -124,7 +130,8 @@ def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_pat
     ex = load_examples(task, "train", data_dir)
     for p in params.values():
         p.requires_grad_(True)
-    for c, indices in enumerate(sample_per_class(ex.labels, task.label_names, 4, 0)):
+    exclude = pool_exclusions(task, ex)
+    for c, indices in enumerate(sample_per_class(ex.labels, task.label_names, 4, 0, exclude)):
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         for i in indices:
             ids = torch.tensor([prompt.encode(lm.tokenizer, ex.texts[i])])
@@ -139,3 +146,18 @@ def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_pat
     # the output layer's part equals the closed form of an `output` release
     out = release_targets(cfg.model_copy(update={"match_params": "output"}), tmp_path / "out")
     torch.testing.assert_close(out.target_weight, rel.target_weight, rtol=1e-4, atol=1e-6)
+
+
+def pool_exclusions(task, ex):
+    return private_pool_exclusions(task, task.private_split, len(ex.labels))
+
+
+def test_private_pool_never_touches_the_dev_slice():
+    from gradmm.tasks import dev_indices
+
+    labels = [i % 2 for i in range(100)]
+    dev = dev_indices(100, 30)
+    assert dev == dev_indices(100, 30) and len(dev) == 30
+    for seed in range(5):
+        picked = sample_per_class(labels, ("a", "b"), 30, seed, exclude=dev)
+        assert not set(sum(picked, [])) & set(dev)

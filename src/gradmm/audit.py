@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gradmm.errors import UserError
 from gradmm.files import read_json, read_jsonl, write_json
-from gradmm.release import load_release, sample_per_class
+from gradmm.release import load_release, private_pool_exclusions, sample_per_class
 from gradmm.tasks import encode_text, load_examples
 
 
@@ -67,7 +67,10 @@ def audit_run(run_dir: Path, data_dir: str | None = None) -> dict:
     model = meta["model"].get("path") or resolve_model_name(meta["model"]["name"])
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples = load_examples(task, meta["split"], data_dir or meta["config"]["data_dir"])
-    picked = sample_per_class(examples.labels, task.label_names, meta["counts"][0], meta["seed"])
+    exclude = private_pool_exclusions(task, meta["split"], len(examples.labels))
+    picked = sample_per_class(
+        examples.labels, task.label_names, meta["counts"][0], meta["seed"], exclude
+    )
     if [len(ix) for ix in picked] != meta["counts"]:
         raise UserError("the private pool cannot be re-derived from the release's settings")
     pool = [encode_text(tokenizer, examples.texts[i]) for ix in picked for i in ix]

@@ -164,6 +164,82 @@ def generate(
 
 
 @app.command()
+def finetune(
+    model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,
+    task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
+    train: Annotated[Path, typer.Option(help="JSONL with text and label.")] = ...,
+    out: Annotated[Path, typer.Option(help="Folder for results.json (and the model).")] = ...,
+    data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
+    method: Annotated[str | None, typer.Option(help="'full' or 'lora' [full].")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate [1e-4].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [200].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Examples per step [16].")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations [50].")] = None,
+    max_test: Annotated[int | None, typer.Option(help="Cap on test examples.")] = None,
+    seed: SeedOpt = None,
+    save_model: Annotated[
+        bool, typer.Option("--save-model", help="Also write the dev-selected weights.")
+    ] = False,
+    config: ConfigOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Fine-tune on a JSONL file; the test score is read at the dev-selected step."""
+    from gradmm.finetune import FinetuneConfig
+    from gradmm.finetune import finetune as run_finetune
+
+    try:
+        cfg = build_config(
+            FinetuneConfig,
+            dict(model=model, task=task, train=str(train), data_dir=data_dir, method=method,
+                 lr=lr, steps=steps, batch_size=batch_size, eval_every=eval_every,
+                 max_test=max_test, seed=seed, save_model=save_model or None),
+            config,
+        )  # fmt: skip
+        result = run_finetune(cfg, out, progress=not quiet)
+    except UserError as e:
+        _fail(e)
+    typer.echo(
+        f"step {result['selected_step']} (best dev {result['dev_accuracy']:.4f}): "
+        f"test accuracy {result['test_accuracy']:.4f}; wrote {out / 'results.json'}"
+    )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,
+    task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
+    few_shot: Annotated[int, typer.Option(help="Demonstrations per class (from dev).")] = 0,
+    data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
+    max_test: Annotated[int | None, typer.Option(help="Cap on test examples.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of demonstrations / test sample.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+) -> None:
+    """Zero- or k-shot verbalizer accuracy on the task's test split."""
+    from gradmm.evaluate import accuracy, demonstrations
+    from gradmm.files import write_json
+    from gradmm.finetune import eval_sets
+    from gradmm.models import load_model
+    from gradmm.tasks import load_task, tokenize_prompt
+
+    try:
+        t = load_task(task)
+        dev, test = eval_sets(t, data_dir, max_test, seed)
+        lm = load_model(model)
+        prompt = tokenize_prompt(t, lm.tokenizer)
+        prefix = demonstrations(lm, prompt, dev, few_shot, seed)
+        result = accuracy(lm, prompt, test, t.label_names, prefix)
+    except UserError as e:
+        _fail(e)
+    result.update(model=model, task=t.name, few_shot=few_shot, seed=seed)
+    if out is not None:
+        write_json(out, result)
+    per_class = ", ".join(
+        f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in result["per_class_accuracy"].items()
+    )
+    typer.echo(f"accuracy {result['accuracy']:.4f} on {result['n']} ({per_class})")
+
+
+@app.command()
 def privacy(
     releases: Annotated[list[Path] | None, typer.Argument(help="Release folders.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="ε of one release.")] = None,

@@ -42,7 +42,14 @@ from gradmm.models import (
     matched_parameters,
 )
 from gradmm.privacy import DPSettings, Neighbouring, check_settings, mechanism
-from gradmm.tasks import PromptTokens, Task, load_examples, load_task, tokenize_prompt
+from gradmm.tasks import (
+    PromptTokens,
+    Task,
+    dev_indices,
+    load_examples,
+    load_task,
+    tokenize_prompt,
+)
 
 RELEASE_FORMAT = 1
 
@@ -110,14 +117,21 @@ class Release:
 
 
 def sample_per_class(
-    labels: list[int], names: tuple[str, ...], n: int, seed: int
+    labels: list[int],
+    names: tuple[str, ...],
+    n: int,
+    seed: int,
+    exclude: list[int] | None = None,
 ) -> list[list[int]]:
-    """Indices of ``n`` examples of each class, drawn without replacement (seeded, stratified)."""
+    """Indices of ``n`` examples of each class, drawn without replacement (seeded, stratified),
+    never from ``exclude`` (the dev slice)."""
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
+    allowed = np.ones(len(labels_arr), dtype=bool)
+    allowed[exclude or []] = False
     picked = []
     for c, name in enumerate(names):
-        pool = np.flatnonzero(labels_arr == c)
+        pool = np.flatnonzero((labels_arr == c) & allowed)
         if len(pool) < n:
             raise UserError(
                 f"class {c} ({name!r}) has {len(pool)} examples, fewer than the {n} requested"
@@ -235,8 +249,9 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         examples = load_examples(task, split, config.data_dir)
         source = examples.source
         picked = sample_per_class(
-            examples.labels, task.label_names, config.n_per_class, config.seed
-        )
+            examples.labels, task.label_names, config.n_per_class, config.seed,
+            exclude=private_pool_exclusions(task, split, len(examples.labels)),
+        )  # fmt: skip
         counts = [len(ix) for ix in picked]
         sums = _class_sums(lm, prompt, params, head, examples, picked, config, dp)
 
@@ -293,6 +308,11 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         save_file(tensors, str(tmp / "targets.safetensors"))
         write_json(tmp / "release.json", meta)
     return Release(out, meta, tensors)
+
+
+def private_pool_exclusions(task: Task, split: str, n_examples: int) -> list[int]:
+    """Rows a private pool may not use: the dev slice, when sampling from the private split."""
+    return dev_indices(n_examples, task.dev_size) if split == task.private_split else []
 
 
 def _dp_settings(config: ReleaseConfig) -> DPSettings | None:

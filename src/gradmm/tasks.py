@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -56,6 +57,9 @@ class Task(BaseModel):
     hub: HubSource | None = None
     private_split: str = "train"
     test_split: str = "test"
+    # Model-selection (dev) examples: a fixed, seeded slice of the private split that private
+    # pools never draw from (see ``dev_indices``).
+    dev_size: int = 500
     label_token_policy: LabelTokenPolicy = "single"
 
     @field_validator("template")
@@ -255,7 +259,7 @@ def _load_local(task: Task, folder: Path, split: str) -> Examples:
         raise UserError(f"data file not found: {jsonl} (or {csv_path.name})")
     texts, labels = [], []
     for lineno, row in rows:
-        text, label = _validate_row(task, row, f"{path}:{lineno}")
+        text, label = validate_row(task, row, f"{path}:{lineno}")
         texts.append(text)
         labels.append(label)
     if not texts:
@@ -263,7 +267,7 @@ def _load_local(task: Task, folder: Path, split: str) -> Examples:
     return Examples(texts, labels, str(path))
 
 
-def _validate_row(task: Task, row: dict, where: str) -> tuple[str, int]:
+def validate_row(task: Task, row: dict, where: str) -> tuple[str, int]:
     if "text" not in row or "label" not in row:
         raise UserError(f"{where}: expected fields 'text' and 'label'")
     text, label = row["text"], row["label"]
@@ -296,7 +300,7 @@ def _load_hub(task: Task, split: str) -> Examples:
     source = f"hf://{task.hub.path}/{hub_split}"
     texts, labels = [], []
     for i, row in enumerate(ds):
-        text, label = _validate_row(
+        text, label = validate_row(
             task,
             {"text": row[task.hub.text_field], "label": row[task.hub.label_field]},
             f"{source}[{i}]",
@@ -304,6 +308,15 @@ def _load_hub(task: Task, split: str) -> Examples:
         texts.append(text)
         labels.append(label)
     return Examples(texts, labels, source)
+
+
+DEV_SEED = 20250217  # fixed: the dev slice must not move with any user seed
+
+
+def dev_indices(n_examples: int, size: int) -> list[int]:
+    """Indices of the dev slice of a split with ``n_examples`` rows (seeded, sorted)."""
+    rng = np.random.default_rng(DEV_SEED)
+    return sorted(rng.permutation(n_examples)[: min(size, n_examples // 2)].tolist())
 
 
 # ---------------------------------------------------------------------------------- tokens

@@ -1,0 +1,161 @@
+"""Fine-tune a causal LM as a verbalizer classifier and evaluate it with honest model selection.
+
+Loss (as in the reference): for each example, the log-probabilities of the label words after
+``template(text)`` are the class scores, and the loss is the cross-entropy of their softmax
+against the label. First-order AdamW, linear decay to 0, gradient clip 1.0; full fine-tuning or
+LoRA (``peft``). Every ``eval_every`` steps (and before training) the model is scored on the dev
+slice of the private split and on the test split; the reported test accuracy is the one at the
+step with the best **dev** accuracy (the test set never selects anything).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from gradmm.errors import UserError
+from gradmm.evaluate import accuracy, label_log_probs
+from gradmm.files import read_jsonl_numbered, staged_dir, write_json
+from gradmm.models import load_model
+from gradmm.tasks import (
+    Examples,
+    dev_indices,
+    load_examples,
+    load_task,
+    tokenize_prompt,
+    validate_row,
+)
+
+
+class FinetuneConfig(BaseModel):
+    """Settings of ``gradmm finetune``."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    task: str
+    train: str = Field(description="JSONL with text and label (synthetic or real)")
+    data_dir: str | None = None
+    method: Literal["full", "lora"] = "full"
+    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_every: int = Field(50, ge=1)
+    lora_rank: int = Field(8, ge=1)
+    max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
+    seed: int = 0
+    save_model: bool = False
+
+
+def load_train_file(path: Path, task) -> Examples:
+    texts, labels = [], []
+    for lineno, row in read_jsonl_numbered(Path(path)):
+        text, label = validate_row(task, row, f"{path}:{lineno}")
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise UserError(f"{path}: no training examples")
+    return Examples(texts, labels, str(path))
+
+
+def eval_sets(task, data_dir, max_test: int | None, seed: int) -> tuple[Examples, Examples]:
+    """The dev slice of the private split and the test split (optionally subsampled)."""
+    private = load_examples(task, task.private_split, data_dir)
+    dev_ix = dev_indices(len(private.texts), task.dev_size)
+    dev = Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
+                   f"{private.source} (dev slice)")  # fmt: skip
+    test = load_examples(task, task.test_split, data_dir)
+    if task.test_split == task.private_split:
+        raise UserError(f"task {task.name!r}: the test split must differ from the private split")
+    if max_test is not None and max_test < len(test.texts):
+        ix = sorted(np.random.default_rng(seed).choice(len(test.texts), max_test, replace=False))
+        test = Examples([test.texts[i] for i in ix], [test.labels[i] for i in ix], test.source)
+    return dev, test
+
+
+def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = True) -> dict:
+    """Train on ``config.train``, select the step on dev, report test; writes ``out``."""
+    started = time.time()
+    task = load_task(config.task)
+    train = load_train_file(Path(config.train), task)
+    dev, test = eval_sets(task, config.data_dir, config.max_test, config.seed)
+    lm = load_model(config.model)
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    torch.manual_seed(config.seed)
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lm.model = get_peft_model(
+            lm.model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                                 target_modules="all-linear", lora_dropout=0.0)
+        )  # fmt: skip
+    else:
+        lm.model.requires_grad_(True)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / config.steps)
+
+    def evaluate(step: int) -> dict:
+        lm.model.eval()
+        row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names),
+               "test": accuracy(lm, prompt, test, task.label_names)}  # fmt: skip
+        lm.model.train()
+        return row
+
+    history, losses = [evaluate(0)], []
+    best_state = _snapshot(lm.model) if config.save_model else None
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(train.texts))
+    cursor = 0
+    labels = torch.tensor(train.labels)
+    for step in tqdm(range(1, config.steps + 1), desc="finetune", disable=not progress):
+        if cursor + config.batch_size > len(order):
+            order, cursor = rng.permutation(len(train.texts)), 0
+        batch = order[cursor : cursor + config.batch_size]
+        cursor += config.batch_size
+        scores = label_log_probs(lm, prompt, [train.texts[i] for i in batch])
+        loss = torch.nn.functional.cross_entropy(scores, labels[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % config.eval_every == 0 or step == config.steps:
+            history.append(evaluate(step))
+            improved = history[-1]["dev"]["accuracy"] > max(
+                r["dev"]["accuracy"] for r in history[:-1]
+            )
+            if config.save_model and improved:
+                best_state = _snapshot(lm.model)
+    best = max(history, key=lambda r: (r["dev"]["accuracy"], -r["step"]))
+    result = {
+        "config": config.model_dump(mode="json"),
+        "train_examples": len(train.texts),
+        "dev_examples": len(dev.texts),
+        "test_examples": len(test.texts),
+        "selected_step": best["step"],
+        "dev_accuracy": best["dev"]["accuracy"],
+        "test_accuracy": best["test"]["accuracy"],
+        "test_per_class_accuracy": best["test"]["per_class_accuracy"],
+        "history": history,
+        "train_loss": losses,
+        "seconds": round(time.time() - started, 2),
+    }
+    if out is not None:
+        with staged_dir(Path(out)) as tmp:
+            write_json(tmp / "results.json", result)
+            if config.save_model:  # the dev-selected weights
+                lm.model.load_state_dict(best_state)
+                lm.model.save_pretrained(tmp / "model")
+                lm.tokenizer.save_pretrained(tmp / "model")
+    return result
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
