@@ -163,6 +163,34 @@ def generate(
         typer.echo(f"wrote {path}")
 
 
+@app.command("filter")
+def filter_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
+    keep_per_class: Annotated[
+        int | None, typer.Option(help="Keep the N lowest-loss examples per class [50].")
+    ] = None,
+    classifier: Annotated[
+        bool, typer.Option(help="Drop examples a few-shot classifier assigns elsewhere.")
+    ] = True,
+    balance: Annotated[bool, typer.Option(help="Balance the classes' mean loss.")] = True,
+    dedupe: Annotated[bool, typer.Option(help="Keep identical texts once.")] = True,
+) -> None:
+    """Filter a run's synthetic text into RUN/filtered.jsonl (+ filter_report.json)."""
+    from gradmm.filtering import FilterConfig, filter_run
+
+    try:
+        cfg = build_config(
+            FilterConfig,
+            dict(keep_per_class=keep_per_class, classifier=classifier, balance=balance,
+                 dedupe=dedupe),
+        )  # fmt: skip
+        report = filter_run(run, cfg)
+    except UserError as e:
+        _fail(e)
+    steps = ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith(("input", "after")))
+    typer.echo(f"{steps}; wrote {run / 'filtered.jsonl'}")
+
+
 @app.command()
 def finetune(
     model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,

@@ -1,0 +1,151 @@
+"""Filtering synthetic text: the authors' three steps as composable stages, plus de-duplication.
+
+1. ``dedupe``: identical texts of a class are kept once (the one of lowest matching loss).
+2. ``classifier``: drop examples that a few-shot classifier (the LM, prompted with hand-written
+   public demonstrations) assigns to another class.
+3. ``top``: keep per class the ``keep_per_class`` examples with the lowest per-example matching
+   loss against the **released** target (so a DP run stays DP: this is post-processing).
+4. ``balance``: drop the worst examples of each class until its mean loss is at most the lowest
+   class mean (the authors' average-score balancing, for any number of classes).
+
+Writes ``RUN_DIR/filtered.jsonl`` and ``RUN_DIR/filter_report.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradmm.errors import UserError
+from gradmm.evaluate import label_log_probs
+from gradmm.files import read_json, read_jsonl, write_json, write_jsonl
+from gradmm.matching import residuals
+from gradmm.models import LoadedModel, final_hidden
+from gradmm.release import Release, load_release
+
+# Hand-written, public demonstrations for the few-shot classifier (never private data).
+DEMONSTRATIONS: dict[str, list[tuple[str, int]]] = {
+    "sentiment": [
+        ("a warm, funny and beautifully acted film", 1),
+        ("a tedious mess with a script that goes nowhere", 0),
+        ("one of the most moving stories of the year", 1),
+        ("dull characters, flat jokes and a boring plot", 0),
+    ],
+    "tweet_emotion": [
+        ("so annoyed that the bus left without me again", 0),
+        ("best day ever with my friends at the beach", 1),
+        ("tomorrow is a new chance, things will get better", 2),
+        ("i miss you so much, the house feels empty", 3),
+    ],
+}
+
+
+class FilterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep_per_class: int | None = Field(50, ge=1, description="None: skip the top-N stage")
+    classifier: bool = True
+    balance: bool = True
+    dedupe: bool = True
+
+
+def demonstrations_for(task_name: str) -> list[tuple[str, int]]:
+    return DEMONSTRATIONS["tweet_emotion" if task_name == "tweet_emotion" else "sentiment"]
+
+
+@torch.no_grad()
+def per_example_rec(lm: LoadedModel, release: Release, texts: list[str], labels: list[int]):
+    """(N,) matching loss of each example alone against its class's released target."""
+    prompt = release.prompt
+    seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
+    out = []
+    tw, tb = release.target_weight, release.target_bias
+    for start in range(0, len(seqs), 32):
+        chunk = seqs[start : start + 32]
+        last = torch.tensor([len(s) - 1 for s in chunk])
+        ids = torch.zeros(len(chunk), int(last.max()) + 1, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        h = final_hidden(lm.model, input_ids=ids, attention_mask=mask)[
+            torch.arange(len(chunk)), last
+        ]
+        ys = torch.tensor(labels[start : start + 32])
+        r = residuals(lm.output.logits(h), torch.tensor(prompt.label_ids)[ys])
+        # cos(T_W, r hᵀ) = rᵀ T_W h / (‖T_W‖ ‖r‖ ‖h‖)
+        dot_w = torch.stack([r[i] @ (tw[y] @ h[i]) for i, y in enumerate(ys.tolist())])
+        cos_w = dot_w / (tw[ys].flatten(1).norm(dim=1) * r.norm(dim=1) * h.norm(dim=1))
+        if tb is None:
+            out.append(1 - cos_w)
+        else:
+            cos_b = (r * tb[ys]).sum(1) / (tb[ys].norm(dim=1) * r.norm(dim=1))
+            out.append(1 - 0.5 * (cos_w + cos_b))
+    return torch.cat(out)
+
+
+def balance_by_mean(rows_by_class: dict[int, list[dict]], key: str) -> dict[int, list[dict]]:
+    """Drop each class's worst rows until its mean ``key`` <= the lowest class mean."""
+    means = {c: sum(r[key] for r in rows) / len(rows) for c, rows in rows_by_class.items() if rows}
+    if not means:
+        return rows_by_class
+    target = min(means.values())
+    out = {}
+    for c, rows in rows_by_class.items():
+        rows = sorted(rows, key=lambda r: r[key])
+        while len(rows) > 1 and sum(r[key] for r in rows) / len(rows) > target + 1e-12:
+            rows = rows[:-1]
+        out[c] = rows
+    return out
+
+
+def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = None) -> dict:
+    """Filter ``run_dir/synthetic.jsonl``; returns the report (also written)."""
+    from gradmm.generate import _load_release_model
+
+    run_dir = Path(run_dir)
+    rows = read_jsonl(run_dir / "synthetic.jsonl")
+    if not rows:
+        raise UserError(f"{run_dir}/synthetic.jsonl holds no examples")
+    release = load_release(Path(read_json(run_dir / "manifest.json")["release"]["path"]))
+    task = release.task
+    lm = lm or _load_release_model(release)
+    report: dict = {"input": len(rows)}
+
+    recs = per_example_rec(lm, release, [r["text"] for r in rows], [r["label"] for r in rows])
+    for r, rec in zip(rows, recs.tolist(), strict=True):
+        r["example_rec_loss"] = round(rec, 6)
+    if config.dedupe:
+        best: dict[tuple, dict] = {}
+        for r in rows:
+            key = (r["label"], r["text"])
+            if key not in best or r["example_rec_loss"] < best[key]["example_rec_loss"]:
+                best[key] = r
+        rows = [r for r in rows if best[(r["label"], r["text"])] is r]
+        report["after_dedupe"] = len(rows)
+    if config.classifier:
+        demos = demonstrations_for(task.name)
+        prompt = release.prompt
+        newline = lm.tokenizer("\n", add_special_tokens=False)["input_ids"]
+        prefix = []
+        for text, label in demos:
+            prefix += prompt.encode(lm.tokenizer, text) + [prompt.label_ids[label]] + newline
+        pred = label_log_probs(lm, prompt, [r["text"] for r in rows], prefix).argmax(1).tolist()
+        rows = [r for r, p in zip(rows, pred, strict=True) if p == r["label"]]
+        report["after_classifier"] = len(rows)
+    by_class = {c: [r for r in rows if r["label"] == c] for c in range(task.num_classes)}
+    if config.keep_per_class is not None:
+        by_class = {
+            c: sorted(rs, key=lambda r: r["example_rec_loss"])[: config.keep_per_class]
+            for c, rs in by_class.items()
+        }
+        report["after_top"] = sum(map(len, by_class.values()))
+    if config.balance:
+        by_class = balance_by_mean(by_class, "example_rec_loss")
+        report["after_balance"] = sum(map(len, by_class.values()))
+    kept = sorted((r for rs in by_class.values() for r in rs), key=lambda r: r["id"])
+    report["per_class"] = {task.label_names[c]: len(rs) for c, rs in by_class.items()}
+    report["config"] = config.model_dump(mode="json")
+    write_jsonl(run_dir / "filtered.jsonl", kept)
+    write_json(run_dir / "filter_report.json", report)
+    return report

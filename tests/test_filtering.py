@@ -1,0 +1,111 @@
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from gradmm.cli import app
+from gradmm.filtering import balance_by_mean, per_example_rec
+from gradmm.generate import _load_release_model
+from gradmm.matching import MatchingLoss
+from gradmm.release import ReleaseConfig, release_targets
+from gradmm.tasks import encode_text
+
+
+def test_balance_drops_worst_until_means_agree():
+    rows = {0: [{"l": 0.1}, {"l": 0.9}, {"l": 0.2}], 1: [{"l": 0.3}, {"l": 0.3}]}
+    out = balance_by_mean(rows, "l")
+    assert [r["l"] for r in out[0]] == [0.1, 0.2] and len(out[1]) == 2
+
+
+def test_per_example_loss_equals_matching_loss_of_a_batch_of_one(model_dirs, data_dir, tmp_path):
+    cfg = ReleaseConfig(
+        task="sst2", model=str(model_dirs["phi"]), n_per_class=3, data_dir=str(data_dir)
+    )
+    rel = release_targets(cfg, tmp_path / "rel")
+    lm = _load_release_model(rel)
+    texts, labels = ["the film was great", "a dull plot"], [1, 0]
+    ours = per_example_rec(lm, rel, texts, labels)
+    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output)
+    for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
+        ids = torch.tensor(rel.prompt.encode(lm.tokenizer, t))
+        x = lm.embeddings[ids][None, None]
+        ref = loss.rec(lm.model, x, torch.tensor([y]), torch.tensor([rel.prompt.label_ids[y]]))
+        torch.testing.assert_close(ours[i], ref[0], rtol=1e-4, atol=1e-6)
+    assert encode_text(lm.tokenizer, "x")
+
+
+def test_filter_command_reports_each_stage(model_dirs, data_dir, tmp_path):
+    runner = CliRunner()
+    rel, run = tmp_path / "rel", tmp_path / "run"
+    assert (
+        runner.invoke(
+            app,
+            [
+                "release",
+                "--task",
+                "sst2",
+                "--model",
+                str(model_dirs["llama"]),
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(rel),
+                "--n-per-class",
+                "3",
+            ],
+        ).exit_code
+        == 0
+    )
+    assert (
+        runner.invoke(
+            app,
+            [
+                "generate",
+                "--release",
+                str(rel),
+                "--out",
+                str(run),
+                "--per-class",
+                "4",
+                "--batch",
+                "2",
+                "--length",
+                "4",
+                "--steps",
+                "1",
+                "--inner-steps",
+                "1",
+                "--init-candidates",
+                "2",
+                "--topk",
+                "3",
+                "--quiet",
+            ],
+        ).exit_code
+        == 0
+    )
+    rows = [json.loads(x) for x in (run / "synthetic.jsonl").read_text().splitlines()]
+    rows.append({**rows[0], "id": 99})  # a duplicate
+    (run / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = runner.invoke(app, ["filter", str(run), "--keep-per-class", "2", "--no-classifier"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((run / "filter_report.json").read_text())
+    assert report["input"] == 9 and report["after_dedupe"] == 8
+    assert report["after_top"] == 4 and report["after_balance"] <= 4
+    kept = [json.loads(x) for x in (run / "filtered.jsonl").read_text().splitlines()]
+    assert len(kept) == report["after_balance"]
+    from gradmm.release import load_release
+
+    release = load_release(rel)
+    all_losses = per_example_rec(
+        _load_release_model(release),
+        release,
+        [r["text"] for r in rows[:8]],
+        [r["label"] for r in rows[:8]],
+    )
+    for c in (0, 1):
+        losses = sorted(
+            round(float(v), 6) for r, v in zip(rows[:8], all_losses, strict=True) if r["label"] == c
+        )
+        mine = sorted(r["example_rec_loss"] for r in kept if r["label"] == c)
+        assert mine == losses[: len(mine)]
