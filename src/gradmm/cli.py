@@ -268,6 +268,22 @@ def evaluate(
 
 
 @app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", help="Experiment YAML file.")] = ...,
+    out: Annotated[Path, typer.Option(help="Experiment folder (finished cells are reused).")] = ...,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Run every stage for tasks x methods x seeds; write results.csv/.md and plots."""
+    from gradmm.experiment import run_experiment
+
+    try:
+        rows = run_experiment(config, out, progress=not quiet)
+    except UserError as e:
+        _fail(e)
+    typer.echo(f"{len(rows)} cells; wrote {out / 'results.md'}")
+
+
+@app.command()
 def privacy(
     releases: Annotated[list[Path] | None, typer.Argument(help="Release folders.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="ε of one release.")] = None,

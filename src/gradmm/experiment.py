@@ -1,0 +1,326 @@
+"""Experiment runner: tasks x methods x seeds through the same fine-tuning and evaluation code.
+
+Every cell writes ``OUT/cells/<task>/<method>/seed<k>/result.json`` and is skipped when that file
+exists, so an interrupted run resumes. Releases are shared by the cells of one (task, seed).
+Real examples used by the real-data baselines are written only to a temporary folder that is
+deleted afterwards, never under ``OUT``. The protocol is in ``docs/evaluation.md``.
+
+Methods: ``zero_shot``, ``few_shot`` (k demonstrations per class from the dev slice),
+``real_private`` (fine-tune on the private pool itself), ``real_random`` (as many random real
+examples of the private split as the synthetic sets have), ``lm_prompted`` (label-conditioned
+sampling from the same LM, prompted with hand-written public demonstrations), ``gradmm_paper``,
+``gradmm``, and for each ε: ``dp_gradmm``, ``dp_noise`` (a noise-only release of the same σ)
+and, once per seed, ``dp_none`` (no matching: the projection of random embeddings).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from gradmm.errors import UserError
+from gradmm.evaluate import accuracy, demonstrations
+from gradmm.files import read_json, write_json, write_jsonl, write_text
+from gradmm.filtering import FilterConfig, demonstrations_for, filter_run
+from gradmm.finetune import FinetuneConfig, eval_sets, finetune
+from gradmm.generate import generate, resolve_config
+from gradmm.models import load_model
+from gradmm.release import (
+    ReleaseConfig,
+    load_release,
+    private_pool_exclusions,
+    release_targets,
+    sample_per_class,
+)
+from gradmm.tasks import encode_text, load_examples, load_task, tokenize_prompt
+
+METHODS = ("zero_shot", "few_shot", "real_private", "real_random", "lm_prompted",
+           "gradmm_paper", "gradmm", "dp_gradmm", "dp_noise", "dp_none")  # fmt: skip
+
+
+class ExperimentConfig(BaseModel):
+    """An experiment file (YAML). ``generate``/``filter``/``finetune`` hold stage options."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = "reference"
+    data_dir: str | None = None
+    tasks: list[str]
+    methods: list[str] = list(METHODS)
+    seeds: list[int] = [0, 1, 2]
+    n_per_class: int = Field(25, ge=1, description="private pool per class")
+    synthetic_per_class: int = Field(50, ge=1)
+    few_shot_k: int = Field(2, ge=1)
+    dp_epsilons: list[float] = [1.0, 8.0]
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    generate: dict[str, Any] = {}
+    filter: dict[str, Any] = {}
+    finetune: dict[str, Any] = {}
+
+
+def load_experiment(path: Path) -> ExperimentConfig:
+    from gradmm.config import build_config
+
+    cfg = build_config(ExperimentConfig, {}, path)
+    unknown = set(cfg.methods) - set(METHODS)
+    if unknown:
+        raise UserError(f"unknown methods {sorted(unknown)} (choose from {', '.join(METHODS)})")
+    return cfg
+
+
+def cells(cfg: ExperimentConfig) -> list[tuple[str, str, int, float | None]]:
+    """(task, method, seed, epsilon) of every cell, in run order."""
+    out = []
+    for task in cfg.tasks:
+        for seed in cfg.seeds:
+            for method in cfg.methods:
+                if method in ("dp_gradmm", "dp_noise"):
+                    out += [(task, method, seed, eps) for eps in cfg.dp_epsilons]
+                else:
+                    out.append((task, method, seed, None))
+    return out
+
+
+def cell_dir(out: Path, task: str, method: str, seed: int, eps: float | None) -> Path:
+    name = method if eps is None else f"{method}_eps{eps:g}"
+    return out / "cells" / task / name / f"seed{seed}"
+
+
+def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[dict]:
+    """Run (or resume) every cell, then write results.csv, results.md and the plots."""
+    cfg = load_experiment(config_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "experiment.json", cfg.model_dump(mode="json"))
+    todo = cells(cfg)
+    bar = tqdm(todo, desc="experiment", unit="cell", disable=not progress)
+    for task, method, seed, eps in bar:
+        path = cell_dir(out, task, method, seed, eps) / "result.json"
+        if path.exists():
+            continue
+        bar.set_postfix_str(f"{task}/{method}{'' if eps is None else f'@{eps:g}'}/seed{seed}")
+        started = time.time()
+        result = run_cell(cfg, out, task, method, seed, eps)
+        result.update(task=task, method=method, seed=seed, epsilon=eps,
+                      seconds=round(time.time() - started, 1))  # fmt: skip
+        write_json(path, result)
+    rows = [read_json(cell_dir(out, *c) / "result.json") for c in todo]
+    write_tables(rows, out)
+    plot(rows, out)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ cells
+
+
+def _release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
+    """A release shared by the cells of (task, seed): default, paper, dp or noise."""
+    name = kind if eps is None else f"{kind}_eps{eps:g}"
+    path = out / "releases" / task / f"seed{seed}" / name
+    if (path / "release.json").exists():
+        return path
+    rc = dict(task=task, model=cfg.model, n_per_class=cfg.n_per_class, seed=seed,
+              data_dir=cfg.data_dir)  # fmt: skip
+    if kind == "paper":
+        rc["preset"] = "paper"
+    if kind in ("dp", "noise"):
+        rc.update(epsilon=eps, delta=cfg.dp_delta, clip=cfg.dp_clip)
+        rc["target"] = "noise" if kind == "noise" else "real"
+    release_targets(ReleaseConfig(**rc), path)
+    return path
+
+
+def _synthetic(cfg, out, task, method, seed, eps, release: Path, **extra) -> Path:
+    run = cell_dir(out, task, method, seed, eps) / "run"
+    if not (run / "synthetic.jsonl").exists():
+        options = {**cfg.generate, "per_class": cfg.synthetic_per_class, "seed": seed, **extra}
+        generate(release, run, resolve_config(options), progress=False)
+    if not (run / "filtered.jsonl").exists():
+        filter_run(run, FilterConfig(**cfg.filter))
+    return run / "filtered.jsonl"
+
+
+def _finetune(cfg, task, seed, train: Path) -> dict:
+    ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": task, "train": str(train),
+                           "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
+    result = finetune(ft, progress=False)
+    keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
+            "test_per_class_accuracy", "train_loss")  # fmt: skip
+    return {k: result[k] for k in keep}
+
+
+def run_cell(cfg, out, task_name, method, seed, eps) -> dict:
+    task = load_task(task_name)
+    if method in ("zero_shot", "few_shot"):
+        lm = load_model(cfg.model)
+        prompt = tokenize_prompt(task, lm.tokenizer)
+        max_test = cfg.finetune.get("max_test")
+        dev, test = eval_sets(task, cfg.data_dir, max_test, seed)
+        k = cfg.few_shot_k if method == "few_shot" else 0
+        res = accuracy(lm, prompt, test, task.label_names, demonstrations(lm, prompt, dev, k, seed))
+        return {"test_accuracy": res["accuracy"], "test_per_class_accuracy":
+                res["per_class_accuracy"], "dev_accuracy": None}  # fmt: skip
+    if method in ("real_private", "real_random"):
+        with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
+            train = Path(tmp) / "train.jsonl"
+            write_jsonl(train, _real_rows(cfg, task, seed, method))
+            return _finetune(cfg, task_name, seed, train)
+    if method == "lm_prompted":
+        run = cell_dir(out, task_name, method, seed, eps)
+        train = run / "synthetic.jsonl"
+        if not train.exists():
+            write_jsonl(train, lm_prompted_examples(cfg.model, task, cfg.synthetic_per_class, seed))
+        return _finetune(cfg, task_name, seed, train)
+    if method == "gradmm_paper":
+        rel = _release(cfg, out, task_name, seed, "paper")
+        train = _synthetic(cfg, out, task_name, method, seed, eps, rel, preset="paper")
+    elif method == "gradmm":
+        rel = _release(cfg, out, task_name, seed, "default")
+        train = _synthetic(cfg, out, task_name, method, seed, eps, rel)
+    elif method == "dp_gradmm":
+        rel = _release(cfg, out, task_name, seed, "dp", eps)
+        train = _synthetic(cfg, out, task_name, method, seed, eps, rel)
+    elif method == "dp_noise":
+        rel = _release(cfg, out, task_name, seed, "noise", eps)
+        train = _synthetic(cfg, out, task_name, method, seed, eps, rel)
+    else:  # dp_none: no matching, so any DP release serves; the first ε's
+        rel = _release(cfg, out, task_name, seed, "dp", cfg.dp_epsilons[0])
+        train = _synthetic(cfg, out, task_name, method, seed, eps, rel, target="none")
+    result = _finetune(cfg, task_name, seed, train)
+    manifest = read_json(train.parent / "manifest.json")
+    result["mean_rec_loss"] = manifest["mean_rec_loss"]
+    result["privacy"] = load_release(rel).meta["mechanism"]
+    return result
+
+
+def _real_rows(cfg, task, seed, method) -> list[dict]:
+    examples = load_examples(task, task.private_split, cfg.data_dir)
+    exclude = private_pool_exclusions(task, task.private_split, len(examples.labels))
+    if method == "real_private":  # exactly the pool of this seed's release
+        n, pool_seed = cfg.n_per_class, seed
+    else:
+        n, pool_seed = cfg.synthetic_per_class, seed + 10_000
+    picked = sample_per_class(examples.labels, task.label_names, n, pool_seed, exclude)
+    return [{"text": examples.texts[i], "label": c} for c, ix in enumerate(picked) for i in ix]
+
+
+@torch.no_grad()
+def lm_prompted_examples(model: str, task, per_class: int, seed: int) -> list[dict]:
+    """Label-conditioned sampling: public demonstrations of one class, then a new example."""
+    lm = load_model(model)
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    newline = encode_text(lm.tokenizer, "\n")
+    tail = lm.tokenizer.decode(prompt.tail).strip()
+    torch.manual_seed(seed)
+    rows = []
+    for c in range(task.num_classes):
+        demos = [t for t, y in demonstrations_for(task.name) if y == c] or ["it was fine"]
+        ids = []
+        for text in demos:
+            ids += prompt.encode(lm.tokenizer, text) + [prompt.label_ids[c]] + newline
+        got, attempts = [], 0
+        while len(got) < per_class and attempts < 20:
+            attempts += 1
+            batch = torch.tensor([ids]).repeat(per_class, 1)
+            gen = lm.model.generate(
+                batch, attention_mask=torch.ones_like(batch), max_new_tokens=40,
+                do_sample=True, top_k=50, temperature=0.9,
+                pad_token_id=lm.tokenizer.eos_token_id,
+            )  # fmt: skip
+            for seq in gen[:, len(ids) :]:
+                text = lm.tokenizer.decode(seq, skip_special_tokens=True).split("\n")[0]
+                text = text.split(tail)[0].strip() if tail else text.strip()
+                if text and len(got) < per_class:
+                    got.append(text)
+        rows += [{"text": t, "label": c, "label_name": task.label_names[c]} for t in got]
+    return rows
+
+
+# ---------------------------------------------------------------------------------- reports
+
+
+def method_label(row: dict) -> str:
+    return row["method"] if row["epsilon"] is None else f"{row['method']}@eps{row['epsilon']:g}"
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    fields = ["task", "method", "epsilon", "seed", "test_accuracy", "dev_accuracy",
+              "selected_step", "train_examples", "mean_rec_loss", "seconds"]  # fmt: skip
+    lines = [",".join(fields)]
+    for r in rows:
+        lines.append(",".join("" if r.get(f) is None else str(r.get(f)) for f in fields))
+    write_text(out / "results.csv", "\n".join(lines) + "\n")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(method_label(r) for r in rows))
+    table = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in methods:
+        cells_ = []
+        for t in tasks:
+            accs = [r["test_accuracy"] for r in rows if r["task"] == t and method_label(r) == m]
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells_.append(f"{100 * statistics.mean(accs):.1f} ± {100 * sd:.1f}" if accs else "")
+        table.append(f"| {m} | " + " | ".join(cells_) + " |")
+    n_seeds = len({r["seed"] for r in rows})
+    write_text(
+        out / "results.md",
+        f"# Test accuracy (%), mean ± std over {n_seeds} seeds\n\nGenerated by `gradmm run`; "
+        "checkpoints selected on the dev slice only.\n\n" + "\n".join(table) + "\n",
+    )
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    methods = list(dict.fromkeys(method_label(r) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * len(tasks) / 2), 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        means, sds = [], []
+        for t in tasks:
+            accs = [r["test_accuracy"] for r in rows if r["task"] == t and method_label(r) == m]
+            means.append(np.mean(accs) if accs else np.nan)
+            sds.append(np.std(accs) if accs else 0)
+        ax.bar(np.arange(len(tasks)) + j * width, means, width, yerr=sds, label=m)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r.get("train_loss") and r["seed"] == rows[0]["seed"]:
+            ax.plot(r["train_loss"], label=f"{r['task']}/{method_label(r)}", lw=0.8)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("train loss")
+    ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    pts = [(r["mean_rec_loss"], r["test_accuracy"], method_label(r)) for r in rows
+           if r.get("mean_rec_loss") is not None]  # fmt: skip
+    for m in dict.fromkeys(p[2] for p in pts):
+        xs = [p[0] for p in pts if p[2] == m]
+        ax.scatter(xs, [p[1] for p in pts if p[2] == m], label=m, s=12)
+    ax.set_xlabel("mean matching loss of the synthetic set")
+    ax.set_ylabel("test accuracy")
+    if pts:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "matching_vs_accuracy.png", dpi=120)
+    plt.close(fig)

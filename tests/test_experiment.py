@@ -1,0 +1,65 @@
+"""The experiment runner on a tiny model: every method runs, tables are written, finished cells
+are not recomputed, and real text never lands under the output folder."""
+
+import csv
+
+from gradmm import experiment
+from gradmm.tasks import BUILTIN_TASKS, load_examples
+
+
+def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0, 1]\n"
+        "n_per_class: 3\nsynthetic_per_class: 4\nfew_shot_k: 1\ndp_epsilons: [2.0]\n"
+        "generate: {batch: 2, length: 5, steps: 1, inner_steps: 2, init_candidates: 2, topk: 5}\n"
+        "filter: {keep_per_class: 3, classifier: false}\n"
+        "finetune: {steps: 4, batch_size: 4, eval_every: 2, lr: 0.001}\n"
+    )
+    out = tmp_path / "exp"
+    rows = experiment.run_experiment(spec, out, progress=False)
+    labels = {experiment.method_label(r) for r in rows}
+    assert labels == {
+        "zero_shot",
+        "few_shot",
+        "real_private",
+        "real_random",
+        "lm_prompted",
+        "gradmm_paper",
+        "gradmm",
+        "dp_gradmm@eps2",
+        "dp_noise@eps2",
+        "dp_none",
+    }
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows) == 20
+    assert (out / "results.md").read_text().count("±") == 1 + 10  # header + one per method
+    assert (out / "accuracy.png").stat().st_size > 0
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    original = experiment.run_cell
+    experiment.run_cell = boom
+    try:
+        assert len(experiment.run_experiment(spec, out, progress=False)) == 20
+    finally:
+        experiment.run_cell = original
+
+    real = load_examples(BUILTIN_TASKS["sst2"], "train", data_dir).texts
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".csv", ".md"):
+            content = path.read_text()
+            assert not any(f'"{t}"' in content for t in real), path
+
+
+def test_cells_expand_epsilons():
+    cfg = experiment.ExperimentConfig(
+        tasks=["sst2"], seeds=[0], dp_epsilons=[1, 4], methods=["gradmm", "dp_gradmm", "dp_none"]
+    )
+    assert experiment.cells(cfg) == [
+        ("sst2", "gradmm", 0, None),
+        ("sst2", "dp_gradmm", 0, 1),
+        ("sst2", "dp_gradmm", 0, 4),
+        ("sst2", "dp_none", 0, None),
+    ]
