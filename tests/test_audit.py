@@ -82,3 +82,88 @@ def test_audit_command_writes_statistics_only(model_dirs, data_dir, tmp_path):
     audit = json.loads((run / "audit.json").read_text())
     assert audit["pool"]["examples"] == 6 and len(audit["examples"]) == 4
     assert set(audit["examples"][0]) == {"id", "longest_common_ngram", "nearest_jaccard"}
+
+
+def test_roc_auc_counts_pairs():
+    from gradmm.audit import roc_auc
+
+    assert roc_auc([3, 2], [1, 2]) == 3.5 / 4
+    assert roc_auc([1], [2]) == 0.0 and roc_auc([5, 6], [1]) == 1.0
+
+
+def test_membership_test_on_a_finetuned_model(model_dirs, data_dir, tmp_path):
+    runner = CliRunner()
+    rel, run = tmp_path / "rel", tmp_path / "run"
+    assert (
+        runner.invoke(
+            app,
+            [
+                "release",
+                "--task",
+                "sst2",
+                "--model",
+                str(model_dirs["llama"]),
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(rel),
+                "--n-per-class",
+                "3",
+            ],
+        ).exit_code
+        == 0
+    )
+    assert (
+        runner.invoke(
+            app,
+            [
+                "generate",
+                "--release",
+                str(rel),
+                "--out",
+                str(run),
+                "--per-class",
+                "2",
+                "--batch",
+                "2",
+                "--length",
+                "5",
+                "--steps",
+                "1",
+                "--inner-steps",
+                "1",
+                "--init-candidates",
+                "2",
+                "--quiet",
+            ],
+        ).exit_code
+        == 0
+    )
+    (run / "train.jsonl").write_text((run / "synthetic.jsonl").read_text())
+    r = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(model_dirs["llama"]),
+            "--task",
+            "sst2",
+            "--train",
+            str(run / "train.jsonl"),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "ft"),
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--save-model",
+            "--quiet",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["audit", str(run), "--finetuned", str(tmp_path / "ft" / "model")])
+    assert r.exit_code == 0, r.output
+    mia = json.loads((run / "audit.json").read_text())["membership_inference"]
+    assert mia["members"] == mia["non_members"] == 6 and 0 <= mia["roc_auc"] <= 1

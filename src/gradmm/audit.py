@@ -3,13 +3,18 @@
 For each synthetic example: the longest token n-gram it shares with any private example, and its
 nearest private example by token-set Jaccard similarity. The audit re-reads the private pool (it
 re-derives it from the release's task, split, seed and counts), so it is itself private code: it
-writes only statistics, never text. A membership-inference test on the fine-tuned model joins
-when fine-tuning exists.
+writes only statistics, never text.
+
+With a fine-tuned model (``gradmm finetune --save-model``), a loss-threshold membership-inference
+test: the ROC AUC of telling pool members from as many held-out real examples of the same split
+by the model's classification loss (0.5 = no signal; above 0.5, members have lower loss).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from gradmm.errors import UserError
 from gradmm.files import read_json, read_jsonl, write_json
@@ -48,7 +53,35 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def audit_run(run_dir: Path, data_dir: str | None = None) -> dict:
+def roc_auc(member_scores: list[float], other_scores: list[float]) -> float:
+    """P(a member scores higher than a non-member), ties counted half (Mann-Whitney U / n m)."""
+    wins = sum((m > o) + 0.5 * (m == o) for m in member_scores for o in other_scores)
+    return wins / (len(member_scores) * len(other_scores))
+
+
+def membership_auc(model: str, task, examples, members: list[int], others: list[int]) -> float:
+    """ROC AUC of the loss-threshold attack on ``model`` (lower loss = predicted member)."""
+    import torch
+
+    from gradmm.evaluate import label_log_probs
+    from gradmm.models import load_model
+    from gradmm.tasks import tokenize_prompt
+
+    lm = load_model(model)
+    prompt = tokenize_prompt(task, lm.tokenizer)
+
+    def losses(ix: list[int]) -> list[float]:
+        with torch.no_grad():
+            lp = label_log_probs(lm, prompt, [examples.texts[i] for i in ix])
+        y = torch.tensor([examples.labels[i] for i in ix])
+        return torch.nn.functional.cross_entropy(lp, y, reduction="none").tolist()
+
+    return roc_auc([-v for v in losses(members)], [-v for v in losses(others)])
+
+
+def audit_run(
+    run_dir: Path, data_dir: str | None = None, finetuned: str | None = None, seed: int = 0
+) -> dict:
     """Audit ``run_dir`` against its release's private pool; writes ``run_dir/audit.json``."""
     from transformers import AutoTokenizer
 
@@ -96,8 +129,21 @@ def audit_run(run_dir: Path, data_dir: str | None = None) -> dict:
             "max_nearest_jaccard": max(nearest),
             "mean_nearest_jaccard": round(sum(nearest) / len(nearest), 4),
         },
-        "membership_inference": "not run: needs a fine-tuned model (gradmm finetune)",
+        "membership_inference": "not run: pass a fine-tuned model (gradmm finetune --save-model)",
         "examples": per_example,
     }
+    if finetuned is not None:
+        members = [i for ix in picked for i in ix]
+        taken = set(members) | set(exclude)
+        rest = [i for i in range(len(examples.labels)) if i not in taken]
+        if len(rest) < len(members):
+            raise UserError("too few held-out examples in the split for the membership test")
+        others = sorted(np.random.default_rng(seed).choice(rest, len(members), replace=False))
+        result["membership_inference"] = {
+            "model": finetuned,
+            "members": len(members),
+            "non_members": len(others),
+            "roc_auc": round(membership_auc(finetuned, task, examples, members, others), 4),
+        }
     write_json(run_dir / "audit.json", result)
     return result

@@ -337,16 +337,21 @@ def audit(
     data_dir: Annotated[
         str | None, typer.Option(help="Data folder of the release [as recorded].")
     ] = None,
+    finetuned: Annotated[
+        str | None, typer.Option(help="Fine-tuned model folder: adds a membership-inference test.")
+    ] = None,
 ) -> None:
     """Audit a run: n-gram overlap and nearest private neighbour of each synthetic example."""
     from gradmm.audit import audit_run
 
     try:
-        result = audit_run(run, data_dir)
+        result = audit_run(run, data_dir, finetuned)
     except UserError as e:
         _fail(e)
     for key, value in result.get("summary", {"pool": result["pool"]}).items():
         typer.echo(f"{key}: {value}")
+    if isinstance(result.get("membership_inference"), dict):
+        typer.echo(f"membership inference ROC AUC: {result['membership_inference']['roc_auc']}")
     typer.echo(f"wrote {run / 'audit.json'}")
 
 
