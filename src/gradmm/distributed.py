@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, threads
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(*args)
+        dist.barrier()  # no rank tears the group down while another still talks (gloo aborts)
     finally:
         dist.destroy_process_group()
 

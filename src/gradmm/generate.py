@@ -137,6 +137,7 @@ def generate(
         spawn(_solve_and_write, args, nproc)
     else:
         _solve_and_write(*args, lm=lm)
+        barrier()  # under torchrun: keep every rank alive until rank 0 has gathered and written
     return out / "synthetic.jsonl"
 
 
