@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradmm.models import LoadedModel
+from gradmm.models import LoadedModel, right_padded
 from gradmm.tasks import Examples, PromptTokens, encode_text
 
 
@@ -33,15 +33,9 @@ def label_log_probs(
     labels = torch.tensor(prompt.label_ids)
     out = []
     for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        last = torch.tensor([len(s) - 1 for s in chunk])
-        ids = torch.zeros(len(chunk), int(last.max()) + 1, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask, last = right_padded(seqs[start : start + batch_size])
         logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        logp = torch.log_softmax(logits[torch.arange(len(chunk)), last], dim=-1)
+        logp = torch.log_softmax(logits[torch.arange(len(last)), last], dim=-1)
         out.append(logp[:, labels])
     return torch.cat(out)
 

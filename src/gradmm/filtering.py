@@ -22,7 +22,7 @@ from gradmm.errors import UserError
 from gradmm.evaluate import label_log_probs
 from gradmm.files import read_json, read_jsonl, write_json, write_jsonl
 from gradmm.matching import residuals
-from gradmm.models import LoadedModel, final_hidden
+from gradmm.models import LoadedModel, final_hidden, right_padded
 from gradmm.release import Release, load_release
 
 # Hand-written, public demonstrations for the few-shot classifier (never private data).
@@ -62,14 +62,9 @@ def per_example_rec(lm: LoadedModel, release: Release, texts: list[str], labels:
     out = []
     tw, tb = release.target_weight, release.target_bias
     for start in range(0, len(seqs), 32):
-        chunk = seqs[start : start + 32]
-        last = torch.tensor([len(s) - 1 for s in chunk])
-        ids = torch.zeros(len(chunk), int(last.max()) + 1, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(chunk):
-            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        ids, mask, last = right_padded(seqs[start : start + 32])
         h = final_hidden(lm.model, input_ids=ids, attention_mask=mask)[
-            torch.arange(len(chunk)), last
+            torch.arange(len(last)), last
         ]
         ys = torch.tensor(labels[start : start + 32])
         r = residuals(lm.output.logits(h), torch.tensor(prompt.label_ids)[ys])

@@ -140,6 +140,21 @@ def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") ->
     return params
 
 
+def right_padded(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, L) right-padded ids, (N, L) attention mask, (N,) last real position of each row.
+
+    With causal attention the padding never influences the real positions, so batching
+    sequences of different lengths this way is exact.
+    """
+    last = torch.tensor([len(s) - 1 for s in sequences])
+    ids = torch.zeros(len(sequences), int(last.max()) + 1, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask, last
+
+
 def final_hidden(
     model: torch.nn.Module, *, input_ids=None, inputs_embeds=None, attention_mask=None
 ) -> Tensor:

@@ -40,6 +40,7 @@ from gradmm.models import (
     fingerprint,
     load_model,
     matched_parameters,
+    right_padded,
 )
 from gradmm.privacy import DPSettings, Neighbouring, check_settings, mechanism
 from gradmm.tasks import (
@@ -151,7 +152,7 @@ def example_gradients(
     """
     rs, hs = [], []
     for start in range(0, len(sequences), batch_size):
-        ids, mask, last = _right_padded(sequences[start : start + batch_size])
+        ids, mask, last = right_padded(sequences[start : start + batch_size])
         with torch.no_grad():
             hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
         h = hidden[torch.arange(len(last)), last]
@@ -178,7 +179,7 @@ def summed_autograd_grads(
         p.requires_grad_(True)
     try:
         for start in range(0, len(sequences), batch_size):
-            ids, mask, last = _right_padded(sequences[start : start + batch_size])
+            ids, mask, last = right_padded(sequences[start : start + batch_size])
             emb = lm.embeddings[ids].detach()
             logits = lm.model(inputs_embeds=emb, attention_mask=mask).logits
             y = torch.tensor(label_ids[start : start + batch_size])
@@ -191,17 +192,6 @@ def summed_autograd_grads(
         for p in params.values():
             p.requires_grad_(False)
     return sums
-
-
-def _right_padded(chunk: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, L) right-padded ids, (N, L) attention mask, (N,) last real position."""
-    lengths = torch.tensor([len(s) for s in chunk])
-    ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(chunk):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask, lengths - 1
 
 
 def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -> Release:
