@@ -129,3 +129,28 @@ def data_dir(tmp_path_factory) -> Path:
     write_split(root / "tweet_eval_emotion", "train", rows)
     (root / "tweet_eval_emotion" / "labels.json").write_text(json.dumps(list(EMOTIONS)))
     return root
+
+
+def cli(*args):
+    """Invoke the gradmm CLI in-process (arguments stringified)."""
+    from typer.testing import CliRunner
+
+    from gradmm.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def tiny_run(
+    tmp_path: Path, model, data_dir, n_per_class: int = 3, **generate
+) -> tuple[Path, Path]:
+    """`gradmm release` (sst2) then a very short `gradmm generate`; returns (release, run)."""
+    rel, run = tmp_path / "rel", tmp_path / "run"
+    r = cli("release", "--task", "sst2", "--model", model, "--data-dir", data_dir, "--out", rel,
+            "--n-per-class", n_per_class)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    options = {"per_class": 2, "batch": 2, "length": 5, "steps": 1, "inner_steps": 1,
+               "init_candidates": 2, "topk": 10, **generate}  # fmt: skip
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", v)]
+    r = cli("generate", "--release", rel, "--out", run, *flags, "--quiet")
+    assert r.exit_code == 0, r.output
+    return rel, run

@@ -1,6 +1,7 @@
 import json
 import random
 
+from conftest import tiny_run
 from typer.testing import CliRunner
 
 from gradmm.audit import jaccard, longest_common_ngram, ngram_index
@@ -31,52 +32,7 @@ def test_longest_common_ngram_equals_brute_force():
 
 def test_audit_command_writes_statistics_only(model_dirs, data_dir, tmp_path):
     runner = CliRunner()
-    rel, run = tmp_path / "rel", tmp_path / "run"
-    assert (
-        runner.invoke(
-            app,
-            [
-                "release",
-                "--task",
-                "sst2",
-                "--model",
-                str(model_dirs["llama"]),
-                "--data-dir",
-                str(data_dir),
-                "--out",
-                str(rel),
-                "--n-per-class",
-                "3",
-            ],
-        ).exit_code
-        == 0
-    )
-    assert (
-        runner.invoke(
-            app,
-            [
-                "generate",
-                "--release",
-                str(rel),
-                "--out",
-                str(run),
-                "--per-class",
-                "2",
-                "--batch",
-                "2",
-                "--length",
-                "5",
-                "--steps",
-                "1",
-                "--inner-steps",
-                "1",
-                "--init-candidates",
-                "2",
-                "--quiet",
-            ],
-        ).exit_code
-        == 0
-    )
+    _, run = tiny_run(tmp_path, model_dirs["llama"], data_dir)
     r = runner.invoke(app, ["audit", str(run)])
     assert r.exit_code == 0, r.output
     audit = json.loads((run / "audit.json").read_text())
@@ -93,52 +49,7 @@ def test_roc_auc_counts_pairs():
 
 def test_membership_test_on_a_finetuned_model(model_dirs, data_dir, tmp_path):
     runner = CliRunner()
-    rel, run = tmp_path / "rel", tmp_path / "run"
-    assert (
-        runner.invoke(
-            app,
-            [
-                "release",
-                "--task",
-                "sst2",
-                "--model",
-                str(model_dirs["llama"]),
-                "--data-dir",
-                str(data_dir),
-                "--out",
-                str(rel),
-                "--n-per-class",
-                "3",
-            ],
-        ).exit_code
-        == 0
-    )
-    assert (
-        runner.invoke(
-            app,
-            [
-                "generate",
-                "--release",
-                str(rel),
-                "--out",
-                str(run),
-                "--per-class",
-                "2",
-                "--batch",
-                "2",
-                "--length",
-                "5",
-                "--steps",
-                "1",
-                "--inner-steps",
-                "1",
-                "--init-candidates",
-                "2",
-                "--quiet",
-            ],
-        ).exit_code
-        == 0
-    )
+    _, run = tiny_run(tmp_path, model_dirs["llama"], data_dir)
     (run / "train.jsonl").write_text((run / "synthetic.jsonl").read_text())
     r = runner.invoke(
         app,

@@ -1,6 +1,7 @@
 import json
 
 import torch
+from conftest import tiny_run
 from typer.testing import CliRunner
 
 from gradmm.cli import app
@@ -36,54 +37,7 @@ def test_per_example_loss_equals_matching_loss_of_a_batch_of_one(model_dirs, dat
 
 def test_filter_command_reports_each_stage(model_dirs, data_dir, tmp_path):
     runner = CliRunner()
-    rel, run = tmp_path / "rel", tmp_path / "run"
-    assert (
-        runner.invoke(
-            app,
-            [
-                "release",
-                "--task",
-                "sst2",
-                "--model",
-                str(model_dirs["llama"]),
-                "--data-dir",
-                str(data_dir),
-                "--out",
-                str(rel),
-                "--n-per-class",
-                "3",
-            ],
-        ).exit_code
-        == 0
-    )
-    assert (
-        runner.invoke(
-            app,
-            [
-                "generate",
-                "--release",
-                str(rel),
-                "--out",
-                str(run),
-                "--per-class",
-                "4",
-                "--batch",
-                "2",
-                "--length",
-                "4",
-                "--steps",
-                "1",
-                "--inner-steps",
-                "1",
-                "--init-candidates",
-                "2",
-                "--topk",
-                "3",
-                "--quiet",
-            ],
-        ).exit_code
-        == 0
-    )
+    rel, run = tiny_run(tmp_path, model_dirs["llama"], data_dir, per_class=4, length=4, topk=3)
     rows = [json.loads(x) for x in (run / "synthetic.jsonl").read_text().splitlines()]
     rows.append({**rows[0], "id": 99})  # a duplicate
     (run / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
