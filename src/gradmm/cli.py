@@ -368,7 +368,7 @@ def lm_train(
     work: Annotated[
         Path | None, typer.Option(help="Checkpoint folder [OUT.work]; rerun to resume.")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps [3000].")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps [6500].")] = None,
     seed: SeedOpt = None,
     config: ConfigOpt = None,
 ) -> None:

@@ -43,11 +43,16 @@ class LMTrainConfig(BaseModel):
     layers: int = 6
     heads: int = 4
     intermediate_size: int = 688
-    seq_len: int = 128
-    batch_size: int = 32
+    seq_len: int = 256
+    batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 200
-    max_steps: int = 3000
+    max_steps: int = 6500
+    bf16: bool = Field(
+        True,
+        description="bfloat16 autocast for the forward pass (weights and AdamW stay fp32); "
+        "about 1.5x faster on CPUs with AMX/AVX512-BF16",
+    )
     weight_decay: float = 0.1
     heldout_fraction: float = 0.01
     seed: int = 0
@@ -176,6 +181,8 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
     train_ids, heldout_ids = ids[:-n_heldout], ids[-n_heldout:]
 
     model = build_model(config, len(tok))
+    # PyTorch's CPU flash-attention backward is slower than eager attention at these sizes.
+    model.set_attn_implementation("eager")
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )
@@ -197,7 +204,8 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
         batch = _batch(train_ids, config, step)
         for group in opt.param_groups:
             group["lr"] = _lr(config, step)
-        loss = next_token_loss(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = next_token_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -234,6 +242,7 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
     bar.close()
     seconds += time.time() - started
     model.eval()
+    model.set_attn_implementation("sdpa")
     last = [json.loads(line) for line in log_path.read_text().splitlines()][-1]
     info = {
         "corpus": corpus_manifest,
