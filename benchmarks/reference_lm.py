@@ -4,8 +4,8 @@ model card (README.md) of the model folder.
     python benchmarks/reference_lm.py --model reference --data-dir ../shared/data
 
 Measures: per-token perplexity on 1,000 held-out IMDB *test* reviews (seeded sample, first 256
-tokens of each, scored after an end-of-text token as in training), on SST-2 validation and Rotten
-Tomatoes test sentences; zero-shot verbalizer accuracy on SST-2 validation ("<text> It was" ->
+tokens of each, scored after an end-of-text token as in training; also split into tokens 1-128 and
+129-256), on SST-2 validation and Rotten Tomatoes test sentences; zero-shot verbalizer accuracy on SST-2 validation ("<text> It was" ->
 " great" vs " bad"); the time of one GRADMM inner step (forward + backward of the closed-form
 matching loss over 10 sequences x 32 tokens, median of 20); ten greedy and ten sampled
 continuations of review-like prompts.
@@ -46,11 +46,11 @@ PROMPTS = [
 
 
 @torch.no_grad()
-def perplexity(lm, texts: list[str], max_tokens: int = 256, batch: int = 16) -> float:
-    """exp(total NLL / total tokens) of each text after an end-of-text token."""
+def nll_by_position(lm, texts: list[str], max_tokens: int = 256, batch: int = 16):
+    """Summed NLL and token count of each text position (< ``max_tokens``), after an EOS token."""
     eos = lm.tokenizer.eos_token_id
     seqs = [[eos] + lm.tokenizer(t, add_special_tokens=False).input_ids[:max_tokens] for t in texts]
-    nll, count = 0.0, 0
+    nll, count = torch.zeros(max_tokens, dtype=torch.float64), torch.zeros(max_tokens)
     for i in range(0, len(seqs), batch):
         chunk = seqs[i : i + batch]
         width = max(map(len, chunk))
@@ -62,9 +62,14 @@ def perplexity(lm, texts: list[str], max_tokens: int = 256, batch: int = 16) -> 
         loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), ids[:, 1:], reduction="none"
         )
-        nll += float((loss * mask[:, 1:]).sum())
-        count += int(mask[:, 1:].sum())
-    return math.exp(nll / count)
+        nll[: width - 1] += (loss * mask[:, 1:]).sum(0).double()
+        count[: width - 1] += mask[:, 1:].sum(0)
+    return nll, count
+
+
+def perplexity(nll: torch.Tensor, count: torch.Tensor, positions: slice = slice(None)) -> float:
+    """exp(total NLL / total tokens) over ``positions`` of ``nll_by_position``'s output."""
+    return round(math.exp(float(nll[positions].sum() / count[positions].sum())), 2)
 
 
 @torch.no_grad()
@@ -127,6 +132,7 @@ def main() -> None:
     imdb_texts = [imdb.texts[i].replace("<br />", " ") for i in pick]
     sst2 = load_examples(BUILTIN_TASKS["sst2"], "validation", args.data_dir)
     rt = load_examples(BUILTIN_TASKS["rotten_tomatoes"], "test", args.data_dir)
+    imdb = nll_by_position(lm, imdb_texts)
     results = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -134,9 +140,11 @@ def main() -> None:
         "parameters": sum(p.numel() for p in lm.model.parameters()),
         "inner_step_seconds_10x32": round(inner_step_seconds(lm), 4),
         "perplexity": {
-            f"imdb_test_{args.n_imdb}_reviews_256tok": round(perplexity(lm, imdb_texts), 2),
-            "sst2_validation": round(perplexity(lm, sst2.texts), 2),
-            "rotten_tomatoes_test": round(perplexity(lm, rt.texts), 2),
+            f"imdb_test_{args.n_imdb}_reviews_256tok": perplexity(*imdb),
+            "imdb_test_tokens_1_128": perplexity(*imdb, slice(0, 128)),
+            "imdb_test_tokens_129_256": perplexity(*imdb, slice(128, 256)),
+            "sst2_validation": perplexity(*nll_by_position(lm, sst2.texts)),
+            "rotten_tomatoes_test": perplexity(*nll_by_position(lm, rt.texts)),
         },
         "zero_shot_accuracy_sst2_validation": round(
             zero_shot_accuracy(lm, BUILTIN_TASKS["sst2"], sst2.texts, sst2.labels), 4
