@@ -5,10 +5,10 @@ model card (README.md) of the model folder.
 
 Measures: per-token perplexity on 1,000 held-out IMDB *test* reviews (seeded sample, first 256
 tokens of each, scored after an end-of-text token as in training; also split into tokens 1-128 and
-129-256), on SST-2 validation and Rotten Tomatoes test sentences; zero-shot verbalizer accuracy on SST-2 validation ("<text> It was" ->
-" great" vs " bad"); the time of one GRADMM inner step (forward + backward of the closed-form
-matching loss over 10 sequences x 32 tokens, median of 20); ten greedy and ten sampled
-continuations of review-like prompts.
+129-256), on SST-2 validation and Rotten Tomatoes test sentences; zero-shot verbalizer accuracy on
+SST-2 validation ("<text> It was" -> " great" vs " bad"); the time of one GRADMM inner step
+(forward + backward of the closed-form matching loss over 10 sequences x 32 tokens, median of 20);
+ten greedy and ten sampled continuations of review-like prompts.
 """
 
 from __future__ import annotations
