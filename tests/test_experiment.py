@@ -63,3 +63,25 @@ def test_cells_expand_epsilons():
         ("sst2", "dp_gradmm", 0, 4),
         ("sst2", "dp_none", 0, None),
     ]
+
+
+def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0]\n"
+        "methods: [dp_gradmm, real_random]\nn_per_class: 3\nsynthetic_per_class: 4\n"
+        "dp_epsilons: [2.0]\n"
+        "generate: {batch: 2, length: 5, steps: 1, inner_steps: 2, init_candidates: 2, topk: 5}\n"
+        "filter: {keep_per_class: 3, classifier: false}\n"
+        "finetune: {steps: 4, batch_size: 4, eval_every: 2, lr: 0.001}\n"
+    )
+    first = experiment.run_experiment(spec, tmp_path / "a", progress=False)
+    second = experiment.run_experiment(spec, tmp_path / "b", progress=False)
+    for a, b in zip(first, second, strict=True):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+    targets = [
+        (tmp_path / d / "releases/sst2/seed0/dp_eps2/targets.safetensors").read_bytes()
+        for d in "ab"
+    ]
+    assert targets[0] == targets[1]  # the same noise draw, not just the same accuracy

@@ -10,7 +10,8 @@ Methods: ``zero_shot``, ``few_shot`` (k demonstrations per class from the dev sl
 examples of the private split as the synthetic sets have), ``lm_prompted`` (label-conditioned
 sampling from the same LM, prompted with hand-written public demonstrations), ``gradmm_paper``,
 ``gradmm``, and for each ε: ``dp_gradmm``, ``dp_noise`` (a noise-only release of the same σ)
-and, once per seed, ``dp_none`` (no matching: the projection of random embeddings).
+and, once per seed, ``dp_none`` (no matching: the projection of random embeddings). The DP noise
+of an experiment's releases is seeded from (task, seed, ε) so that its table reproduces.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,9 @@ def _release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
     if kind in ("dp", "noise"):
         rc.update(epsilon=eps, delta=cfg.dp_delta, clip=cfg.dp_clip)
         rc["target"] = "noise" if kind == "noise" else "real"
+        # A simulation on public data: seeded noise so that the table reproduces. A real private
+        # release must draw its noise from OS randomness (the CLI default).
+        rc["noise_seed"] = zlib.crc32(f"{task}/{seed}/{name}".encode())
     release_targets(ReleaseConfig(**rc), path)
     return path
 
