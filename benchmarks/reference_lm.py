@@ -28,7 +28,7 @@ import torch
 
 from gradmm.files import write_json, write_text
 from gradmm.matching import MatchingLoss
-from gradmm.models import final_hidden, load_model, resolve_model_name
+from gradmm.models import final_hidden, load_model, resolve_model_name, right_padded
 from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 PROMPTS = [
@@ -52,12 +52,8 @@ def nll_by_position(lm, texts: list[str], max_tokens: int = 256, batch: int = 16
     seqs = [[eos] + lm.tokenizer(t, add_special_tokens=False).input_ids[:max_tokens] for t in texts]
     nll, count = torch.zeros(max_tokens, dtype=torch.float64), torch.zeros(max_tokens)
     for i in range(0, len(seqs), batch):
-        chunk = seqs[i : i + batch]
-        width = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(chunk):
-            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+        ids, mask, _ = right_padded(seqs[i : i + batch])
+        width = ids.shape[1]
         logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), ids[:, 1:], reduction="none"
