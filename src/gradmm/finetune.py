@@ -26,10 +26,10 @@ from gradmm.models import load_model
 from gradmm.tasks import (
     Examples,
     dev_indices,
+    examples_from_rows,
     load_examples,
     load_task,
     tokenize_prompt,
-    validate_row,
 )
 
 
@@ -52,17 +52,6 @@ class FinetuneConfig(BaseModel):
     save_model: bool = False
 
 
-def load_train_file(path: Path, task) -> Examples:
-    texts, labels = [], []
-    for lineno, row in read_jsonl_numbered(Path(path)):
-        text, label = validate_row(task, row, f"{path}:{lineno}")
-        texts.append(text)
-        labels.append(label)
-    if not texts:
-        raise UserError(f"{path}: no training examples")
-    return Examples(texts, labels, str(path))
-
-
 def eval_sets(task, data_dir, max_test: int | None, seed: int) -> tuple[Examples, Examples]:
     """The dev slice of the private split and the test split (optionally subsampled)."""
     private = load_examples(task, task.private_split, data_dir)
@@ -82,7 +71,7 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
     """Train on ``config.train``, select the step on dev, report test; writes ``out``."""
     started = time.time()
     task = load_task(config.task)
-    train = load_train_file(Path(config.train), task)
+    train = examples_from_rows(task, read_jsonl_numbered(Path(config.train)), config.train)
     dev, test = eval_sets(task, config.data_dir, config.max_test, config.seed)
     lm = load_model(config.model)
     prompt = tokenize_prompt(task, lm.tokenizer)

@@ -257,6 +257,11 @@ def _load_local(task: Task, folder: Path, split: str) -> Examples:
             rows = list(enumerate(csv.DictReader(f), start=2))
     else:
         raise UserError(f"data file not found: {jsonl} (or {csv_path.name})")
+    return examples_from_rows(task, rows, path)
+
+
+def examples_from_rows(task: Task, rows: list[tuple[int, dict]], path: Path) -> Examples:
+    """Validated ``Examples`` from (line number, row) pairs of ``path``; an error if empty."""
     texts, labels = [], []
     for lineno, row in rows:
         text, label = validate_row(task, row, f"{path}:{lineno}")
