@@ -1,9 +1,13 @@
 """The experiment runner on a tiny model: every method runs, tables are written, finished cells
-are not recomputed, and real text never lands under the output folder."""
+are not recomputed (nor mixed with cells of other settings), and real text never lands under
+the output folder; a rerun in a fresh folder reproduces the table."""
 
 import csv
 
+import pytest
+
 from gradmm import experiment
+from gradmm.errors import UserError
 from gradmm.tasks import BUILTIN_TASKS, load_examples
 
 
@@ -43,8 +47,14 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     experiment.run_cell = boom
     try:
         assert len(experiment.run_experiment(spec, out, progress=False)) == 20
+        spec.write_text(spec.read_text().replace("seeds: [0, 1]", "seeds: [1]"))
+        assert len(experiment.run_experiment(spec, out, progress=False)) == 10  # a subset
     finally:
         experiment.run_cell = original
+
+    spec.write_text(spec.read_text().replace("lr: 0.001", "lr: 0.01"))
+    with pytest.raises(UserError, match="different finetune"):
+        experiment.run_experiment(spec, out, progress=False)
 
     real = load_examples(BUILTIN_TASKS["sst2"], "train", data_dir).texts
     for path in out.rglob("*"):

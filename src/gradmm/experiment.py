@@ -34,7 +34,7 @@ from gradmm.files import read_json, write_json, write_jsonl, write_text
 from gradmm.filtering import FilterConfig, demonstrations_for, filter_run
 from gradmm.finetune import FinetuneConfig, eval_sets, finetune
 from gradmm.generate import generate, resolve_config
-from gradmm.models import load_model
+from gradmm.models import fingerprint, load_model
 from gradmm.release import (
     ReleaseConfig,
     load_release,
@@ -101,7 +101,10 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     cfg = load_experiment(config_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "experiment.json", cfg.model_dump(mode="json"))
+    weights = fingerprint(load_model(cfg.model).model)
+    settings = {**cfg.model_dump(mode="json"), "model_fingerprint": weights}
+    _check_same_settings(settings, out / "experiment.json")
+    write_json(out / "experiment.json", settings)
     todo = cells(cfg)
     bar = tqdm(todo, desc="experiment", unit="cell", disable=not progress)
     for task, method, seed, eps in bar:
@@ -118,6 +121,25 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     write_tables(rows, out)
     plot(rows, out)
     return rows
+
+
+# Fields that only select cells: a resumed run may change them (e.g. add a seed).
+CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons")
+
+
+def _check_same_settings(settings: dict, recorded: Path) -> None:
+    """Refuse to resume ``recorded``'s cells under other settings or model weights."""
+    if not recorded.exists():
+        return
+    before = read_json(recorded)
+    changed = sorted(
+        k for k, v in settings.items() if k not in CELL_SELECTION and before.get(k) != v
+    )
+    if changed:
+        raise UserError(
+            f"{recorded.parent} holds cells run with different {', '.join(changed)}; "
+            "use a new --out folder"
+        )
 
 
 # ------------------------------------------------------------------------------------ cells
