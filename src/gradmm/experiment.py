@@ -198,7 +198,7 @@ def run_cell(cfg, out, task_name, method, seed, eps) -> dict:
     if method in ("real_private", "real_random"):
         with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
             train = Path(tmp) / "train.jsonl"
-            write_jsonl(train, _real_rows(cfg, task, seed, method))
+            write_jsonl(train, real_training_rows(cfg, task, seed, method))
             return _finetune(cfg, task_name, seed, train)
     if method == "lm_prompted":
         run = cell_dir(out, task_name, method, seed, eps)
@@ -228,7 +228,8 @@ def run_cell(cfg, out, task_name, method, seed, eps) -> dict:
     return result
 
 
-def _real_rows(cfg, task, seed, method) -> list[dict]:
+def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
+    """The real training set of ``real_private`` (this seed's pool) or ``real_random``."""
     examples = load_examples(task, task.private_split, cfg.data_dir)
     exclude = private_pool_exclusions(task, task.private_split, len(examples.labels))
     if method == "real_private":  # exactly the pool of this seed's release

@@ -1,0 +1,69 @@
+"""Choose the fine-tuning learning rate of an experiment on dev only; writes a JSON of the curves.
+
+    python experiments/sweep_lr.py --config experiments/cpu-small.yaml --data-dir ../shared/data
+
+Fine-tunes on the ``real_random`` training set of one (task, seed) of the experiment (real
+examples of the private split outside the pool and the dev slice) at each learning rate, with
+the experiment's other fine-tuning settings, and records dev accuracy at every checkpoint. The
+learning rate with the best dev accuracy is the one to put in the experiment file. Test accuracy
+is not recorded here, so it cannot influence the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gradmm import experiment
+from gradmm.files import write_json, write_jsonl
+from gradmm.finetune import FinetuneConfig, finetune
+from gradmm.tasks import load_task
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lr_sweep.json"))
+    args = ap.parse_args()
+    cfg = experiment.load_experiment(Path(args.config))
+    cfg.data_dir = args.data_dir
+    rows = experiment.real_training_rows(cfg, load_task(args.task), args.seed, "real_random")
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:  # real text never lands in the repo
+        train = Path(tmp) / "train.jsonl"
+        write_jsonl(train, rows)
+        for lr in args.lrs:
+            ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": args.task,
+                                   "train": str(train), "data_dir": args.data_dir,
+                                   "seed": args.seed, "lr": lr})  # fmt: skip
+            result = finetune(ft, progress=False)
+            curves[f"{lr:g}"] = {
+                "dev_accuracy": {h["step"]: h["dev"]["accuracy"] for h in result["history"]},
+                "best_dev_accuracy": result["dev_accuracy"],
+                "train_loss": result["train_loss"],
+            }
+            print(f"lr {lr:g}: best dev accuracy {result['dev_accuracy']:.3f}", flush=True)
+    write_json(
+        Path(args.out),
+        {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "task": args.task,
+            "seed": args.seed,
+            "train_examples": len(rows),
+            "finetune": cfg.finetune,
+            "best_lr": max(curves, key=lambda k: curves[k]["best_dev_accuracy"]),
+            "curves": curves,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
