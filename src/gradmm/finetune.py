@@ -89,15 +89,14 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / config.steps)
 
-    def evaluate(step: int) -> dict:
+    def dev_accuracy(step: int) -> dict:
         lm.model.eval()
-        row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names),
-               "test": accuracy(lm, prompt, test, task.label_names)}  # fmt: skip
+        row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names)}
         lm.model.train()
         return row
 
-    history, losses = [evaluate(0)], []
-    best_state = _snapshot(lm.model) if config.save_model else None
+    # Only the dev-selected checkpoint is scored on test: its weights are kept (trainable ones).
+    history, losses, best_state = [dev_accuracy(0)], [], _snapshot(lm.model)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(train.texts))
     cursor = 0
@@ -116,13 +115,13 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
         sched.step()
         losses.append(float(loss.detach()))
         if step % config.eval_every == 0 or step == config.steps:
-            history.append(evaluate(step))
-            improved = history[-1]["dev"]["accuracy"] > max(
-                r["dev"]["accuracy"] for r in history[:-1]
-            )
-            if config.save_model and improved:
+            history.append(dev_accuracy(step))
+            if history[-1]["dev"]["accuracy"] > max(r["dev"]["accuracy"] for r in history[:-1]):
                 best_state = _snapshot(lm.model)
     best = max(history, key=lambda r: (r["dev"]["accuracy"], -r["step"]))
+    assert not lm.model.load_state_dict(best_state, strict=False).unexpected_keys
+    lm.model.eval()
+    test_result = accuracy(lm, prompt, test, task.label_names)
     result = {
         "config": config.model_dump(mode="json"),
         "train_examples": len(train.texts),
@@ -130,8 +129,8 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
         "test_examples": len(test.texts),
         "selected_step": best["step"],
         "dev_accuracy": best["dev"]["accuracy"],
-        "test_accuracy": best["test"]["accuracy"],
-        "test_per_class_accuracy": best["test"]["per_class_accuracy"],
+        "test_accuracy": test_result["accuracy"],
+        "test_per_class_accuracy": test_result["per_class_accuracy"],
         "history": history,
         "train_loss": losses,
         "seconds": round(time.time() - started, 2),
@@ -140,11 +139,11 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
         with staged_dir(Path(out)) as tmp:
             write_json(tmp / "results.json", result)
             if config.save_model:  # the dev-selected weights
-                lm.model.load_state_dict(best_state)
                 lm.model.save_pretrained(tmp / "model")
                 lm.tokenizer.save_pretrained(tmp / "model")
     return result
 
 
 def _snapshot(model: torch.nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Copies of the trainable tensors (all weights, or only LoRA's adapters)."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
