@@ -37,7 +37,8 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     }
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows) == 20
-    assert (out / "results.md").read_text().count("±") == 1 + 10  # header + one per method
+    accuracy_table = (out / "results.md").read_text().split("## ")[0]
+    assert accuracy_table.count("±") == 1 + 10  # header + one per method
     assert (out / "accuracy.png").stat().st_size > 0
 
     def boom(*a, **k):
@@ -61,6 +62,30 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
         if path.is_file() and path.suffix in (".json", ".jsonl", ".csv", ".md"):
             content = path.read_text()
             assert not any(f'"{t}"' in content for t in real), path
+
+
+def _row(task, method, seed, acc, eps=None, n=20, step=5):
+    return {"task": task, "method": method, "seed": seed, "epsilon": eps, "test_accuracy": acc,
+            "train_examples": n, "selected_step": step}  # fmt: skip
+
+
+def test_comparison_table_pairs_by_task_and_seed():
+    rows = [
+        _row("sst2", "zero_shot", 0, 0.50), _row("sst2", "zero_shot", 1, 0.60),
+        _row("sst2", "gradmm", 0, 0.70), _row("sst2", "gradmm", 1, 0.60),
+        _row("sst2", "dp_gradmm", 0, 0.55, eps=8.0), _row("sst2", "dp_gradmm", 1, 0.65, eps=8.0),
+        _row("sst2", "dp_noise", 0, 0.50, eps=1.0), _row("sst2", "dp_noise", 1, 0.50, eps=1.0),
+        _row("sst2", "dp_noise", 0, 0.60, eps=8.0), _row("sst2", "dp_noise", 1, 0.70, eps=8.0),
+    ]  # fmt: skip
+    lines = experiment.comparison_table(rows).splitlines()
+    # paired: (70-50, 60-60) = +10 ± 14.1, one seed won, the tie counts for neither
+    assert "| gradmm − zero_shot | +10.0 ± 14.1 (1/2) |" in lines
+    # a DP method meets the noise control of its own epsilon only
+    assert "| dp_gradmm@eps8 − dp_noise@eps8 | -5.0 ± 0.0 (0/2) |" in lines
+    assert not any("eps1" in line for line in lines)
+    assert not any("lm_prompted" in line for line in lines)  # absent baselines are skipped
+    sizes = experiment.markdown_table(rows[:4], experiment._size_cell)
+    assert "| gradmm | 20.0 · 0/2 |" in sizes
 
 
 def test_cells_expand_epsilons():
