@@ -3,6 +3,7 @@ are not recomputed (nor mixed with cells of other settings), and real text never
 the output folder; a rerun in a fresh folder reproduces the table."""
 
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,15 @@ def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_
         for d in "ab"
     ]
     assert targets[0] == targets[1]  # the same noise draw, not just the same accuracy
+
+
+def test_readme_quotes_the_committed_results():
+    """The README's result tables are verbatim copies of the committed, generated results.md."""
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text().split("<!-- from experiments/results/cpu-small/")
+    committed = (root / "experiments/results/cpu-small/results.md").read_text()
+    quoted = readme[1].split("<!-- end -->")[0]
+    tables = [t for t in quoted.split("\n\n") if t.lstrip().startswith("|")]
+    assert tables
+    for table in tables:
+        assert table.strip() in committed

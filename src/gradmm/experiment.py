@@ -368,15 +368,17 @@ def plot(rows: list[dict], out: Path) -> None:
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(method_label(r) for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * len(tasks) / 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(methods) * len(tasks)), 4))
     width = 0.8 / len(methods)
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats at 10
     for j, m in enumerate(methods):
         means, sds = [], []
         for t in tasks:
             accs = [r["test_accuracy"] for r in rows if r["task"] == t and method_label(r) == m]
             means.append(np.mean(accs) if accs else np.nan)
-            sds.append(np.std(accs) if accs else 0)
-        ax.bar(np.arange(len(tasks)) + j * width, means, width, yerr=sds, label=m)
+            sds.append(np.std(accs, ddof=1) if len(accs) > 1 else 0)  # as in results.md
+        ax.bar(np.arange(len(tasks)) + j * width, means, width, yerr=sds, label=m,
+               color=colors[j % len(colors)])  # fmt: skip
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7, ncol=2)
