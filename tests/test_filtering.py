@@ -6,9 +6,8 @@ from typer.testing import CliRunner
 
 from gradmm.cli import app
 from gradmm.filtering import balance_by_mean, per_example_rec
-from gradmm.generate import _load_release_model
 from gradmm.matching import MatchingLoss
-from gradmm.release import ReleaseConfig, release_targets
+from gradmm.release import ReleaseConfig, load_release_model, release_targets
 from gradmm.tasks import encode_text
 
 
@@ -23,7 +22,7 @@ def test_per_example_loss_equals_matching_loss_of_a_batch_of_one(model_dirs, dat
         task="sst2", model=str(model_dirs["phi"]), n_per_class=3, data_dir=str(data_dir)
     )
     rel = release_targets(cfg, tmp_path / "rel")
-    lm = _load_release_model(rel)
+    lm = load_release_model(rel)
     texts, labels = ["the film was great", "a dull plot"], [1, 0]
     ours = per_example_rec(lm, rel, texts, labels)
     loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output)
@@ -52,7 +51,7 @@ def test_filter_command_reports_each_stage(model_dirs, data_dir, tmp_path):
 
     release = load_release(rel)
     all_losses = per_example_rec(
-        _load_release_model(release),
+        load_release_model(release),
         release,
         [r["text"] for r in rows[:8]],
         [r["label"] for r in rows[:8]],

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from gradmm.evaluate import accuracy, demonstrations
-from gradmm.finetune import FinetuneConfig, eval_sets, finetune
+from gradmm.evaluate import accuracy, demonstrations, eval_sets
+from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.models import load_model
 from gradmm.tasks import BUILTIN_TASKS, dev_indices, load_examples, tokenize_prompt
 

@@ -104,11 +104,11 @@ def dp_config(model_dirs, data_dir, **kw):
 def test_dp_release_noise_scale_reproducibility_and_reuse(model_dirs, data_dir, tmp_path):
     cfg = dp_config(model_dirs, data_dir)
     rel = release_targets(cfg, tmp_path / "a")
-    m = rel.meta["mechanism"]
+    m = rel.meta.mechanism.model_dump()
     z = dp.noise_multiplier(2.0, 1e-5)
     assert m["noise_multiplier"] == z and m["sensitivity"] == 0.6  # replace: 2C
     assert m["sigma_target"] == pytest.approx(z * 0.6 / 5)
-    assert "noise_seed" not in json.dumps(rel.meta)
+    assert m["noise_seed"] == 7  # a seeded simulation says so
 
     # the exact clipped means, computed again; what is left is the noise
     lm = load_model(str(model_dirs["phi"]))
@@ -141,14 +141,14 @@ def test_add_remove_sensitivity_is_c(model_dirs, data_dir, tmp_path):
     rel = release_targets(
         dp_config(model_dirs, data_dir, neighbouring="add-remove"), tmp_path / "r"
     )
-    assert rel.meta["mechanism"]["sensitivity"] == 0.3
+    assert rel.meta.mechanism.sensitivity == 0.3
 
 
 def test_noise_only_control_reads_no_data(model_dirs, tmp_path):
     cfg = dp_config(model_dirs, tmp_path / "does-not-exist", target="noise")
     rel = release_targets(cfg, tmp_path / "noise")
-    assert rel.meta["split"] is None and rel.meta["data_source"] is None
-    sigma = rel.meta["mechanism"]["sigma_target"]
+    assert rel.meta.split is None and rel.meta.data_source is None
+    sigma = rel.meta.mechanism.sigma_target
     assert float(rel.target_weight.std()) == pytest.approx(sigma, rel=0.03)
     assert "no data" in dp.report(rel.meta)
 
@@ -294,3 +294,186 @@ def test_no_matching_control_is_a_projection_of_noise(model_dirs, data_dir, tmp_
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["solver"]["steps"] == 0 and manifest["solver"]["init_candidates"] == 1
     assert "x_steps" not in manifest["timings_s"]
+
+
+# ------------------------------------------------------------- the noise sampler (attacker)
+
+
+def exact_means(model_dir, data_dir, n, clip=None):
+    """(C, V, d) exact (clipped when ``clip``) class means of the pool a seed-0 release reads."""
+    lm = load_model(str(model_dir))
+    task = BUILTIN_TASKS["sst2"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    ex = load_examples(task, "train", data_dir)
+    exclude = private_pool_exclusions(task, "train", len(ex.labels))
+    out = []
+    for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, n, 0, exclude)):
+        r, h = example_gradients(lm, [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix],
+                                 [prompt.label_ids[c]] * n)  # fmt: skip
+        w = (
+            torch.ones(n)
+            if clip is None
+            else torch.clamp(clip / per_example_grad_norms(r, h, True), max=1.0)
+        )
+        out.append((r * w[:, None]).T @ h / n)
+    return torch.stack(out)
+
+
+def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_dir, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    """The attack that removed the noise: torch keeps 32 bits of a seed, so an attacker tries
+    every 32-bit stream. Record every seed handed to torch or numpy during a release and check
+    that none of their streams is the realised noise, which came from the OS CSPRNG."""
+    import numpy as np
+
+    seeds = []
+
+    def record(fn):
+        def wrapped(*args, **kwargs):
+            seeds.extend(a for a in args if isinstance(a, int))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    class RecordingGenerator(torch.Generator):
+        def manual_seed(self, seed):
+            seeds.append(seed)
+            return super().manual_seed(seed)
+
+    real_default_rng = np.random.default_rng
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    monkeypatch.setattr(torch, "manual_seed", record(torch.manual_seed))
+    monkeypatch.setattr(np.random, "default_rng", record(real_default_rng))
+    monkeypatch.setattr(np.random, "SeedSequence", record(np.random.SeedSequence))
+    drawn = []
+    real_token_bytes = dp.secrets.token_bytes
+    monkeypatch.setattr(dp.secrets, "token_bytes", lambda k: drawn.append(k) or real_token_bytes(k))
+
+    cfg = dp_config(model_dirs, data_dir, noise_seed=None, clip=1e3)  # no clipping
+    rel = release_targets(cfg, tmp_path / "dp")
+    monkeypatch.undo()
+    assert rel.meta.mechanism.noise_seed is None and rel.meta.mechanism.private
+    sigma_mean = rel.meta.mechanism.sigma_target
+    noise = (rel.target_weight - exact_means(model_dirs["phi"], data_dir, 5)).flatten()
+    # at least 64 random bits from the OS CSPRNG behind every released coordinate
+    coords = sum(t.numel() for t in rel.targets.values())
+    assert sum(drawn) >= 8 * coords
+    head = noise[:16] / sigma_mean
+    for s in set(seeds):
+        for candidate in (s, s & 0xFFFFFFFF):
+            g = torch.Generator().manual_seed(candidate)
+            streams = [
+                torch.randn(16, generator=g, dtype=torch.float32),
+                torch.from_numpy(real_default_rng(candidate).standard_normal(16)),
+            ]
+            for stream in streams:
+                assert not torch.allclose(head, stream.float(), atol=1e-2), s
+
+
+def test_realised_noise_has_the_documented_std(model_dirs, data_dir, tmp_path):
+    """DP release minus a non-DP release of the same pool (no clipping at this C) = the noise:
+    zero mean, std σ/n on every coordinate, independent between classes."""
+    exact = release_targets(dp_config(model_dirs, data_dir, epsilon=None, delta=None),
+                            tmp_path / "exact")  # fmt: skip
+    noisy = release_targets(dp_config(model_dirs, data_dir, noise_seed=None, clip=1e3),
+                            tmp_path / "dp")  # fmt: skip
+    sigma = noisy.meta.mechanism.sigma_target
+    for name in noisy.targets:
+        noise = noisy.targets[name].double() - exact.targets[name].double()
+        assert float(noise.std()) == pytest.approx(sigma, rel=0.03), name
+        assert abs(float(noise.mean())) < 0.05 * sigma
+    w = (noisy.target_weight - exact.target_weight).flatten(1)
+    assert abs(float(torch.corrcoef(w)[0, 1])) < 0.05
+    # Gaussian, not merely the right std: the fourth moment of N(0, 1) is 3
+    z = w.flatten().double() / sigma
+    assert float((z**4).mean()) == pytest.approx(3.0, rel=0.1)
+
+
+def test_seeded_noise_is_a_recorded_simulation(model_dirs, data_dir, tmp_path):
+    rel = release_targets(dp_config(model_dirs, data_dir, noise_seed=123), tmp_path / "sim")
+    recorded = json.loads((tmp_path / "sim" / "release.json").read_text())["mechanism"]
+    assert recorded["noise_seed"] == 123 and "seeded" in recorded["sampler"]
+    assert not rel.meta.mechanism.private
+    r = invoke("privacy", tmp_path / "sim")
+    assert r.exit_code == 0 and "SIMULATION, NO PRIVACY GUARANTEE" in r.stdout
+    real = release_targets(dp_config(model_dirs, data_dir, noise_seed=None), tmp_path / "real")
+    assert "SIMULATION" not in dp.report(real.meta) and "OS CSPRNG" in dp.report(real.meta)
+
+
+def test_dp_release_and_its_noise_control_never_share_noise(model_dirs, data_dir, tmp_path):
+    """Given the same seed, a DP release and its noise-only control get independent noise (the
+    stream is keyed by every public setting), and so do two ε."""
+    dp_rel = release_targets(dp_config(model_dirs, data_dir, clip=1e3), tmp_path / "dp")
+    control = release_targets(dp_config(model_dirs, data_dir, clip=1e3, target="noise"),
+                              tmp_path / "noise")  # fmt: skip
+    other_eps = release_targets(dp_config(model_dirs, data_dir, clip=1e3, epsilon=4.0),
+                                tmp_path / "eps4")  # fmt: skip
+    exact = exact_means(model_dirs["phi"], data_dir, 5)
+    a = (dp_rel.target_weight - exact).flatten()
+    for other in (control.target_weight.flatten(), (other_eps.target_weight - exact).flatten()):
+        assert abs(float(torch.corrcoef(torch.stack([a, other]))[0, 1])) < 0.05
+
+
+def test_composition_converts_relations_and_flags_non_dp_and_seeded(model_dirs, data_dir,
+                                                                    tmp_path):  # fmt: skip
+    from dp_accounting import GaussianDpEvent
+    from dp_accounting.pld import pld_privacy_accountant
+
+    rep = release_targets(dp_config(model_dirs, data_dir, noise_seed=None), tmp_path / "rep")
+    ar = release_targets(
+        dp_config(model_dirs, data_dir, noise_seed=None, neighbouring="add-remove"),
+        tmp_path / "ar",
+    )
+    release_targets(dp_config(model_dirs, data_dir, noise_seed=None, target="noise"),
+                    tmp_path / "noise")  # fmt: skip
+    r = invoke("privacy", tmp_path / "rep", tmp_path / "ar", tmp_path / "noise")
+    assert r.exit_code == 0, r.output
+    z = dp.noise_multiplier(2.0, 1e-5)
+    # under replace, the add-remove release (σ = z C) meets Δ = 2C: multiplier z/2; under
+    # add-remove, the replace release (σ = 2 z C) meets Δ = C: multiplier 2z
+    for relation, zs in (("replace", [z, z / 2]), ("add-remove", [2 * z, z])):
+        acc = pld_privacy_accountant.PLDAccountant()
+        for v in zs:
+            acc.compose(GaussianDpEvent(v))
+        expected = acc.get_epsilon(2e-5)
+        line = next(x for x in r.stdout.splitlines() if f"relation {relation})" in x)
+        assert float(line.split("ε = ")[1].split()[0]) == pytest.approx(expected, rel=1e-4)
+    assert rep.meta.mechanism.multiplier_under("add-remove") == pytest.approx(2 * z)
+    assert ar.meta.mechanism.multiplier_under("replace") == pytest.approx(z / 2)
+    assert "noise-only control(s) read no data" in r.stdout  # the control costs nothing
+
+    release_targets(dp_config(model_dirs, data_dir, epsilon=None, delta=None), tmp_path / "exact")
+    r = invoke("privacy", tmp_path / "rep", tmp_path / "exact")
+    assert r.exit_code == 0 and "total: NOT private" in r.stdout
+    release_targets(dp_config(model_dirs, data_dir, noise_seed=5), tmp_path / "sim")
+    r = invoke("privacy", tmp_path / "rep", tmp_path / "sim")
+    assert "total: SIMULATION, NO PRIVACY GUARANTEE" in r.stdout
+
+
+def test_delta_at_least_one_over_pool_size_is_warned(model_dirs, data_dir, tmp_path):
+    r = invoke(
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        model_dirs["phi"],
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "r",
+        "--n-per-class",
+        5,
+        "--epsilon",
+        1,
+        "--delta",
+        0.1,
+    )
+    assert r.exit_code == 0 and "warning: δ = 0.1 is at least 1/(pool size) = 1/10" in r.stderr
+    r = invoke("privacy", tmp_path / "r")
+    assert "warning" in r.stderr
+    r = invoke("privacy", "--epsilon", 1, "--delta", 0.1, "--n-per-class", 5)
+    assert r.exit_code == 0 and "warning" in r.stderr
+    r = invoke("privacy", "--epsilon", 1, "--delta", 1e-5, "--n-per-class", 5)
+    assert r.exit_code == 0 and "warning" not in r.stderr
+    r = invoke("privacy", "--epsilon", 1, "--delta", 1)
+    assert r.exit_code == 2 and "--delta must be in (0, 1)" in r.stderr

@@ -123,7 +123,7 @@ def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_pat
     rel = release_targets(cfg, tmp_path / "rel")
     lm = load_model(str(model_dirs["phi"]))
     params = matched_parameters(lm.model, "last-block")
-    assert list(rel.targets) == list(params) == rel.meta["parameters"]
+    assert list(rel.targets) == list(params) == rel.meta.parameters
     assert any(".layers.1." in n for n in params) and "lm_head.bias" in params
     task = BUILTIN_TASKS["sst2"]
     prompt = tokenize_prompt(task, lm.tokenizer)

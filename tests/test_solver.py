@@ -173,7 +173,7 @@ def test_shards_cover_problems_once_in_order():
 
 
 def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
-    from gradmm.generate import _load_release_model
+    from gradmm.release import load_release_model
 
     cfg = ReleaseConfig(
         task="sst2",
@@ -184,7 +184,7 @@ def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
     )
     release_targets(cfg, tmp_path / "rel")
     rel = load_release(tmp_path / "rel")
-    lm = _load_release_model(rel)
+    lm = load_release_model(rel)
     solver, problems, _ = build_solver(lm, rel, small(per_class=3, steps=3, inner_steps=8))
     with torch.no_grad():
         rec_init = solver.rec(solver.initialise(problems), problems)

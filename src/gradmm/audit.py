@@ -2,8 +2,10 @@
 
 For each synthetic example: the longest token n-gram it shares with any private example, and its
 nearest private example by token-set Jaccard similarity. The audit re-reads the private pool (it
-re-derives it from the release's task, split, seed and counts), so it is itself private code: it
-writes only statistics, never text.
+re-derives it from the release's task, split, seed and counts), so it is itself private code and
+its report is private data that no DP release covers: it holds only statistics, never text, is
+labelled private, and is written where the user says (by default beside the run folder, never
+inside it, so that publishing a run folder never publishes its audit).
 
 With a fine-tuned model (``gradmm finetune --save-model``), a loss-threshold membership-inference
 test: the ROC AUC of telling pool members from as many held-out real examples of the same split
@@ -17,9 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from gradmm.errors import UserError
-from gradmm.files import read_json, read_jsonl, write_json
-from gradmm.release import load_release, private_pool_exclusions, sample_per_class
-from gradmm.tasks import encode_text, load_examples
+from gradmm.files import check_result_file, read_jsonl, write_json
+from gradmm.generate import load_run_release
+from gradmm.release import private_pool, private_pool_exclusions
+from gradmm.tasks import encode_text
+
+PRIVATE_LABEL = (
+    "PRIVATE: computed from the private pool and not covered by any DP release; do not publish "
+    "it with the synthetic data"
+)
+
+
+def default_report_path(run_dir: Path) -> Path:
+    """``RUN.audit.json`` beside the run folder ``RUN`` (outside it)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f"{run_dir.name}.audit.json"
 
 
 def longest_common_ngram(tokens: list[int], pool_ngrams: dict[int, set[tuple]]) -> int:
@@ -80,31 +94,43 @@ def membership_auc(model: str, task, examples, members: list[int], others: list[
 
 
 def audit_run(
-    run_dir: Path, data_dir: str | None = None, finetuned: str | None = None, seed: int = 0
+    run_dir: Path,
+    data_dir: str | None = None,
+    finetuned: str | None = None,
+    seed: int = 0,
+    out: Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Audit ``run_dir`` against its release's private pool; writes ``run_dir/audit.json``."""
+    """Audit ``run_dir`` against its release's private pool; writes the report to ``out``
+    (default :func:`default_report_path`) and returns it."""
     from transformers import AutoTokenizer
 
     from gradmm.models import resolve_model_name
 
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else default_report_path(run_dir)
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        raise UserError(
+            f"{out} is inside the run folder; the audit report is private: write it elsewhere"
+        )
+    check_result_file(out, "audit", overwrite)
     rows = read_jsonl(run_dir / "synthetic.jsonl")
-    manifest = read_json(run_dir / "manifest.json")
-    release = load_release(Path(manifest["release"]["path"]))
+    release = load_run_release(run_dir)
     meta = release.meta
-    if meta["target"] == "noise":
-        result = {"pool": "none: the release read no data", "examples": []}
-        write_json(run_dir / "audit.json", result)
+    header = {"stage": "audit", "private": True, "label": PRIVATE_LABEL, "run": str(run_dir)}
+    if meta.target == "noise":
+        result = {**header, "pool": "none: the release read no data", "examples": []}
+        write_json(out, result)
         return result
     task = release.task
-    model = meta["model"].get("path") or resolve_model_name(meta["model"]["name"])
+    model = meta.model.path or resolve_model_name(meta.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    examples = load_examples(task, meta["split"], data_dir or meta["config"]["data_dir"])
-    exclude = private_pool_exclusions(task, meta["split"], len(examples.labels))
-    picked = sample_per_class(
-        examples.labels, task.label_names, meta["counts"][0], meta["seed"], exclude
+    assert meta.split is not None
+    examples, picked = private_pool(
+        task, meta.split, meta.counts[0], meta.seed, data_dir or meta.config.data_dir
     )
-    if [len(ix) for ix in picked] != meta["counts"]:
+    exclude = private_pool_exclusions(task, meta.split, len(examples.labels))
+    if [len(ix) for ix in picked] != meta.counts:
         raise UserError("the private pool cannot be re-derived from the release's settings")
     pool = [encode_text(tokenizer, examples.texts[i]) for ix in picked for i in ix]
     index, pool_sets = ngram_index(pool), [set(p) for p in pool]
@@ -121,7 +147,12 @@ def audit_run(
     ngrams = [e["longest_common_ngram"] for e in per_example]
     nearest = [e["nearest_jaccard"] for e in per_example]
     result = {
-        "pool": {"examples": len(pool), "split": meta["split"], "seed": meta["seed"]},
+        **header,
+        "data_read": [
+            {"data": f"the release's private pool ({len(pool)} examples of split "
+                     f"{meta.split!r})", "private": True, "covered_by_dp": False},
+        ],  # fmt: skip
+        "pool": {"examples": len(pool), "split": meta.split, "seed": meta.seed},
         "summary": {
             "max_longest_common_ngram": max(ngrams),
             "mean_longest_common_ngram": round(sum(ngrams) / len(ngrams), 3),
@@ -145,5 +176,5 @@ def audit_run(
             "non_members": len(others),
             "roc_auc": round(membership_auc(finetuned, task, examples, members, others), 4),
         }
-    write_json(run_dir / "audit.json", result)
+    write_json(out, result)
     return result

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -27,12 +28,33 @@ PresetOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 
 
-def _fail(e: UserError) -> None:
-    typer.echo(f"gradmm: error: {e}", err=True)
-    raise typer.Exit(2)
+def command(
+    group: typer.Typer, interrupted: str, name: str | None = None
+) -> Callable[[Callable], Callable]:
+    """``group.command`` with gradmm's error handling: a :class:`UserError` is one line on stderr
+    and exit status 2; Ctrl-C is one line saying what was kept (``interrupted``) and status 130."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                typer.echo(f"gradmm: error: {e}", err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.echo(f"gradmm: interrupted; {interrupted}", err=True)
+                raise typer.Exit(130) from None
+
+        return group.command(name)(run)
+
+    return decorate
 
 
-@app.command()
+NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
+
+
+@command(app, NOTHING_WRITTEN + "; rerun the command to start again")
 def release(
     task: Annotated[str | None, typer.Option(help="Built-in task or task YAML file.")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id or local model folder.")] = None,
@@ -60,7 +82,8 @@ def release(
         str | None, typer.Option(help="'real', or 'noise': DP noise only, reads no data.")
     ] = None,
     noise_seed: Annotated[
-        int | None, typer.Option(help="Seed of the DP noise (never recorded; keep it secret).")
+        int | None,
+        typer.Option(help="Seed the DP noise: a recorded simulation with NO privacy guarantee."),
     ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -68,38 +91,22 @@ def release(
     """Stage 1: sample private examples and release their per-class target gradients."""
     from gradmm.release import ReleaseConfig, release_targets
 
-    try:
-        cfg = build_config(
-            ReleaseConfig,
-            dict(
-                task=task,
-                model=model,
-                n_per_class=n_per_class,
-                split=split,
-                seed=seed,
-                data_dir=data_dir,
-                preset=preset,
-                match_params=match_params,
-                epsilon=epsilon,
-                delta=delta,
-                clip=clip,
-                neighbouring=neighbouring,
-                target=target,
-                noise_seed=noise_seed,
-            ),
-            config,
-        )
-        result = release_targets(cfg, out, overwrite=overwrite)
-    except UserError as e:
-        _fail(e)
+    cfg = build_config(
+        ReleaseConfig,
+        dict(task=task, model=model, n_per_class=n_per_class, split=split, seed=seed,
+             data_dir=data_dir, preset=preset, match_params=match_params, epsilon=epsilon,
+             delta=delta, clip=clip, neighbouring=neighbouring, target=target,
+             noise_seed=noise_seed),
+        config,
+    )  # fmt: skip
+    result = release_targets(cfg, out, overwrite=overwrite)
     counts = ", ".join(
-        f"{n} {name}"
-        for n, name in zip(result.meta["counts"], result.task.label_names, strict=True)
+        f"{n} {name}" for n, name in zip(result.meta.counts, result.task.label_names, strict=True)
     )
     typer.echo(f"released targets of {counts} to {out}")
 
 
-@app.command()
+@command(app, "the last checkpoint in the run folder was kept: rerun the same command to resume")
 def generate(
     release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
@@ -152,18 +159,15 @@ def generate(
         target=target,
         preset=preset,
     )
-    try:
-        cfg = resolve_config(options, config)
-        path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc)
-    except UserError as e:
-        _fail(e)
+    cfg = resolve_config(options, config)
+    path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc)
     from gradmm.distributed import rank_and_world
 
     if rank_and_world()[0] == 0:
         typer.echo(f"wrote {path}")
 
 
-@app.command("filter")
+@command(app, NOTHING_WRITTEN + "; rerun the command", name="filter")
 def filter_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
     keep_per_class: Annotated[
@@ -178,20 +182,16 @@ def filter_cmd(
     """Filter a run's synthetic text into RUN/filtered.jsonl (+ filter_report.json)."""
     from gradmm.filtering import FilterConfig, filter_run
 
-    try:
-        cfg = build_config(
-            FilterConfig,
-            dict(keep_per_class=keep_per_class, classifier=classifier, balance=balance,
-                 dedupe=dedupe),
-        )  # fmt: skip
-        report = filter_run(run, cfg)
-    except UserError as e:
-        _fail(e)
+    cfg = build_config(
+        FilterConfig,
+        dict(keep_per_class=keep_per_class, classifier=classifier, balance=balance, dedupe=dedupe),
+    )
+    report = filter_run(run, cfg)
     steps = ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith(("input", "after")))
     typer.echo(f"{steps}; wrote {run / 'filtered.jsonl'}")
 
 
-@app.command()
+@command(app, NOTHING_WRITTEN + "; rerun the command")
 def finetune(
     model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,
     task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
@@ -204,61 +204,64 @@ def finetune(
     batch_size: Annotated[int | None, typer.Option(help="Examples per step [16].")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations [50].")] = None,
     max_test: Annotated[int | None, typer.Option(help="Cap on test examples.")] = None,
+    selection: Annotated[
+        str | None,
+        typer.Option(help="'dev' (best dev step) or 'last' (reads no dev data) [dev]."),
+    ] = None,
+    dev_file: Annotated[
+        str | None,
+        typer.Option(help="Public JSONL dev set [the dev slice of the private split]."),
+    ] = None,
     seed: SeedOpt = None,
     save_model: Annotated[
         bool, typer.Option("--save-model", help="Also write the dev-selected weights.")
     ] = False,
     config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Fine-tune on a JSONL file; the test score is read at the dev-selected step."""
+    """Fine-tune on a JSONL file; the test score is read at the selected step only."""
     from gradmm.finetune import FinetuneConfig
     from gradmm.finetune import finetune as run_finetune
 
-    try:
-        cfg = build_config(
-            FinetuneConfig,
-            dict(model=model, task=task, train=str(train), data_dir=data_dir, method=method,
-                 lr=lr, steps=steps, batch_size=batch_size, eval_every=eval_every,
-                 max_test=max_test, seed=seed, save_model=save_model or None),
-            config,
-        )  # fmt: skip
-        result = run_finetune(cfg, out, progress=not quiet)
-    except UserError as e:
-        _fail(e)
+    cfg = build_config(
+        FinetuneConfig,
+        dict(model=model, task=task, train=str(train), data_dir=data_dir, method=method,
+             lr=lr, steps=steps, batch_size=batch_size, eval_every=eval_every,
+             max_test=max_test, selection=selection, dev_file=dev_file, seed=seed,
+             save_model=save_model or None),
+        config,
+    )  # fmt: skip
+    result = run_finetune(cfg, out, progress=not quiet, overwrite=overwrite)
+    dev = result["dev_accuracy"]
+    chosen = "last step" if dev is None else f"best dev {dev:.4f}"
     typer.echo(
-        f"step {result['selected_step']} (best dev {result['dev_accuracy']:.4f}): "
+        f"step {result['selected_step']} ({chosen}): "
         f"test accuracy {result['test_accuracy']:.4f}; wrote {out / 'results.json'}"
     )
 
 
-@app.command()
+@command(app, NOTHING_WRITTEN)
 def evaluate(
     model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,
     task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
-    few_shot: Annotated[int, typer.Option(help="Demonstrations per class (from dev).")] = 0,
+    few_shot: Annotated[int, typer.Option(min=0, help="Demonstrations per class (dev).")] = 0,
+    dev_file: Annotated[
+        str | None, typer.Option(help="Public JSONL of demonstrations [the private dev slice].")
+    ] = None,
     data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
     max_test: Annotated[int | None, typer.Option(help="Cap on test examples.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of demonstrations / test sample.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Zero- or k-shot verbalizer accuracy on the task's test split."""
-    from gradmm.evaluate import accuracy, demonstrations
-    from gradmm.files import write_json
-    from gradmm.finetune import eval_sets
-    from gradmm.models import load_model
-    from gradmm.tasks import load_task, tokenize_prompt
+    from gradmm.evaluate import evaluate_task
+    from gradmm.files import check_result_file, write_json
 
-    try:
-        t = load_task(task)
-        dev, test = eval_sets(t, data_dir, max_test, seed)
-        lm = load_model(model)
-        prompt = tokenize_prompt(t, lm.tokenizer)
-        prefix = demonstrations(lm, prompt, dev, few_shot, seed)
-        result = accuracy(lm, prompt, test, t.label_names, prefix)
-    except UserError as e:
-        _fail(e)
-    result.update(model=model, task=t.name, few_shot=few_shot, seed=seed)
+    if out is not None:
+        check_result_file(out, "evaluate", overwrite)
+    result = evaluate_task(model, task, few_shot, data_dir, max_test, seed, dev_file)
     if out is not None:
         write_json(out, result)
     per_class = ", ".join(
@@ -267,7 +270,7 @@ def evaluate(
     typer.echo(f"accuracy {result['accuracy']:.4f} on {result['n']} ({per_class})")
 
 
-@app.command()
+@command(app, "finished cells were kept under OUT/cells: rerun the same command to resume")
 def run(
     config: Annotated[Path, typer.Option("--config", help="Experiment YAML file.")] = ...,
     out: Annotated[Path, typer.Option(help="Experiment folder (finished cells are reused).")] = ...,
@@ -276,14 +279,11 @@ def run(
     """Run every stage for tasks x methods x seeds; write results.csv/.md and plots."""
     from gradmm.experiment import run_experiment
 
-    try:
-        rows = run_experiment(config, out, progress=not quiet)
-    except UserError as e:
-        _fail(e)
+    rows = run_experiment(config, out, progress=not quiet)
     typer.echo(f"{len(rows)} cells; wrote {out / 'results.md'}")
 
 
-@app.command()
+@command(app, NOTHING_WRITTEN)
 def privacy(
     releases: Annotated[list[Path] | None, typer.Argument(help="Release folders.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="ε of one release.")] = None,
@@ -294,44 +294,43 @@ def privacy(
 ) -> None:
     """Privacy report of releases (composed when several), or the noise of one (ε, δ)."""
     from gradmm import privacy as dp
+    from gradmm.errors import warn
     from gradmm.release import load_release
 
-    try:
-        if releases:
-            metas = [load_release(p).meta for p in releases]
-            for path, meta in zip(releases, metas, strict=True):
-                typer.echo(f"== {path}\n{dp.report(meta)}")
-            noisy = [m["mechanism"] for m in metas if m["mechanism"]["type"] == "gaussian"]
-            if len(noisy) > 1:
-                total_delta = sum(m["delta"] for m in noisy)
-                eps = dp.composed_epsilon([m["noise_multiplier"] for m in noisy], total_delta)
-                typer.echo(
-                    f"== composition of {len(noisy)} DP releases on the same examples "
-                    f"(PLD accountant): ε = {eps:.6g} at δ = {total_delta:.3g}"
-                )
-            return
-        if neighbouring not in ("replace", "add-remove"):
-            raise UserError(
-                f"--neighbouring must be 'replace' or 'add-remove', not {neighbouring!r}"
-            )
-        z = dp.noise_multiplier(epsilon, delta)
+    if releases:
+        metas = [load_release(p).meta for p in releases]
+        for path, meta in zip(releases, metas, strict=True):
+            typer.echo(f"== {path}\n{dp.report(meta)}")
+            m = meta.mechanism
+            if m.type == "gaussian" and meta.target == "real":
+                note = dp.delta_warning(m.delta, sum(meta.counts))
+                if note:
+                    warn(f"{path}: {note}")
+        for line in dp.composition(metas, [str(p) for p in releases]):
+            typer.echo(line)
+        return
+    if neighbouring not in ("replace", "add-remove"):
+        raise UserError(f"--neighbouring must be 'replace' or 'add-remove', not {neighbouring!r}")
+    z = dp.noise_multiplier(epsilon, delta)
+    typer.echo(f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian release")
+    if n_per_class is not None:
+        if n_per_class < 1:
+            raise UserError("--n-per-class must be >= 1")
+        note = dp.delta_warning(delta, 2 * n_per_class)  # a pool holds at least 2 classes
+        if note:
+            warn(note)
+    if clip is not None and n_per_class is not None:
+        if not (clip > 0 and clip != float("inf")):
+            raise UserError("--clip must be a finite number > 0")
+        sens = dp.sensitivity(clip, neighbouring)
         typer.echo(
-            f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian release"
+            f"sensitivity Δ = {sens:.6g} ({neighbouring}, C = {clip}); noise std σ = "
+            f"{z * sens:.6g} on each class sum, {z * sens / n_per_class:.6g} on each released "
+            f"class mean (n = {n_per_class})"
         )
-        if clip is not None and n_per_class is not None:
-            if clip <= 0 or n_per_class < 1:
-                raise UserError("--clip must be > 0 and --n-per-class >= 1")
-            sens = dp.sensitivity(clip, neighbouring)
-            typer.echo(
-                f"sensitivity Δ = {sens:.6g} ({neighbouring}, C = {clip}); noise std σ = "
-                f"{z * sens:.6g} on each class sum, {z * sens / n_per_class:.6g} on each released "
-                f"class mean (n = {n_per_class})"
-            )
-    except UserError as e:
-        _fail(e)
 
 
-@app.command()
+@command(app, NOTHING_WRITTEN)
 def audit(
     run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
     data_dir: Annotated[
@@ -340,26 +339,30 @@ def audit(
     finetuned: Annotated[
         str | None, typer.Option(help="Fine-tuned model folder: adds a membership-inference test.")
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report file (private: outside the run folder) [RUN.audit.json]."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Audit a run: n-gram overlap and nearest private neighbour of each synthetic example."""
-    from gradmm.audit import audit_run
+    """Audit a run against the private pool (n-gram overlap, nearest private neighbour); the
+    report is private data."""
+    from gradmm.audit import audit_run, default_report_path
 
-    try:
-        result = audit_run(run, data_dir, finetuned)
-    except UserError as e:
-        _fail(e)
+    result = audit_run(run, data_dir, finetuned, out=out, overwrite=overwrite)
     for key, value in result.get("summary", {"pool": result["pool"]}).items():
         typer.echo(f"{key}: {value}")
     if isinstance(result.get("membership_inference"), dict):
         typer.echo(f"membership inference ROC AUC: {result['membership_inference']['roc_auc']}")
-    typer.echo(f"wrote {run / 'audit.json'}")
+    typer.echo(f"wrote {out or default_report_path(run)} (PRIVATE: do not publish)")
 
 
 lm_app = typer.Typer(no_args_is_help=True, help="The project's reference language model.")
 app.add_typer(lm_app, name="lm")
 
 
-@lm_app.command("train")
+@command(lm_app, "checkpoints in the work folder were kept: rerun the same command to resume",
+         name="train")  # fmt: skip
 def lm_train(
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = ...,
     data_dir: Annotated[
@@ -377,29 +380,19 @@ def lm_train(
 
     from gradmm.lm import LMTrainConfig, train_lm
 
-    try:
-        cfg = build_config(
-            LMTrainConfig,
-            dict(
-                data_dir=data_dir or os.environ.get("GRADMM_DATA_DIR"),
-                max_steps=max_steps,
-                seed=seed,
-            ),
-            config,
-        )
-        path = train_lm(cfg, out, work)
-    except UserError as e:
-        _fail(e)
+    cfg = build_config(
+        LMTrainConfig,
+        dict(data_dir=data_dir or os.environ.get("GRADMM_DATA_DIR"), max_steps=max_steps,
+             seed=seed),
+        config,
+    )  # fmt: skip
+    path = train_lm(cfg, out, work)
     typer.echo(f"wrote {path}")
 
 
 def main() -> None:
     """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("gradmm: interrupted (rerun the same command to resume)", err=True)
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

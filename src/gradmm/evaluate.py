@@ -9,12 +9,23 @@ in-context evaluation the prompt starts with ``k`` demonstrations per class, eac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from gradmm.errors import UserError
+from gradmm.files import read_jsonl_numbered
 from gradmm.models import LoadedModel, right_padded
-from gradmm.tasks import Examples, PromptTokens, encode_text
+from gradmm.tasks import (
+    Examples,
+    PromptTokens,
+    dev_indices,
+    encode_text,
+    examples_from_rows,
+    load_examples,
+)
 
 
 def label_log_probs(
@@ -79,3 +90,74 @@ def accuracy(
         "per_class_accuracy": per_class,
         "n": len(gold),
     }
+
+
+def eval_sets(
+    task, data_dir, max_test: int | None, seed: int, dev_file: str | None = None
+) -> tuple[Examples, Examples]:
+    """The dev set (``dev_file``, else the dev slice of the private split) and the test split
+    (optionally subsampled)."""
+    return dev_set(task, data_dir, dev_file), test_set(task, data_dir, max_test, seed)
+
+
+def dev_set(task, data_dir, dev_file: str | None = None) -> Examples:
+    """``dev_file`` (public) if given, else the dev slice of the private split (private)."""
+    if dev_file is not None:
+        return examples_from_rows(task, read_jsonl_numbered(Path(dev_file)), dev_file)
+    private = load_examples(task, task.private_split, data_dir)
+    dev_ix = dev_indices(len(private.texts), task.dev_size)
+    return Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
+                    f"{private.source} (dev slice)")  # fmt: skip
+
+
+def test_set(task, data_dir, max_test: int | None, seed: int) -> Examples:
+    """The test split, optionally a seeded subsample of ``max_test`` examples."""
+    if task.test_split == task.private_split:
+        raise UserError(f"task {task.name!r}: the test split must differ from the private split")
+    test = load_examples(task, task.test_split, data_dir)
+    if max_test is not None and max_test < len(test.texts):
+        ix = sorted(np.random.default_rng(seed).choice(len(test.texts), max_test, replace=False))
+        test = Examples([test.texts[i] for i in ix], [test.labels[i] for i in ix], test.source)
+    return test
+
+
+def dev_data_read(task, dev_file: str | None, purpose: str) -> dict:
+    """The ``data_read`` entry of a dev set used for ``purpose``."""
+    if dev_file is not None:
+        return {"data": f"public dev file {dev_file} ({purpose})", "private": False}
+    return {
+        "data": f"dev slice ({task.dev_size} rows at most) of private split "
+        f"{task.private_split!r} ({purpose})",
+        "private": True,
+        "covered_by_dp": False,
+    }
+
+
+def evaluate_task(
+    model: str,
+    task_name: str,
+    few_shot: int = 0,
+    data_dir: str | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+    dev_file: str | None = None,
+) -> dict:
+    """``gradmm evaluate``: zero- or ``few_shot``-shot accuracy on the task's test split, with
+    demonstrations from ``dev_file`` (public) or the dev slice of the private split."""
+    from gradmm.models import load_model
+    from gradmm.tasks import load_task, tokenize_prompt
+
+    task = load_task(task_name)
+    test = test_set(task, data_dir, max_test, seed)
+    data_read = [{"data": f"test split {task.test_split!r}", "private": False}]
+    dev = None
+    if few_shot:
+        dev = dev_set(task, data_dir, dev_file)
+        data_read.append(dev_data_read(task, dev_file, "few-shot demonstrations"))
+    lm = load_model(model)
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    prefix = demonstrations(lm, prompt, dev, few_shot, seed) if dev is not None else []
+    result = accuracy(lm, prompt, test, task.label_names, prefix)
+    result.update(stage="evaluate", model=model, task=task.name, few_shot=few_shot, seed=seed,
+                  data_read=data_read)  # fmt: skip
+    return result

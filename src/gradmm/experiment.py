@@ -10,16 +10,21 @@ Methods: ``zero_shot``, ``few_shot`` (k demonstrations per class from the dev sl
 examples of the private split as the synthetic sets have), ``lm_prompted`` (label-conditioned
 sampling from the same LM, prompted with hand-written public demonstrations), ``gradmm_paper``,
 ``gradmm``, and for each ε: ``dp_gradmm``, ``dp_noise`` (a noise-only release of the same σ)
-and, once per seed, ``dp_none`` (no matching: the projection of random embeddings). The DP noise
-of an experiment's releases is seeded from (task, seed, ε) so that its table reproduces.
+and, once per seed, ``dp_none`` (no matching: the projection of random embeddings).
+
+The DP releases of an experiment are *simulations*: their noise is seeded from (task, seed, kind,
+ε), so that the table reproduces, and is recorded as seeded (no guarantee). Every release draws
+from its own stream, so a DP release and its noise-only control never share noise. One private
+pool is released under each ε, without DP and as ``real_private`` training data: each ε row is a
+separate simulation of what that ε alone would give, not a composed guarantee.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +34,37 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
-from gradmm.evaluate import accuracy, demonstrations
-from gradmm.files import read_json, write_json, write_jsonl, write_text
+from gradmm.evaluate import accuracy, demonstrations, eval_sets
+from gradmm.files import (
+    OutputKind,
+    check_output_dir,
+    read_json,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 from gradmm.filtering import FilterConfig, demonstrations_for, filter_run
-from gradmm.finetune import FinetuneConfig, eval_sets, finetune
+from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.generate import generate, resolve_config
 from gradmm.models import fingerprint, load_model
-from gradmm.release import (
-    ReleaseConfig,
-    load_release,
-    private_pool_exclusions,
-    release_targets,
-    sample_per_class,
-)
-from gradmm.tasks import encode_text, load_examples, load_task, tokenize_prompt
+from gradmm.release import ReleaseConfig, load_release, private_pool, release_targets
+from gradmm.tasks import encode_text, load_task, tokenize_prompt
 
 METHODS = ("zero_shot", "few_shot", "real_private", "real_random", "lm_prompted",
            "gradmm_paper", "gradmm", "dp_gradmm", "dp_noise", "dp_none")  # fmt: skip
 
 
+EXPERIMENT_DIR = OutputKind(
+    "experiment",
+    "experiment.json",
+    ("experiment.json", "cells", "releases", "results.csv", "results.md", "*.png"),
+)
+
+
 class ExperimentConfig(BaseModel):
     """An experiment file (YAML). ``generate``/``filter``/``finetune`` hold stage options."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = "reference"
     data_dir: str | None = None
     tasks: list[str]
@@ -100,6 +113,7 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     """Run (or resume) every cell, then write results.csv, results.md and the plots."""
     cfg = load_experiment(config_path)
     out = Path(out)
+    check_output_dir(out, EXPERIMENT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     weights = fingerprint(load_model(cfg.model).model)
     settings = {**cfg.model_dump(mode="json"), "model_fingerprint": weights}
@@ -159,11 +173,17 @@ def _release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
     if kind in ("dp", "noise"):
         rc.update(epsilon=eps, delta=cfg.dp_delta, clip=cfg.dp_clip)
         rc["target"] = "noise" if kind == "noise" else "real"
-        # A simulation on public data: seeded noise so that the table reproduces. A real private
-        # release must draw its noise from OS randomness (the CLI default).
-        rc["noise_seed"] = zlib.crc32(f"{task}/{seed}/{name}".encode())
+        # A simulation on public data: seeded noise so that the table reproduces (recorded as
+        # seeded: no guarantee). A real private release draws from the OS CSPRNG (the default).
+        rc["noise_seed"] = simulation_noise_seed(task, seed, name)
     release_targets(ReleaseConfig(**rc), path)
     return path
+
+
+def simulation_noise_seed(task: str, seed: int, release_name: str) -> int:
+    """128-bit noise seed of one simulated release: distinct releases get independent streams."""
+    digest = hashlib.sha256(f"gradmm-experiment/{task}/{seed}/{release_name}".encode()).digest()
+    return int.from_bytes(digest[:16], "big")
 
 
 def _synthetic(cfg, out, task, method, seed, eps, release: Path, **extra) -> Path:
@@ -225,19 +245,17 @@ def run_cell(cfg, out, task_name, method, seed, eps) -> dict:
     result = _finetune(cfg, task_name, seed, train)
     manifest = read_json(train.parent / "manifest.json")
     result["mean_rec_loss"] = manifest["mean_rec_loss"]
-    result["privacy"] = load_release(rel).meta["mechanism"]
+    result["privacy"] = load_release(rel).meta.mechanism.model_dump(mode="json")
     return result
 
 
 def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
     """The real training set of ``real_private`` (this seed's pool) or ``real_random``."""
-    examples = load_examples(task, task.private_split, cfg.data_dir)
-    exclude = private_pool_exclusions(task, task.private_split, len(examples.labels))
     if method == "real_private":  # exactly the pool of this seed's release
         n, pool_seed = cfg.n_per_class, seed
     else:
         n, pool_seed = cfg.synthetic_per_class, seed + 10_000
-    picked = sample_per_class(examples.labels, task.label_names, n, pool_seed, exclude)
+    examples, picked = private_pool(task, task.private_split, n, pool_seed, cfg.data_dir)
     return [{"text": examples.texts[i], "label": c} for c, ix in enumerate(picked) for i in ix]
 
 
@@ -311,8 +329,19 @@ def write_tables(rows: list[dict], out: Path) -> None:
         + "\n\n## Paired differences (accuracy points), mean ± std over seeds (seeds won)\n\n"
         "Each difference is taken on the same task and seed; a tie wins for neither.\n\n"
         + comparison_table(rows)
-        + "\n",
+        + "\n"
+        + (PRIVACY_NOTE if any(r.get("epsilon") is not None for r in rows) else ""),
     )
+
+
+PRIVACY_NOTE = (
+    "\n## What the DP rows are\n\n"
+    "Each `@eps` row is a separate simulation of one release at that ε, with seeded noise "
+    "(recorded in the release; no guarantee). The same private pool is also released without DP "
+    "and used as `real_private` training data, so the experiment as a whole protects nothing: "
+    "the rows say what each ε alone would give, not a composed guarantee. Checkpoint selection "
+    "reads the dev slice of the private split, outside any release (docs/privacy.md).\n"
+)
 
 
 def markdown_table(rows: list[dict], cell) -> str:

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +76,125 @@ def read_jsonl_numbered(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-@contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final`` and rename it to ``final`` only on success.
+@dataclass(frozen=True)
+class OutputKind:
+    """A folder gradmm writes: which entries are its own and which one marks it finished.
 
-    An existing ``final`` is replaced (callers decide beforehand whether that is allowed).
+    gradmm writes only into a folder that is new, empty or already one of its outputs of the same
+    kind (nothing but ``owned`` entries), and with ``--overwrite`` removes only those entries.
+    """
+
+    name: str
+    marker: str  # present once the output is finished
+    owned: tuple[str, ...]  # glob patterns of the entries gradmm writes there
+
+    def owns(self, entry: str) -> bool:
+        # the temporary files of write_text are ours too (left by a killed process)
+        return (entry.startswith(".") and entry.endswith(".tmp")) or any(
+            fnmatch(entry, pattern) for pattern in self.owned
+        )
+
+
+def _protected(path: Path) -> bool:
+    """The file system root, a home folder, the working directory or one of its ancestors."""
+    cwd = Path.cwd().resolve()
+    return path == Path(path.anchor) or path == Path.home().resolve() or path in (cwd, *cwd.parents)
+
+
+def check_writable(path: Path) -> None:
+    """A :class:`UserError` unless ``path`` can be created (or written) by this process."""
+    ancestor = Path(path).expanduser().resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor != Path(path).expanduser().resolve() and not ancestor.is_dir():
+        raise UserError(f"cannot create {path}: {ancestor} is a file")
+    if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {ancestor} (permission denied)")
+
+
+def check_output_dir(out: Path, kind: OutputKind) -> bool:
+    """Refuse an output folder gradmm may not write into; True if it holds a finished output.
+
+    Raises a :class:`UserError` (before any work is done) for ``/``, a home folder, the working
+    directory and its ancestors, a path under a file or in a folder that cannot be written, and a
+    non-empty folder holding anything but ``kind``'s own entries.
+    """
+    out = Path(out)
+    resolved = out.expanduser().resolve()
+    if _protected(resolved):
+        raise UserError(
+            f"refusing to write outputs into {out} ({resolved}): it is the file system root, a "
+            "home folder or the working directory; choose a new folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    check_writable(out)
+    if not out.exists():
+        return False
+    foreign = sorted(e.name for e in out.iterdir() if not kind.owns(e.name))
+    if foreign:
+        raise UserError(
+            f"{out} is not empty and is not a gradmm {kind.name} folder (it holds "
+            f"{foreign[0]!r}{' and more' if len(foreign) > 1 else ''}); gradmm never writes into "
+            "or deletes a folder it did not create: choose a new folder"
+        )
+    return (out / kind.marker).exists()
+
+
+def remove_owned(folder: Path, kind: OutputKind, keep: set[str] = frozenset()) -> None:
+    """Delete ``kind``'s own entries of ``folder`` (never anything else), except ``keep``."""
+    for entry in Path(folder).iterdir():
+        if entry.name in keep or not kind.owns(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+@contextmanager
+def staged_dir(final: Path, kind: OutputKind) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; on success its entries become ``final``'s.
+
+    A new ``final`` is created by one rename. An existing one (callers have checked it with
+    :func:`check_output_dir` and decided that replacing it is allowed) gets each new entry by a
+    rename, the finish marker last, and loses only its other own entries; nothing else is touched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        check_output_dir(final, kind)  # again, right before touching it
+        new = sorted(e.name for e in tmp.iterdir())
+        (final / kind.marker).unlink(missing_ok=True)  # unfinished until the marker is back
+        remove_owned(final, kind, keep=set(new))
+        for name in sorted(new, key=lambda n: n == kind.marker):
+            if (final / name).is_dir():
+                shutil.rmtree(final / name)
+            os.replace(tmp / name, final / name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_result_file(out: Path, stage: str, overwrite: bool) -> None:
+    """Refuse to write a one-file result over a file that ``gradmm <stage>`` did not write (its
+    JSON carries ``"stage": stage``), or over one it did without ``overwrite``."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; --out takes a file path")
+    check_writable(out)
+    if not out.exists():
+        return
+    try:
+        ours = read_json(out).get("stage") == stage
+    except (UserError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"{out} exists and was not written by gradmm {stage}; choose a new --out")
+    if not overwrite:
+        raise UserError(f"{out} already holds a {stage} result (pass --overwrite to replace it)")

@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradmm.errors import UserError
 from gradmm.evaluate import label_log_probs
-from gradmm.files import read_json, read_jsonl, write_json, write_jsonl
+from gradmm.files import read_jsonl, write_json, write_jsonl
+from gradmm.generate import data_read_entry, load_run_release
 from gradmm.matching import residuals
 from gradmm.models import LoadedModel, final_hidden, right_padded
-from gradmm.release import Release, load_release
+from gradmm.release import Release, load_release_model
 
 # Hand-written, public demonstrations for the few-shot classifier (never private data).
 DEMONSTRATIONS: dict[str, list[tuple[str, int]]] = {
@@ -96,15 +97,13 @@ def balance_by_mean(rows_by_class: dict[int, list[dict]], key: str) -> dict[int,
 
 def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = None) -> dict:
     """Filter ``run_dir/synthetic.jsonl``; returns the report (also written)."""
-    from gradmm.generate import _load_release_model
-
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "synthetic.jsonl")
     if not rows:
         raise UserError(f"{run_dir}/synthetic.jsonl holds no examples")
-    release = load_release(Path(read_json(run_dir / "manifest.json")["release"]["path"]))
+    release = load_run_release(run_dir)
     task = release.task
-    lm = lm or _load_release_model(release)
+    lm = lm or load_release_model(release)
     report: dict = {"input": len(rows)}
 
     recs = per_example_rec(lm, release, [r["text"] for r in rows], [r["label"] for r in rows])
@@ -141,6 +140,10 @@ def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = Non
     kept = sorted((r for rs in by_class.values() for r in rs), key=lambda r: r["id"])
     report["per_class"] = {task.label_names[c]: len(rs) for c, rs in by_class.items()}
     report["config"] = config.model_dump(mode="json")
+    report["data_read"] = [
+        data_read_entry(release),
+        {"data": "synthetic.jsonl and the hand-written public demonstrations", "private": False},
+    ]
     write_jsonl(run_dir / "filtered.jsonl", kept)
     write_json(run_dir / "filter_report.json", report)
     return report

@@ -4,8 +4,13 @@ Loss (as in the reference): for each example, the log-probabilities of the label
 ``template(text)`` are the class scores, and the loss is the cross-entropy of their softmax
 against the label. First-order AdamW, linear decay to 0, gradient clip 1.0; full fine-tuning or
 LoRA (``peft``). Every ``eval_every`` steps (and before training) the model is scored on the dev
-slice of the private split and on the test split; the reported test accuracy is the one at the
-step with the best **dev** accuracy (the test set never selects anything).
+set; only the weights of the step with the best **dev** accuracy are scored on the test split
+(the test set never selects anything).
+
+The dev set is, by default, a fixed slice of the *private* split that private pools never draw
+from: reading it is outside any DP release (``results.json`` says so under ``data_read``). Two
+selections read no private data: ``dev_file`` (a public ``{"text","label"}`` JSONL) and
+``selection: last`` (no selection: the last step's weights).
 """
 
 from __future__ import annotations
@@ -20,23 +25,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
-from gradmm.evaluate import accuracy, label_log_probs
-from gradmm.files import read_jsonl_numbered, staged_dir, write_json
+from gradmm.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
+from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
 from gradmm.models import load_model
 from gradmm.tasks import (
-    Examples,
-    dev_indices,
     examples_from_rows,
-    load_examples,
     load_task,
     tokenize_prompt,
 )
+
+FINETUNE_DIR = OutputKind("finetune", "results.json", ("results.json", "model"))
 
 
 class FinetuneConfig(BaseModel):
     """Settings of ``gradmm finetune``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
     task: str
     train: str = Field(description="JSONL with text and label (synthetic or real)")
@@ -46,33 +50,37 @@ class FinetuneConfig(BaseModel):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     eval_every: int = Field(50, ge=1)
+    selection: Literal["dev", "last"] = Field(
+        "dev", description="'dev': best dev step; 'last': the last step (reads no dev data)"
+    )
+    dev_file: str | None = Field(
+        None, description="public JSONL dev set (default: the dev slice of the private split)"
+    )
     lora_rank: int = Field(8, ge=1)
     max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
     seed: int = 0
     save_model: bool = False
 
 
-def eval_sets(task, data_dir, max_test: int | None, seed: int) -> tuple[Examples, Examples]:
-    """The dev slice of the private split and the test split (optionally subsampled)."""
-    private = load_examples(task, task.private_split, data_dir)
-    dev_ix = dev_indices(len(private.texts), task.dev_size)
-    dev = Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
-                   f"{private.source} (dev slice)")  # fmt: skip
-    test = load_examples(task, task.test_split, data_dir)
-    if task.test_split == task.private_split:
-        raise UserError(f"task {task.name!r}: the test split must differ from the private split")
-    if max_test is not None and max_test < len(test.texts):
-        ix = sorted(np.random.default_rng(seed).choice(len(test.texts), max_test, replace=False))
-        test = Examples([test.texts[i] for i in ix], [test.labels[i] for i in ix], test.source)
-    return dev, test
-
-
-def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = True) -> dict:
-    """Train on ``config.train``, select the step on dev, report test; writes ``out``."""
+def finetune(
+    config: FinetuneConfig, out: Path | None = None, progress: bool = True, overwrite: bool = False
+) -> dict:
+    """Train on ``config.train``, select the step on dev, report test; writes ``out``
+    (``results.json``, and ``model/`` with ``save_model``)."""
     started = time.time()
     task = load_task(config.task)
+    if out is not None and check_output_dir(Path(out), FINETUNE_DIR) and not overwrite:
+        raise UserError(f"{out} already holds fine-tuning results (pass --overwrite to replace)")
     train = examples_from_rows(task, read_jsonl_numbered(Path(config.train)), config.train)
-    dev, test = eval_sets(task, config.data_dir, config.max_test, config.seed)
+    use_dev = config.selection == "dev"
+    dev = dev_set(task, config.data_dir, config.dev_file) if use_dev else None
+    test = test_set(task, config.data_dir, config.max_test, config.seed)
+    data_read = [
+        {"data": f"training file {config.train}", "private": "as the file's origin"},
+        {"data": f"test split {task.test_split!r} (scored once)", "private": False},
+    ]
+    if use_dev:
+        data_read.append(dev_data_read(task, config.dev_file, "checkpoint selection"))
     lm = load_model(config.model)
     prompt = tokenize_prompt(task, lm.tokenizer)
     torch.manual_seed(config.seed)
@@ -95,8 +103,9 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
         lm.model.train()
         return row
 
-    # Only the dev-selected checkpoint is scored on test: its weights are kept (trainable ones).
-    history, losses, best_state = [dev_accuracy(0)], [], _snapshot(lm.model)
+    # Only the selected checkpoint is scored on test: its weights are kept (trainable ones).
+    history = [dev_accuracy(0)] if use_dev else []
+    losses, best_state = [], _snapshot(lm.model) if use_dev else {}
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(train.texts))
     cursor = 0
@@ -114,18 +123,24 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if step % config.eval_every == 0 or step == config.steps:
+        if use_dev and (step % config.eval_every == 0 or step == config.steps):
             history.append(dev_accuracy(step))
             if history[-1]["dev"]["accuracy"] > max(r["dev"]["accuracy"] for r in history[:-1]):
                 best_state = _snapshot(lm.model)
-    best = max(history, key=lambda r: (r["dev"]["accuracy"], -r["step"]))
-    assert not lm.model.load_state_dict(best_state, strict=False).unexpected_keys
+    if use_dev:
+        best = max(history, key=lambda r: (r["dev"]["accuracy"], -r["step"]))
+        restored = lm.model.load_state_dict(best_state, strict=False)
+        if restored.unexpected_keys:  # not an assert: `python -O` must restore the weights too
+            raise RuntimeError(f"could not restore the selected weights: {restored}")
+    else:
+        history = [{"step": config.steps, "dev": None}]
+        best = {"step": config.steps, "dev": {"accuracy": None}}
     lm.model.eval()
     test_result = accuracy(lm, prompt, test, task.label_names)
     result = {
         "config": config.model_dump(mode="json"),
         "train_examples": len(train.texts),
-        "dev_examples": len(dev.texts),
+        "dev_examples": None if dev is None else len(dev.texts),
         "test_examples": len(test.texts),
         "selected_step": best["step"],
         "dev_accuracy": best["dev"]["accuracy"],
@@ -133,10 +148,11 @@ def finetune(config: FinetuneConfig, out: Path | None = None, progress: bool = T
         "test_per_class_accuracy": test_result["per_class_accuracy"],
         "history": history,
         "train_loss": losses,
+        "data_read": data_read,
         "seconds": round(time.time() - started, 2),
     }
     if out is not None:
-        with staged_dir(Path(out)) as tmp:
+        with staged_dir(Path(out), FINETUNE_DIR) as tmp:
             write_json(tmp / "results.json", result)
             if config.save_model:  # the dev-selected weights
                 lm.model.save_pretrained(tmp / "model")

@@ -30,20 +30,35 @@ from gradmm.admm import (
 from gradmm.config import build_config, read_options_file
 from gradmm.distributed import barrier, gather_to_zero, init_from_env, rank_and_world, shard, spawn
 from gradmm.errors import UserError
-from gradmm.files import write_json, write_jsonl
+from gradmm.files import (
+    OutputKind,
+    check_output_dir,
+    read_json,
+    remove_owned,
+    write_json,
+    write_jsonl,
+)
 from gradmm.matching import AutogradMatchingLoss, MatchingLoss
-from gradmm.models import LoadedModel, fingerprint, load_model, matched_parameters
+from gradmm.models import LoadedModel, matched_parameters
 from gradmm.privacy import report as privacy_report
 from gradmm.projection import Projector, TokenFilter, allowed_tokens
-from gradmm.release import Release, load_release
+from gradmm.release import Release, load_release, load_release_model
 from gradmm.tasks import PAPER_FREEZES_TEMPLATE, PAPER_LM_PREFIX, encode_text
+
+# A run folder: generate's outputs, then filter's (and audit reports of older versions).
+RUN_DIR = OutputKind(
+    "run",
+    "synthetic.jsonl",
+    ("synthetic.jsonl", "manifest.json", "run.lock.json", "checkpoint*.pt", "checkpoint*.pt.tmp",
+     "filtered.jsonl", "filter_report.json", "audit.json"),
+)  # fmt: skip
 
 
 class GenerateConfig(BaseModel):
     """Settings of ``gradmm generate``. Defaults are the authors' (REFERENCE.md §7) with the
     fixes of ``docs/deviations.md``; ``preset: paper`` restores the authors' behaviour."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     preset: Literal["default", "paper"] = "default"
     per_class: int = Field(100, ge=1, description="synthetic examples per class")
     batch: int = Field(10, ge=1, description="B: sequences matched together (one ADMM problem)")
@@ -114,7 +129,7 @@ def generate(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if (out / "synthetic.jsonl").exists() and not overwrite:
+    if check_output_dir(out, RUN_DIR) and not overwrite:
         raise UserError(f"{out} already holds a finished run (pass --overwrite to replace it)")
     if config.per_class % config.batch:
         raise UserError(
@@ -123,11 +138,12 @@ def generate(
     if nproc > 1 and config.engine == "reference":
         raise UserError("--engine reference runs in one process (it is the oracle)")
     release = load_release(release_dir)
-    lm = _load_release_model(release)
+    lm = load_release_model(release)
     build_solver(lm, release, config)  # validates settings against the model before any write
     config_digest = hashlib.sha256(
-        json.dumps([config.model_dump(mode="json"), release.meta], sort_keys=True).encode()
-    ).hexdigest()
+        json.dumps([config.model_dump(mode="json"), release.meta.model_dump(mode="json")],
+                   sort_keys=True).encode()
+    ).hexdigest()  # fmt: skip
     init_from_env()
     if rank_and_world()[0] == 0:
         _prepare_run_dir(out, config_digest, overwrite)  # only now: bad input leaves no folder
@@ -151,7 +167,7 @@ def _solve_and_write(
 ) -> None:
     """Solve this rank's block of problems; rank 0 gathers all blocks and writes the files."""
     t0 = time.perf_counter()
-    lm = lm or _load_release_model(release)
+    lm = lm or load_release_model(release)
     solver, problems, contexts = build_solver(lm, release, config)
     rank, world = rank_and_world()
     mine = shard(len(problems), rank, world)
@@ -235,10 +251,10 @@ def build_solver(
         freeze_template=freeze,
         select=config.select,
     )
-    if release.meta["match_params"] == "output":
+    if release.meta.match_params == "output":
         loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
     else:  # no closed form beyond the output layer: differentiate the gradient
-        params = matched_parameters(lm.model, release.meta["match_params"])
+        params = matched_parameters(lm.model, release.meta.match_params)
         targets = {n: t.to(lm.embeddings.dtype) for n, t in release.targets.items()}
         loss = AutogradMatchingLoss(params, targets)
     engine = ADMMSolver if config.engine == "fast" else ReferenceSolver
@@ -256,9 +272,7 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
     """Start fresh, or resume an unfinished run of the same configuration."""
     lock = out / "run.lock.json"
     if overwrite and out.exists():
-        names = ("synthetic.jsonl", "manifest.json", "run.lock.json")
-        for path in [*(out / n for n in names), *out.glob("checkpoint*.pt")]:
-            path.unlink(missing_ok=True)
+        remove_owned(out, RUN_DIR)  # only gradmm's own files (checked by check_output_dir)
     if lock.exists():
         if json.loads(lock.read_text()).get("config_sha256") != config_digest:
             raise UserError(
@@ -269,24 +283,35 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
     write_json(lock, {"config_sha256": config_digest})
 
 
-def _load_release_model(release: Release) -> LoadedModel:
-    info = release.meta["model"]
-    # double backward through attention needs eager attention (SDPA's CPU kernel has none)
-    eager = "eager" if release.meta["match_params"] != "output" else None
-    lm = load_model(info.get("path") or info["name"], attn_implementation=eager)
-    if fingerprint(lm.model) != info["fingerprint"]:
-        raise UserError(
-            f"model {info['name']!r} differs from the one the release was computed with "
-            "(fingerprint mismatch)"
-        )
-    return lm
-
-
 def _context_ids(lm: LoadedModel, prefix: str) -> list[int]:
     ids = encode_text(lm.tokenizer, prefix)
     if not ids and lm.tokenizer.bos_token_id is not None:
         ids = [lm.tokenizer.bos_token_id]
     return ids
+
+
+def data_read_entry(release: Release) -> dict:
+    """What a stage that reads ``release`` (and no real text) read, for its manifest."""
+    m = release.meta.mechanism
+    return {
+        "data": f"release {release.path} (targets only, no text)",
+        "private": release.meta.target == "real",
+        "covered_by_dp": m.private or release.meta.target == "noise",
+        "protection": "none: exact class means" if m.type == "none" else (
+            "seeded simulation, no guarantee" if m.seeded else f"({m.epsilon}, {m.delta})-DP"),
+    }  # fmt: skip
+
+
+def load_run_release(run_dir: Path) -> Release:
+    """The release a run was generated from, verified to be the very one (same sha256)."""
+    manifest = read_json(Path(run_dir) / "manifest.json")
+    release = load_release(Path(manifest["release"]["path"]))
+    if release.meta.targets_sha256 != manifest["release"].get("targets_sha256"):
+        raise UserError(
+            f"the release at {release.path} is not the one {run_dir} was generated from "
+            "(its targets' sha256 differs)"
+        )
+    return release
 
 
 @torch.no_grad()
@@ -322,11 +347,13 @@ def _manifest(config, release, solver_cfg, problems, timings, rows) -> dict:
         "solver": solver_cfg.__dict__,
         "release": {
             "path": str(release.path.resolve()),
-            "task": release.meta["task"]["name"],
-            "model": release.meta["model"],
-            "mechanism": release.meta["mechanism"],
+            "targets_sha256": release.meta.targets_sha256,
+            "task": release.task.name,
+            "model": release.meta.model.model_dump(mode="json"),
+            "mechanism": release.meta.mechanism.model_dump(mode="json"),
         },
         "privacy_report": privacy_report(release.meta),
+        "data_read": [data_read_entry(release)],
         "seeds": {"seed": config.seed, "problem_seeds": problems.seeds},
         "counts": counts,
         "mean_rec_loss": sum(recs) / len(recs),

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
-from gradmm.files import read_jsonl, write_json
+from gradmm.files import OutputKind, check_output_dir, read_jsonl, write_json
 
 EOS = "<|endoftext|>"
 # Public corpus files, relative to the data dir. Never a split a built-in task evaluates on.
@@ -158,9 +158,19 @@ def heldout_loss(model, tokens: np.ndarray, seq_len: int, max_windows: int = 200
     return sum(losses) / len(losses)
 
 
+# What save_pretrained of the model and tokenizer writes, plus our training record.
+LM_DIR = OutputKind(
+    "model",
+    "training.json",
+    ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "training.json"),
+)  # fmt: skip
+
+
 def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path:
     """Train (or resume) the reference LM; writes the final model folder to ``out``."""
     out = Path(out)
+    check_output_dir(out, LM_DIR)  # before any work: never write into someone else's folder
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer

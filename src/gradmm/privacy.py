@@ -17,21 +17,35 @@ The L2 sensitivity ``Δ`` of the concatenated sums depends on the neighbouring r
 * ``add-remove``: one example is added or removed: ``Δ = C``. The normaliser stays the public
   ``n`` (the actual count is never used or released).
 
+The noise comes from :func:`gaussian_noise`: standard normals made by the Box-Muller transform
+(float64) from the operating system's CSPRNG (``secrets``), so no seed exists that could be
+replayed. A ``noise_seed`` makes a *simulation* instead: the noise is drawn from a numpy PCG64
+stream keyed by the seed and every public setting of the release, recorded in ``release.json``,
+and reported as carrying no guarantee.
+
 Everything after the release (generation, filtering, reports) is post-processing of it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import secrets
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradmm.errors import UserError
 
 Neighbouring = Literal["replace", "add-remove"]
 ACCOUNTANT = "dp_accounting.gaussian_mechanism.get_sigma_gaussian (analytic Gaussian)"
+SECURE_SAMPLER = "Box-Muller (float64) on uniforms from the OS CSPRNG (Python secrets)"
+SEEDED_SAMPLER = "seeded simulation: Box-Muller (float64) on a numpy PCG64 stream keyed by the seed"
+NOISE_CHUNK = 1 << 20  # normals drawn per call: bounds the memory of the random bytes
 
 
 class DPSettings(BaseModel):
@@ -50,6 +64,55 @@ class DPSettings(BaseModel):
         return self
 
 
+class Mechanism(BaseModel):
+    """What protects a release's targets, as ``release.json`` records it (``type: none``: nothing).
+
+    ``noise_seed`` is set only for a seeded simulation: whoever reads it can subtract the noise,
+    so such a release carries no guarantee whatever its ε.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["none", "gaussian"]
+    epsilon: float | None = None
+    delta: float | None = None
+    clip: float | None = None
+    neighbouring: Neighbouring | None = None
+    sensitivity: float | None = None
+    noise_multiplier: float | None = None
+    sigma_sum: float | None = None
+    sigma_target: float | None = None
+    normaliser: int | None = None
+    accountant: str | None = None
+    accountant_version: str | None = None
+    sampler: str | None = None
+    noise_seed: int | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Mechanism:
+        if self.type == "gaussian":
+            needed = ("epsilon", "delta", "clip", "neighbouring", "sensitivity",
+                      "noise_multiplier", "sigma_sum", "normaliser", "sampler")  # fmt: skip
+            missing = [k for k in needed if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"gaussian mechanism without {', '.join(missing)}")
+        return self
+
+    @property
+    def seeded(self) -> bool:
+        return self.noise_seed is not None
+
+    @property
+    def private(self) -> bool:
+        """True when the release carries a DP guarantee (Gaussian noise, not seeded)."""
+        return self.type == "gaussian" and not self.seeded
+
+    def multiplier_under(self, neighbouring: Neighbouring) -> float:
+        """σ/Δ of this release for the sensitivity of ``neighbouring`` (which may differ from the
+        relation it was calibrated for: the Gaussian mechanism's guarantee depends on σ/Δ only)."""
+        assert self.sigma_sum is not None and self.clip is not None
+        return self.sigma_sum / sensitivity(self.clip, neighbouring)
+
+
 def check_settings(epsilon: float | None, delta: float | None) -> None:
     """One-line errors for invalid (ε, δ) before anything else runs."""
     if epsilon is None or delta is None:
@@ -58,6 +121,16 @@ def check_settings(epsilon: float | None, delta: float | None) -> None:
         raise UserError(f"--epsilon must be a positive number, got {epsilon}")
     if not (0 < delta < 1):
         raise UserError(f"--delta must be in (0, 1), got {delta}")
+
+
+def delta_warning(delta: float, pool_size: int) -> str | None:
+    """A warning when δ ≥ 1/(pool size): such a δ allows releasing one example outright."""
+    if delta >= 1 / pool_size:
+        return (
+            f"δ = {delta:g} is at least 1/(pool size) = 1/{pool_size}: the guarantee then allows "
+            "leaking one whole example; choose δ well below 1/n"
+        )
+    return None
 
 
 def noise_multiplier(epsilon: float, delta: float) -> float:
@@ -73,26 +146,72 @@ def sensitivity(clip: float, neighbouring: Neighbouring) -> float:
     return 2.0 * clip if neighbouring == "replace" else clip
 
 
-def mechanism(settings: DPSettings, n_per_class: int) -> dict:
-    """Everything ``release.json`` records about the DP mechanism."""
+def mechanism(settings: DPSettings, n_per_class: int, noise_seed: int | None = None) -> Mechanism:
+    """The Gaussian mechanism of one release, as ``release.json`` records it."""
     z = noise_multiplier(settings.epsilon, settings.delta)
     delta_l2 = sensitivity(settings.clip, settings.neighbouring)
-    return {
-        "type": "gaussian",
-        "private": True,
-        "epsilon": settings.epsilon,
-        "delta": settings.delta,
-        "clip": settings.clip,
-        "neighbouring": settings.neighbouring,
-        "sensitivity": delta_l2,
-        "noise_multiplier": z,
-        "sigma_sum": z * delta_l2,
-        "sigma_target": z * delta_l2 / n_per_class,
-        "normaliser": n_per_class,
-        "counts": "public input (--n-per-class), not released from data",
-        "accountant": ACCOUNTANT,
-        "accountant_version": version("dp-accounting"),
-    }
+    return Mechanism(
+        type="gaussian",
+        epsilon=settings.epsilon,
+        delta=settings.delta,
+        clip=settings.clip,
+        neighbouring=settings.neighbouring,
+        sensitivity=delta_l2,
+        noise_multiplier=z,
+        sigma_sum=z * delta_l2,
+        sigma_target=z * delta_l2 / n_per_class,
+        normaliser=n_per_class,
+        accountant=ACCOUNTANT,
+        accountant_version=version("dp-accounting"),
+        sampler=SECURE_SAMPLER if noise_seed is None else SEEDED_SAMPLER,
+        noise_seed=noise_seed,
+    )
+
+
+# -------------------------------------------------------------------------------- sampling
+
+
+def standard_normal(n: int, random_bytes: Callable[[int], bytes]) -> np.ndarray:
+    """(n,) float64 N(0, 1) draws by the Box-Muller transform of uniforms made from
+    ``random_bytes`` (53 random bits each; ``u1`` in (0, 1] so that the log is finite)."""
+    pairs = (n + 1) // 2
+    words = np.frombuffer(random_bytes(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    u1 = ((words[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    u2 = (words[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * np.pi * u2
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+
+
+def seeded_stream(noise_seed: int, public_settings: dict) -> Callable[[int], bytes]:
+    """Random bytes of a simulation: a PCG64 stream keyed by the seed *and* the release's public
+    settings, so that two different releases (a DP release and its noise-only control, two ε)
+    never share noise even when given the same seed."""
+    key = json.dumps([noise_seed, public_settings], sort_keys=True).encode()
+    entropy = int.from_bytes(hashlib.sha256(key).digest(), "big")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).bytes
+
+
+def gaussian_noise(
+    sizes: list[int], sigma: float, random_bytes: Callable[[int], bytes] | None = None
+) -> list[np.ndarray]:
+    """Independent float64 N(0, σ²) vectors of the given sizes, drawn in order from one stream.
+
+    ``random_bytes`` defaults to the OS CSPRNG (``secrets.token_bytes``): nothing is seeded, so
+    there is no seed to guess or replay. Pass :func:`seeded_stream` only for simulations.
+    """
+    random_bytes = random_bytes or secrets.token_bytes
+    out = []
+    for size in sizes:
+        parts = [
+            standard_normal(min(NOISE_CHUNK, size - start), random_bytes)
+            for start in range(0, size, NOISE_CHUNK)
+        ]
+        out.append(sigma * np.concatenate(parts) if parts else np.zeros(0))
+    return out
+
+
+# ---------------------------------------------------------------------- reports, composition
 
 
 def composed_epsilon(noise_multipliers: list[float], delta: float) -> float:
@@ -106,39 +225,85 @@ def composed_epsilon(noise_multipliers: list[float], delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def report(meta: dict) -> str:
-    """Human-readable privacy report of one release (``release.json`` contents)."""
-    m = meta["mechanism"]
-    lines = [f"release of task {meta['task']['name']!r}, model {meta['model']['name']!r}"]
-    if m["type"] == "none":
-        lines += [
-            "NOT differentially private: the targets are exact class means of the private "
-            "examples. Treat the release and everything generated from it as private data."
-        ]
-        return "\n".join(lines)
-    unit = {
-        "replace": "one private example replaced by another of the same class "
-        "(per-class counts public)",
-        "add-remove": "one private example added or removed",
-    }[m["neighbouring"]]
+UNITS = {
+    "replace": "one private example replaced by another of the same class (per-class counts "
+    "public)",
+    "add-remove": "one private example added or removed",
+}
+
+
+def report(meta) -> str:
+    """Human-readable privacy report of one release (a :class:`gradmm.release.ReleaseMeta`)."""
+    m: Mechanism = meta.mechanism
+    lines = [f"release of task {meta.task.name!r}, model {meta.model.name!r}"]
     data = (
         "no data (pure noise control)"
-        if meta.get("target") == "noise"
-        else (f"{sum(meta['counts'])} private examples from split {meta['split']!r}")
+        if meta.target == "noise"
+        else f"{sum(meta.counts)} private examples from split {meta.split!r}"
     )
+    if m.type == "none":
+        lines += [
+            "NOT differentially private: the targets are exact class means of the private "
+            "examples. Treat the release and everything generated from it as private data.",
+            f"data read: {data}",
+        ]
+        return "\n".join(lines)
+    if m.seeded:
+        lines += [
+            f"SIMULATION, NO PRIVACY GUARANTEE: the noise was drawn from a seeded generator "
+            f"(seed {m.noise_seed}, recorded here); anyone with the seed can subtract it. The "
+            f"figures below say what a real (unseeded) release would guarantee."
+        ]
     lines += [
-        f"protected unit: one example; neighbouring relation: {unit}",
-        f"guarantee: ({m['epsilon']}, {m['delta']})-DP for the whole release (all classes, "
-        "one Gaussian draw)",
+        f"protected unit: one example; neighbouring relation: {UNITS[m.neighbouring]}",
+        f"{'would guarantee' if m.seeded else 'guarantee'}: ({m.epsilon}, {m.delta})-DP for the "
+        "whole release (all classes, one Gaussian draw)",
         f"data read: {data}",
-        f"clip C = {m['clip']}, sensitivity Δ = {m['sensitivity']}, noise multiplier σ/Δ = "
-        f"{m['noise_multiplier']:.6g}, noise std on each class sum = {m['sigma_sum']:.6g}, "
-        f"on each released mean = {m['sigma_target']:.6g} (normaliser n = {m['normaliser']})",
-        f"accountant: {m['accountant']} {m['accountant_version']}",
+        f"clip C = {m.clip}, sensitivity Δ = {m.sensitivity}, noise multiplier σ/Δ = "
+        f"{m.noise_multiplier:.6g}, noise std on each class sum = {m.sigma_sum:.6g}, "
+        f"on each released mean = {m.sigma_target:.6g} (normaliser n = {m.normaliser})",
+        f"noise sampler: {m.sampler}",
+        f"accountant: {m.accountant} {m.accountant_version}",
         "counts per class: public input, not derived from the data",
         "not covered: the choice of the pool size, seeds, template, model and hyper-parameters "
         "(assumed public or chosen on public data); the sampling of the pool from the split "
-        "(no amplification claimed); any other release on the same examples (compose them "
-        "with `gradmm privacy DIR1 DIR2 ...`)",
+        "(no amplification claimed); checkpoint selection and few-shot demonstrations on the "
+        "dev slice of the private split (gradmm finetune/evaluate/run; see docs/privacy.md); "
+        "any other release on the same examples (compose them with `gradmm privacy DIR1 DIR2 "
+        "...`)",
     ]
     return "\n".join(lines)
+
+
+def composition(metas: list, names: list[str]) -> list[str]:
+    """What several releases on the same examples guarantee together, as report lines.
+
+    Noise-only controls read no data and cost nothing. A non-DP release makes the total not
+    private and a seeded one makes it a simulation. Releases calibrated under different
+    neighbouring relations are composed under each relation, each release's noise multiplier
+    taken for that relation's sensitivity (the Gaussian mechanism depends on σ/Δ only).
+    """
+    reading = [(n, m) for n, m in zip(names, metas, strict=True) if m.target != "noise"]
+    exact = [n for n, m in reading if m.mechanism.type == "none"]
+    if exact:
+        return [f"== total: NOT private ({', '.join(exact)} released exact class means)"]
+    if len(reading) < 2:
+        return []
+    mechs = [m.mechanism for _, m in reading]
+    seeded = [n for n, m in reading if m.mechanism.seeded]
+    total_delta = sum(m.delta for m in mechs)
+    lines = []
+    for relation in dict.fromkeys(m.neighbouring for m in mechs):
+        eps = composed_epsilon([m.multiplier_under(relation) for m in mechs], total_delta)
+        lines.append(
+            f"== composition of {len(mechs)} DP releases on the same examples (PLD accountant, "
+            f"relation {relation}): ε = {eps:.6g} at δ = {total_delta:.3g}"
+        )
+    if seeded:
+        lines.append(
+            f"== total: SIMULATION, NO PRIVACY GUARANTEE ({', '.join(seeded)} used seeded noise)"
+        )
+    skipped = len(metas) - len(reading)
+    if skipped:
+        lines.append(f"({skipped} noise-only control(s) read no data and cost no privacy)")
+    return lines

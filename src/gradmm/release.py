@@ -4,34 +4,38 @@ It samples ``n_per_class`` examples per class from the task's private split (str
 seeded), computes each class's mean output-layer gradient at the model's weights and writes
 
 * ``targets.safetensors``: one tensor per matched parameter, class dimension first;
-* ``release.json``: task (with its template and verbalizer), model name and fingerprint, the
-  tokenised prompt, counts, seed and how the targets were computed. No text, no statistic of the
-  private examples other than the targets and counts.
+* ``release.json`` (:class:`ReleaseMeta`): task (with its template and verbalizer), model name
+  and fingerprint, the tokenised prompt, counts, seed, how the targets were computed and the
+  sha256 of ``targets.safetensors``. No text, no statistic of the private examples other than the
+  targets and counts, nothing that depends on them (no timings, no path of the private file).
 
 Later stages read a release and public data only. The ``mechanism`` entry of ``release.json`` says
 what protects the targets: ``none``, or the Gaussian mechanism of :mod:`gradmm.privacy` when
 ``epsilon``/``delta`` are given. ``target="noise"`` is the pure-noise control: the same noise,
-no signal, and no data read at all.
+no signal, and no data read at all. :func:`load_release` verifies the file against its sha256,
+its shapes against the task and refuses non-finite targets, so every reader sees what was released.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradmm import __version__
-from gradmm.errors import UserError
-from gradmm.files import read_json, staged_dir, write_json
+from gradmm.config import one_line
+from gradmm.errors import UserError, warn
+from gradmm.files import OutputKind, check_output_dir, read_json, staged_dir, write_json
 from gradmm.matching import per_example_grad_norms, residuals, summed_grads
 from gradmm.models import (
     LoadedModel,
@@ -40,10 +44,21 @@ from gradmm.models import (
     fingerprint,
     load_model,
     matched_parameters,
+    resolve_model_name,
     right_padded,
 )
-from gradmm.privacy import DPSettings, Neighbouring, check_settings, mechanism
+from gradmm.privacy import (
+    DPSettings,
+    Mechanism,
+    Neighbouring,
+    check_settings,
+    delta_warning,
+    gaussian_noise,
+    mechanism,
+    seeded_stream,
+)
 from gradmm.tasks import (
+    Examples,
     PromptTokens,
     Task,
     dev_indices,
@@ -52,13 +67,14 @@ from gradmm.tasks import (
     tokenize_prompt,
 )
 
-RELEASE_FORMAT = 1
+RELEASE_FORMAT = 2
+RELEASE_DIR = OutputKind("release", "release.json", ("release.json", "targets.safetensors"))
 
 
 class ReleaseConfig(BaseModel):
     """Settings of ``gradmm release``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     task: str = Field(description="built-in task name or a task YAML file")
     model: str = Field(description="hub id or local folder of a causal LM")
     n_per_class: int = Field(25, ge=1, description="private examples sampled per class")
@@ -77,8 +93,9 @@ class ReleaseConfig(BaseModel):
     target: Literal["real", "noise"] = Field(
         "real", description="'noise': zero-signal control of the same σ; reads no data"
     )
-    # Seed of the DP noise. Never recorded: whoever knows it can subtract the noise.
-    noise_seed: int | None = Field(None, exclude=True)
+    # Seed of the DP noise: a simulation without guarantee, recorded in the mechanism (whoever
+    # knows it can subtract the noise). Unset: the OS CSPRNG, nothing to replay.
+    noise_seed: int | None = Field(None, ge=0, exclude=True)
 
     @property
     def private(self) -> bool:
@@ -88,33 +105,75 @@ class ReleaseConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+class ModelInfo(BaseModel):
+    """The model a release was computed with."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str  # what the user asked for
+    path: str | None  # the local folder it resolved to (None: a hub id)
+    fingerprint: str
+    vocab_rows: int
+    hidden_size: int
+    has_bias: bool
+    tied: bool
+
+
+class OutputParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: str
+    bias: str | None
+
+
+class ReleaseMeta(BaseModel):
+    """``release.json``: everything later stages may know about a release."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int
+    gradmm_version: str
+    task: Task
+    target: Literal["real", "noise"]
+    split: str | None  # None: the noise-only control read no data
+    data_source: str | None  # data set and split file name (never a local path)
+    model: ModelInfo
+    prompt_tokens: PromptTokens
+    counts: list[int]
+    seed: int
+    config: ReleaseConfig
+    description: str
+    match_params: MatchParams
+    parameters: list[str]
+    output_params: OutputParams
+    mechanism: Mechanism
+    targets_sha256: str
+
+
 @dataclass
 class Release:
-    """A loaded release: what generation may use."""
+    """A loaded, verified release: what generation may use."""
 
     path: Path
-    meta: dict
+    meta: ReleaseMeta
     targets: dict[str, Tensor]  # parameter name -> (C, *parameter shape)
     reused: bool = False  # an existing DP release returned as it was (no new noise)
 
     @property
     def target_weight(self) -> Tensor:
         """(C, V, d) target of the output layer's weight."""
-        return self.targets[self.meta["output_params"]["weight"]]
+        return self.targets[self.meta.output_params.weight]
 
     @property
     def target_bias(self) -> Tensor | None:
         """(C, V) target of the output layer's bias, or None."""
-        name = self.meta["output_params"]["bias"]
+        name = self.meta.output_params.bias
         return None if name is None else self.targets[name]
 
     @property
     def task(self) -> Task:
-        return Task(**self.meta["task"])
+        return self.meta.task
 
     @property
     def prompt(self) -> PromptTokens:
-        return PromptTokens(**self.meta["prompt_tokens"])
+        return self.meta.prompt_tokens
 
 
 def sample_per_class(
@@ -200,17 +259,19 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
     A DP release is never redrawn: if ``out`` already holds a release with the same settings it is
     returned as it is; different settings, or ``overwrite``, are refused (a second noisy release
     of the same examples spends more privacy: write it elsewhere and compose the two with
-    ``gradmm privacy``).
+    ``gradmm privacy``). Every check on the settings and on ``out`` runs before the private data
+    is read.
     """
     out = Path(out)
     dp = _dp_settings(config)
-    if (out / "release.json").exists():
-        if dp is not None:
-            existing = read_json(out / "release.json")
-            if existing.get("config") == config.public_fields() and not overwrite:
-                release = load_release(out)
-                release.reused = True
-                return release
+    if check_output_dir(out, RELEASE_DIR):
+        existing = load_release(out)
+        noisy = existing.meta.mechanism.type == "gaussian"
+        same = existing.meta.config.public_fields() == config.public_fields()
+        if noisy and same and not overwrite:
+            existing.reused = True
+            return existing
+        if noisy and existing.meta.target == "real":
             raise UserError(
                 f"{out} already holds a DP release; it is never redrawn (use a new --out and "
                 "compose the two with `gradmm privacy`)"
@@ -221,10 +282,14 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         raise UserError("--target noise is a DP control: give --epsilon and --delta")
     if dp is not None and config.match_params != "output":
         raise UserError("DP releases support --match-params output only")
-    started = time.time()
     task = load_task(config.task)
     if config.preset == "paper":
         task = task.with_paper_tokens()
+    if dp is not None:
+        note = delta_warning(dp.delta, config.n_per_class * task.num_classes)
+        if note:
+            warn(note)
+    resolved = Path(resolve_model_name(config.model)).expanduser()
     lm = load_model(config.model)
     prompt = tokenize_prompt(task, lm.tokenizer)
     params = matched_parameters(lm.model, config.match_params)
@@ -236,68 +301,89 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         sums = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in counts]
     else:
         split = config.split or task.private_split
-        examples = load_examples(task, split, config.data_dir)
-        source = examples.source
-        picked = sample_per_class(
-            examples.labels, task.label_names, config.n_per_class, config.seed,
-            exclude=private_pool_exclusions(task, split, len(examples.labels)),
-        )  # fmt: skip
+        examples, picked = private_pool(task, split, config.n_per_class, config.seed,
+                                        config.data_dir)  # fmt: skip
+        source = f"{task.name}/{Path(examples.source).name}"
         counts = [len(ix) for ix in picked]
         sums = _class_sums(lm, prompt, params, head, examples, picked, config, dp)
 
     if dp is None:
         per_class = [{n: g / k for n, g in s.items()} for s, k in zip(sums, counts, strict=True)]
-        protection = {"type": "none", "private": False}
+        protection = Mechanism(type="none")
     else:
-        protection = mechanism(dp, config.n_per_class)
-        gen = torch.Generator().manual_seed(
-            config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
-        )
-        per_class = [
-            {
-                n: (g + protection["sigma_sum"] * torch.randn(g.shape, generator=gen))
-                / config.n_per_class
-                for n, g in s.items()
-            }
-            for s in sums
-        ]
+        protection = mechanism(dp, config.n_per_class, config.noise_seed)
+        per_class = _add_noise(sums, protection, config)
 
-    meta = {
-        "format": RELEASE_FORMAT,
-        "gradmm_version": __version__,
-        "task": task.model_dump(mode="json"),
-        "target": config.target,
-        "split": split,
-        "data_source": source,
-        "model": {
-            "name": config.model,
-            "path": str(Path(config.model).resolve()) if Path(config.model).exists() else None,
-            "fingerprint": fingerprint(lm.model),
-            "vocab_rows": int(lm.output.weight.shape[0]),
-            "hidden_size": int(lm.output.weight.shape[1]),
-            "has_bias": lm.output.bias is not None,
-            "tied": lm.output.tied,
-        },
-        "prompt_tokens": {"head": prompt.head, "tail": prompt.tail, "label_ids": prompt.label_ids},
-        "counts": counts,
-        "seed": config.seed,
-        "config": config.public_fields(),
-        "targets": (
+    tensors = {name: torch.stack([t[name] for t in per_class]).contiguous() for name in params}
+    meta = ReleaseMeta(
+        format=RELEASE_FORMAT,
+        gradmm_version=__version__,
+        task=task,
+        target=config.target,
+        split=split,
+        data_source=source,
+        model=ModelInfo(
+            name=config.model,
+            # the folder the name resolved to (`reference` is the shipped LM, never ./reference)
+            path=str(resolved.resolve()) if resolved.exists() else None,
+            fingerprint=fingerprint(lm.model),
+            vocab_rows=int(lm.output.weight.shape[0]),
+            hidden_size=int(lm.output.weight.shape[1]),
+            has_bias=lm.output.bias is not None,
+            tied=lm.output.tied,
+        ),
+        prompt_tokens=prompt,
+        counts=counts,
+        seed=config.seed,
+        config=config,
+        description=(
             "per-class mean over the sampled examples of the gradient of CE(next token after "
             "the template, label token) w.r.t. the matched parameters, at the model's weights, "
             "fp32" + ("" if dp is None else ", each example clipped to norm C, Gaussian noise")
         ),
-        "match_params": config.match_params,
-        "parameters": list(params),
-        "output_params": {"weight": head[0], "bias": head[1] if len(head) > 1 else None},
-        "mechanism": protection,
-        "seconds": round(time.time() - started, 3),
-    }
-    tensors = {name: torch.stack([t[name] for t in per_class]).contiguous() for name in params}
-    with staged_dir(out) as tmp:
+        match_params=config.match_params,
+        parameters=list(params),
+        output_params=OutputParams(weight=head[0], bias=head[1] if len(head) > 1 else None),
+        mechanism=protection,
+        targets_sha256="",
+    )
+    with staged_dir(out, RELEASE_DIR) as tmp:
         save_file(tensors, str(tmp / "targets.safetensors"))
-        write_json(tmp / "release.json", meta)
+        meta.targets_sha256 = hashlib.sha256((tmp / "targets.safetensors").read_bytes()).hexdigest()
+        write_json(tmp / "release.json", meta.model_dump(mode="json"))
     return Release(out, meta, tensors)
+
+
+def _add_noise(sums: list[dict[str, Tensor]], protection: Mechanism, config) -> list[dict]:
+    """``(S_c + N(0, σ² I)) / n`` for every class and parameter: one draw over all of them.
+
+    The noise is float64 from :func:`gradmm.privacy.gaussian_noise` (the OS CSPRNG, or a
+    recorded seed for simulations), added in float64 and rounded once to fp32.
+    """
+    stream = None
+    if config.noise_seed is not None:
+        stream = seeded_stream(config.noise_seed, config.public_fields())
+    sizes = [g.numel() for s in sums for g in s.values()]
+    draws = iter(gaussian_noise(sizes, protection.sigma_sum, stream))
+    out = []
+    for s in sums:
+        noisy = {}
+        for name, g in s.items():
+            total = g.double() + torch.from_numpy(next(draws)).reshape(g.shape)
+            noisy[name] = (total / config.n_per_class).to(g.dtype)
+        out.append(noisy)
+    return out
+
+
+def private_pool(
+    task: Task, split: str, n_per_class: int, seed: int, data_dir: str | None
+) -> tuple[Examples, list[list[int]]]:
+    """The private split and, per class, the indices of the pool a release with these settings
+    reads: ``n_per_class`` per class, seeded, never from the dev slice. The one definition of the
+    pool (release, audit and the experiment's ``real_private`` baseline all use it)."""
+    examples = load_examples(task, split, data_dir)
+    exclude = private_pool_exclusions(task, split, len(examples.labels))
+    return examples, sample_per_class(examples.labels, task.label_names, n_per_class, seed, exclude)
 
 
 def private_pool_exclusions(task: Task, split: str, n_examples: int) -> list[int]:
@@ -343,11 +429,78 @@ def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[
 
 
 def load_release(path: Path) -> Release:
-    """Read a release folder written by :func:`release_targets`."""
+    """Read and verify a release folder written by :func:`release_targets`.
+
+    Any defect (missing or malformed ``release.json``, targets that do not match their sha256,
+    missing or extra tensors, shapes that disagree with the task and model, NaN or infinite
+    values) is a one-line :class:`UserError`: a tampered or swapped release is never used.
+    """
     path = Path(path)
     if not (path / "release.json").is_file():
         raise UserError(f"no release found at {path} (expected {path / 'release.json'})")
-    meta = read_json(path / "release.json")
-    if meta.get("format") != RELEASE_FORMAT:
-        raise UserError(f"{path}: unsupported release format {meta.get('format')!r}")
-    return Release(path, meta, load_file(str(path / "targets.safetensors")))
+    raw = read_json(path / "release.json")
+    if not isinstance(raw, dict) or raw.get("format") != RELEASE_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise UserError(f"{path}: unsupported release format {found!r} (expected {RELEASE_FORMAT})")
+    try:
+        meta = ReleaseMeta.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{path}/release.json: invalid release record: {one_line(e)}") from None
+    file = path / "targets.safetensors"
+    if not file.is_file():
+        raise UserError(f"{path}: targets.safetensors is missing")
+    data = file.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.targets_sha256:
+        raise UserError(
+            f"{file} does not match the sha256 recorded in release.json (modified or swapped)"
+        )
+    try:
+        targets = load_safetensors(data)
+    except SafetensorError as e:
+        raise UserError(f"{file}: unreadable ({e})") from None
+    _check_targets(path, meta, targets)
+    return Release(path, meta, targets)
+
+
+def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) -> None:
+    if sorted(targets) != sorted(meta.parameters):
+        raise UserError(f"{path}: targets hold {sorted(targets)}, not {sorted(meta.parameters)}")
+    classes = meta.task.num_classes
+    if len(meta.counts) != classes or len(meta.prompt_tokens.label_ids) != classes:
+        raise UserError(f"{path}: counts or label ids do not match the task's {classes} classes")
+    out = meta.output_params
+    expected = {out.weight: (classes, meta.model.vocab_rows, meta.model.hidden_size)}
+    if out.bias is not None:
+        expected[out.bias] = (classes, meta.model.vocab_rows)
+    for name, t in targets.items():
+        if t.ndim < 2 or t.shape[0] != classes:
+            raise UserError(
+                f"{path}: target {name!r} has shape {tuple(t.shape)}; expected one row per class "
+                f"of task {meta.task.name!r} ({classes})"
+            )
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise UserError(f"{path}: target {name!r} has shape {tuple(t.shape)}, not "
+                            f"{expected[name]}")  # fmt: skip
+        if not torch.isfinite(t).all():
+            raise UserError(f"{path}: target {name!r} contains NaN or infinite values")
+
+
+def load_release_model(release: Release) -> LoadedModel:
+    """The model ``release`` was computed with, refused if its weights or shapes differ."""
+    info = release.meta.model
+    # double backward through attention needs eager attention (SDPA's CPU kernel has none)
+    eager = "eager" if release.meta.match_params != "output" else None
+    lm = load_model(info.path or info.name, attn_implementation=eager)
+    if fingerprint(lm.model) != info.fingerprint:
+        raise UserError(
+            f"model {info.name!r} differs from the one the release was computed with "
+            "(fingerprint mismatch)"
+        )
+    params = matched_parameters(lm.model, release.meta.match_params)
+    for name, t in release.targets.items():
+        if name not in params or tuple(t.shape[1:]) != tuple(params[name].shape):
+            raise UserError(
+                f"{release.path}: target {name!r} of shape {tuple(t.shape)} does not fit the "
+                "model's parameters"
+            )
+    return lm
