@@ -6,9 +6,12 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradmm import experiment
 from gradmm.errors import UserError
+from gradmm.privacy import report as privacy_report
+from gradmm.release import load_release
 from gradmm.tasks import BUILTIN_TASKS, load_examples
 
 
@@ -41,6 +44,17 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     accuracy_table = (out / "results.md").read_text().split("## ")[0]
     assert accuracy_table.count("±") == 1 + 10  # header + one per method
     assert (out / "accuracy.png").stat().st_size > 0
+    # the DP releases are recorded simulations with independent noise, and the table says so
+    results_md = (out / "results.md").read_text()
+    assert "## What the DP rows are" in results_md and "not a composed guarantee" in results_md
+    dp_rel = load_release(out / "releases/sst2/seed0/dp_eps2")
+    noise_rel = load_release(out / "releases/sst2/seed0/noise_eps2")
+    seeds = [r.meta.mechanism.noise_seed for r in (dp_rel, noise_rel)]
+    assert None not in seeds and seeds[0] != seeds[1]
+    assert "SIMULATION" in privacy_report(dp_rel.meta)
+    pair = torch.stack([dp_rel.target_weight.flatten(), noise_rel.target_weight.flatten()])
+    assert abs(float(torch.corrcoef(pair)[0, 1])) < 0.05
+    assert all(r["privacy"]["noise_seed"] is not None for r in rows if r["epsilon"] is not None)
 
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")

@@ -108,3 +108,69 @@ def test_k_shot_prompt_has_k_demonstrations_per_class(model_dirs, data_dir):
     assert set(dev.texts).isdisjoint(test.texts) or TASK.test_split != TASK.private_split
     with_demos = accuracy(lm, prompt, test, TASK.label_names, prefix=ids)
     assert 0 <= with_demos["accuracy"] <= 1 and with_demos["n"] == len(test.texts)
+
+
+def flipped_train_file(train_file, tmp_path):
+    """The training file with every label flipped: training makes the model worse on dev."""
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    path = tmp_path / "flipped.jsonl"
+    path.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows))
+    return path
+
+
+def test_selected_weights_are_restored_under_python_O(model_dirs, data_dir, train_file, tmp_path):
+    """Training on flipped labels: dev keeps step 0, so the test score must be the untrained
+    model's. Run under `python -O`, where an assert (and anything inside it) is skipped."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from gradmm.finetune import FinetuneConfig, finetune\n"
+        "cfg = FinetuneConfig(model=sys.argv[1], task='sst2', train=sys.argv[2],\n"
+        "    data_dir=sys.argv[3], lr=3e-3, steps=30, batch_size=8, eval_every=10)\n"
+        "r = finetune(cfg, progress=False)\n"
+        "print(json.dumps([r['selected_step'], r['test_accuracy']]))\n"
+    )
+    flipped = flipped_train_file(train_file, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-O", "-c", script, str(model_dirs["llama"]), str(flipped),
+         str(data_dir)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    step, test_accuracy = json.loads(proc.stdout.strip().splitlines()[-1])
+    lm = load_model(str(model_dirs["llama"]))
+    untrained = accuracy(lm, tokenize_prompt(TASK, lm.tokenizer),
+                         eval_sets(TASK, str(data_dir), None, 0)[1], TASK.label_names)  # fmt: skip
+    assert step == 0 and test_accuracy == untrained["accuracy"]
+
+
+def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, tmp_path,
+                                              monkeypatch):  # fmt: skip
+    import gradmm.evaluate
+    import gradmm.finetune
+
+    base = dict(model=str(model_dirs["llama"]), task="sst2", train=str(train_file),
+                data_dir=str(data_dir), lr=3e-3, steps=6, batch_size=8, eval_every=3)  # fmt: skip
+    result = finetune(FinetuneConfig(**base), progress=False)
+    (entry,) = [d for d in result["data_read"] if "dev slice" in d["data"]]
+    assert entry["private"] and not entry["covered_by_dp"]
+
+    real_load = gradmm.evaluate.load_examples
+
+    def public_only(task, split, data_dir=None):
+        if split == task.private_split:
+            raise AssertionError("the private split was read")
+        return real_load(task, split, data_dir)
+
+    monkeypatch.setattr(gradmm.evaluate, "load_examples", public_only)
+    last = finetune(FinetuneConfig(**base, selection="last"), progress=False)
+    assert last["selected_step"] == 6 and last["dev_accuracy"] is None
+    assert not any(d.get("private") is True for d in last["data_read"])
+    dev = tmp_path / "public_dev.jsonl"
+    dev.write_text('{"text": "the film was great", "label": 1}\n'
+                   '{"text": "the plot was dull", "label": 0}\n')  # fmt: skip
+    chosen = finetune(FinetuneConfig(**base, dev_file=str(dev)), progress=False)
+    assert chosen["dev_examples"] == 2 and chosen["history"][0]["dev"]["n"] == 2
+    assert any("public dev file" in d["data"] for d in chosen["data_read"])
+    assert gradmm.finetune.dev_set is gradmm.evaluate.dev_set  # one definition of the dev set
