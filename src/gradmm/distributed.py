@@ -1,8 +1,11 @@
 """Sharding independent ADMM problems over processes with ``torch.distributed``.
 
 Problems never interact, so each rank solves a contiguous block of them and rank 0 gathers the
-blocks in problem order. Because every problem has its own init seed and the solver treats
-problems independently, the merged result equals a single-process run.
+blocks in problem order. Every problem has its own init seed and the solver treats problems
+independently, so rank r's block is solved as a 1-process run of that block alone would solve it
+(with the same threads). A different number of ranks changes the shapes of the batched kernels,
+whose rounding may then change a projected token: texts are not promised to equal a
+single-process run's (README, "Several processes").
 
 Two ways in:
 

@@ -125,7 +125,8 @@ def generate(
     """Run stage 2; returns the path of ``synthetic.jsonl``.
 
     Problems are sharded over ``nproc`` local processes, or over the ranks of an existing
-    process group (``torchrun``); the output is the same as a single-process run.
+    process group (``torchrun``), in contiguous blocks (see :mod:`gradmm.distributed` for what
+    that preserves).
     """
     t0 = time.perf_counter()
     out = Path(out)
