@@ -149,8 +149,12 @@ def audit_run(
     result = {
         **header,
         "data_read": [
-            {"data": f"the release's private pool ({len(pool)} examples of split "
-                     f"{meta.split!r})", "private": True, "covered_by_dp": False},
+            {
+                "data": f"the release's private pool ({len(pool)} examples of split "
+                f"{meta.split!r})",
+                "private": True,
+                "covered_by_dp": False,
+            },
         ],  # fmt: skip
         "pool": {"examples": len(pool), "split": meta.split, "seed": meta.seed},
         "summary": {

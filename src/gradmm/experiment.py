@@ -201,7 +201,7 @@ def _finetune(cfg, task, seed, train: Path) -> dict:
                            "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
     result = finetune(ft, progress=False)
     keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
-            "test_per_class_accuracy", "train_loss")  # fmt: skip
+            "test_per_class_accuracy", "train_loss", "data_read")  # fmt: skip
     return {k: result[k] for k in keep}
 
 
