@@ -33,7 +33,7 @@ def test_longest_common_ngram_equals_brute_force():
 def test_audit_command_writes_statistics_only(model_dirs, data_dir, tmp_path):
     runner = CliRunner()
     _, run = tiny_run(tmp_path, model_dirs["llama"], data_dir)
-    r = runner.invoke(app, ["audit", str(run)])
+    r = runner.invoke(app, ["audit", str(run), "--data-dir", str(data_dir)])
     assert r.exit_code == 0, r.output
     # the report is private: beside the run folder, never inside it, and labelled so
     assert not (run / "audit.json").exists()
@@ -43,16 +43,23 @@ def test_audit_command_writes_statistics_only(model_dirs, data_dir, tmp_path):
     assert audit["pool"]["examples"] == 6 and len(audit["examples"]) == 4
     assert set(audit["examples"][0]) == {"id", "longest_common_ngram", "nearest_jaccard"}
     # never into the run folder, never over a file it did not write, never twice silently
-    r = runner.invoke(app, ["audit", str(run), "--out", str(run / "a.json")])
+    r = runner.invoke(
+        app, ["audit", str(run), "--data-dir", str(data_dir), "--out", str(run / "a.json")]
+    )
     assert r.exit_code == 2 and "inside the run folder" in r.stderr
     foreign = tmp_path / "notes.json"
     foreign.write_text('{"mine": 1}')
-    r = runner.invoke(app, ["audit", str(run), "--out", str(foreign)])
+    r = runner.invoke(app, ["audit", str(run), "--data-dir", str(data_dir), "--out", str(foreign)])
     assert r.exit_code == 2 and "not written by gradmm audit" in r.stderr
     assert foreign.read_text() == '{"mine": 1}'
-    r = runner.invoke(app, ["audit", str(run)])
+    r = runner.invoke(app, ["audit", str(run), "--data-dir", str(data_dir)])
     assert r.exit_code == 2 and "--overwrite" in r.stderr
-    assert runner.invoke(app, ["audit", str(run), "--overwrite"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["audit", str(run), "--data-dir", str(data_dir), "--overwrite"]
+        ).exit_code
+        == 0
+    )
 
 
 def test_roc_auc_counts_pairs():
@@ -89,7 +96,17 @@ def test_membership_test_on_a_finetuned_model(model_dirs, data_dir, tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["audit", str(run), "--finetuned", str(tmp_path / "ft" / "model")])
+    r = runner.invoke(
+        app,
+        [
+            "audit",
+            str(run),
+            "--data-dir",
+            str(data_dir),
+            "--finetuned",
+            str(tmp_path / "ft" / "model"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     mia = json.loads((run.parent / "run.audit.json").read_text())["membership_inference"]
     assert mia["members"] == mia["non_members"] == 6 and 0 <= mia["roc_auc"] <= 1

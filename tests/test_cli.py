@@ -74,7 +74,11 @@ def test_release_then_generate(task, n_classes, model_dirs, data_dir, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config"]["per_class"] == 4 and manifest["seeds"]["seed"] == 0
     assert {"init", "x_steps", "projection", "total"} <= set(manifest["timings_s"])
-    assert sorted(os.listdir(tmp_path / "run")) == ["manifest.json", "synthetic.jsonl"]
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        ".gradmm.json",
+        "manifest.json",
+        "synthetic.jsonl",
+    ]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="shared/data not present")
@@ -211,6 +215,7 @@ def test_unfinished_run_with_other_settings_is_not_resumed(model_dirs, data_dir,
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.lock.json").write_text('{"config_sha256": "something else"}')
+    (run / ".gradmm.json").write_text('{"kind": "run"}')  # an interrupted gradmm run
     one_line_error(
         invoke("generate", "--release", tmp_path / "rel", "--out", run, *SMALL),
         "unfinished run with different settings",
@@ -244,7 +249,11 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["processes"] == 2
-    assert sorted(os.listdir(tmp_path / "two")) == ["manifest.json", "synthetic.jsonl"]
+    assert sorted(os.listdir(tmp_path / "two")) == [
+        ".gradmm.json",
+        "manifest.json",
+        "synthetic.jsonl",
+    ]
 
     release = load_release(tmp_path / "rel")
     lm = load_release_model(release)

@@ -60,7 +60,7 @@ def test_staged_dir_replaces_only_its_own_entries(tmp_path):
     with staged_dir(out, KIND) as tmp:  # the second output has no `sub`: the old one goes
         (tmp / "done.json").write_text("2")
         (tmp / "data.bin").write_text("new")
-    assert sorted(os.listdir(out)) == ["data.bin", "done.json"]
+    assert sorted(os.listdir(out)) == [".gradmm.json", "data.bin", "done.json"]
     assert (out / "done.json").read_text() == "2"
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a gradmm thing folder"):
@@ -97,7 +97,11 @@ def test_release_and_finetune_never_delete_a_folder_they_did_not_write(
     assert cli(*ft, "--out", tmp_path / "ft", "--overwrite").exit_code == 0
     assert release(model, data_dir, tmp_path / "rel").exit_code == 0
     assert release(model, data_dir, tmp_path / "rel", "--overwrite").exit_code == 0
-    assert sorted(os.listdir(tmp_path / "rel")) == ["release.json", "targets.safetensors"]
+    assert sorted(os.listdir(tmp_path / "rel")) == [
+        ".gradmm.json",
+        "release.json",
+        "targets.safetensors",
+    ]
 
 
 def test_generate_and_run_refuse_foreign_folders(model_dirs, data_dir, tmp_path):
@@ -262,3 +266,53 @@ def test_a_local_folder_named_reference_does_not_shadow_the_shipped_lm(
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "rel" / "release.json").read_text())
     assert meta["model"]["path"] == str(REFERENCE_LM_DIR.resolve())
+
+
+def test_file_names_alone_never_make_a_folder_gradmms(model_dirs, data_dir, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    """A Hugging Face model folder has the file names `lm train` writes, and a folder of someone
+    else's checkpoints those of a run: without gradmm's stamp both are refused, untouched."""
+    hf = tmp_path / "some-llama"
+    shutil.copytree(model_dirs["llama"], hf)
+    before = sorted(os.listdir(hf))
+    one_line_error(cli("lm", "train", "--out", hf, "--data-dir", data_dir, "--max-steps", 1),
+                   "not a gradmm model folder")  # fmt: skip
+    one_line_error(
+        cli("lm", "train", "--out", tmp_path / "new", "--work", hf, "--data-dir", data_dir),
+        "not a gradmm training work folder",
+    )
+    monkeypatch.chdir(tmp_path)
+    one_line_error(cli("lm", "train", "--out", tmp_path / "new", "--work", ".", "--data-dir",
+                       data_dir), "refusing to write outputs")  # fmt: skip
+    assert sorted(os.listdir(hf)) == before and not (tmp_path / "new").exists()
+
+    rel = tmp_path / "rel"
+    assert release(model_dirs["llama"], data_dir, rel).exit_code == 0
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text("{}")
+    (theirs / "checkpoint_best.pt").write_bytes(b"weights")
+    one_line_error(cli("generate", "--release", rel, "--out", theirs, *SMALL, "--overwrite"),
+                   "not a gradmm run folder")  # fmt: skip
+    assert (theirs / "checkpoint_best.pt").read_bytes() == b"weights"
+
+
+def test_unreadable_inputs_are_one_line(model_dirs, data_dir, tmp_path):
+    binary = tmp_path / "train.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    one_line_error(cli("finetune", "--model", model_dirs["llama"], "--task", "sst2", "--train",
+                       binary, "--data-dir", data_dir, "--out", tmp_path / "ft"),
+                   "not a UTF-8 text file")  # fmt: skip
+    r = cli("evaluate", "--model", model_dirs["llama"], "--task", "sst2", "--data-dir", data_dir,
+            "--out", binary)  # fmt: skip
+    one_line_error(r, "not written by gradmm evaluate")
+    assert binary.read_bytes() == b"\xff\xfe\x00garbage"
+
+
+def test_audit_of_the_working_directory_writes_beside_it(model_dirs, data_dir, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    _, run = tiny_run(tmp_path, model_dirs["llama"], data_dir)
+    monkeypatch.chdir(run)
+    r = cli("audit", ".", "--data-dir", data_dir)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run.audit.json").is_file() and not (run / ".audit.json").exists()

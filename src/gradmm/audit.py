@@ -32,7 +32,7 @@ PRIVATE_LABEL = (
 
 def default_report_path(run_dir: Path) -> Path:
     """``RUN.audit.json`` beside the run folder ``RUN`` (outside it)."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # `.` has no name
     return run_dir.parent / f"{run_dir.name}.audit.json"
 
 
@@ -126,9 +126,8 @@ def audit_run(
     model = meta.model.path or resolve_model_name(meta.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model)
     assert meta.split is not None
-    examples, picked = private_pool(
-        task, meta.split, meta.counts[0], meta.seed, data_dir or meta.config.data_dir
-    )
+    # the release does not record where the data lives: --data-dir or $GRADMM_DATA_DIR
+    examples, picked = private_pool(task, meta.split, meta.counts[0], meta.seed, data_dir)
     exclude = private_pool_exclusions(task, meta.split, len(examples.labels))
     if [len(ix) for ix in picked] != meta.counts:
         raise UserError("the private pool cannot be re-derived from the release's settings")

@@ -103,7 +103,10 @@ def release(
     counts = ", ".join(
         f"{n} {name}" for n, name in zip(result.meta.counts, result.task.label_names, strict=True)
     )
-    typer.echo(f"released targets of {counts} to {out}")
+    if result.reused:
+        typer.echo(f"{out} already holds this DP release: reused as it is (no new noise drawn)")
+    else:
+        typer.echo(f"released targets of {counts} to {out}")
 
 
 @command(app, "the last checkpoint in the run folder was kept: rerun the same command to resume")
@@ -334,7 +337,7 @@ def privacy(
 def audit(
     run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
     data_dir: Annotated[
-        str | None, typer.Option(help="Data folder of the release [as recorded].")
+        str | None, typer.Option(help="Local data folder [$GRADMM_DATA_DIR, else the hub].")
     ] = None,
     finetuned: Annotated[
         str | None, typer.Option(help="Fine-tuned model folder: adds a membership-inference test.")

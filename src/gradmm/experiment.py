@@ -38,6 +38,7 @@ from gradmm.evaluate import accuracy, demonstrations, eval_sets
 from gradmm.files import (
     OutputKind,
     check_output_dir,
+    make_output_dir,
     read_json,
     write_json,
     write_jsonl,
@@ -114,7 +115,7 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     cfg = load_experiment(config_path)
     out = Path(out)
     check_output_dir(out, EXPERIMENT_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, EXPERIMENT_DIR)
     weights = fingerprint(load_model(cfg.model).model)
     settings = {**cfg.model_dump(mode="json"), "model_fingerprint": weights}
     _check_same_settings(settings, out / "experiment.json")
@@ -201,7 +202,7 @@ def _finetune(cfg, task, seed, train: Path) -> dict:
                            "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
     result = finetune(ft, progress=False)
     keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
-            "test_per_class_accuracy", "train_loss", "data_read")  # fmt: skip
+            "test_per_class_accuracy", "train_loss")  # fmt: skip
     return {k: result[k] for k in keep}
 
 

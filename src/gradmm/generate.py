@@ -33,6 +33,7 @@ from gradmm.errors import UserError
 from gradmm.files import (
     OutputKind,
     check_output_dir,
+    make_output_dir,
     read_json,
     remove_owned,
     write_json,
@@ -280,7 +281,7 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
                 f"{out} holds an unfinished run with different settings (pass --overwrite)"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, RUN_DIR)
     write_json(lock, {"config_sha256": config_digest})
 
 
@@ -306,8 +307,11 @@ def data_read_entry(release: Release) -> dict:
 def load_run_release(run_dir: Path) -> Release:
     """The release a run was generated from, verified to be the very one (same sha256)."""
     manifest = read_json(Path(run_dir) / "manifest.json")
-    release = load_release(Path(manifest["release"]["path"]))
-    if release.meta.targets_sha256 != manifest["release"].get("targets_sha256"):
+    recorded = manifest.get("release") if isinstance(manifest, dict) else None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
+        raise UserError(f"{run_dir}/manifest.json does not name the run's release")
+    release = load_release(Path(recorded["path"]))
+    if release.meta.targets_sha256 != recorded.get("targets_sha256"):
         raise UserError(
             f"the release at {release.path} is not the one {run_dir} was generated from "
             "(its targets' sha256 differs)"

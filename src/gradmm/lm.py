@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
-from gradmm.files import OutputKind, check_output_dir, read_jsonl, write_json
+from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_jsonl, write_json
 
 EOS = "<|endoftext|>"
 # Public corpus files, relative to the data dir. Never a split a built-in task evaluates on.
@@ -167,12 +167,21 @@ LM_DIR = OutputKind(
 )  # fmt: skip
 
 
+LM_WORK_DIR = OutputKind(
+    "training work",
+    "state.pt",
+    ("state.pt", "state.tmp", "tokens.npy", "corpus.json", "tokenizer", "log.jsonl"),
+)
+
+
 def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path:
     """Train (or resume) the reference LM; writes the final model folder to ``out``."""
     out = Path(out)
-    check_output_dir(out, LM_DIR)  # before any work: never write into someone else's folder
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
+    # before any work: never write into (or over) someone else's folder
+    check_output_dir(out, LM_DIR)
+    check_output_dir(work, LM_WORK_DIR)
+    make_output_dir(work, LM_WORK_DIR)
     from transformers import AutoTokenizer
 
     if (work / "tokenizer" / "tokenizer.json").exists():
@@ -266,6 +275,7 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
         "final_train_loss": last["loss"],
         "heldout_loss": heldout_loss(model, heldout_ids, config.seq_len),
     }
+    make_output_dir(out, LM_DIR)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     write_json(out / "training.json", info)

@@ -19,13 +19,14 @@ its shapes against the task and refuses non-finite targets, so every reader sees
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -102,7 +103,9 @@ class ReleaseConfig(BaseModel):
         return self.epsilon is not None or self.delta is not None
 
     def public_fields(self) -> dict:
-        return self.model_dump(mode="json")
+        """The settings ``release.json`` records: all but the noise seed (recorded, when set, in
+        the mechanism) and the local data folder (a path on the releaser's machine)."""
+        return self.model_dump(mode="json", exclude={"data_dir"})
 
 
 class ModelInfo(BaseModel):
@@ -145,6 +148,32 @@ class ReleaseMeta(BaseModel):
     output_params: OutputParams
     mechanism: Mechanism
     targets_sha256: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReleaseMeta:
+        """Catch edited records. ``release.json`` is not signed: these checks stop accidents
+        and careless edits (a seeded release passed off as private, a real one as a control),
+        not a forger who rewrites every field consistently."""
+        m, cfg = self.mechanism, self.config
+        if self.target != cfg.target or (self.target == "noise") != (self.split is None):
+            raise ValueError("target, config.target and split disagree")
+        if (m.type == "gaussian") != cfg.private:
+            raise ValueError("the mechanism disagrees with config.epsilon/delta")
+        if m.type == "gaussian":
+            if (m.epsilon, m.delta, m.clip, m.neighbouring, m.normaliser) != (
+                cfg.epsilon, cfg.delta, cfg.clip, cfg.neighbouring, cfg.n_per_class
+            ):  # fmt: skip
+                raise ValueError("the mechanism disagrees with the recorded settings")
+            expected = mechanism(
+                DPSettings(epsilon=cfg.epsilon, delta=cfg.delta, clip=cfg.clip,
+                           neighbouring=cfg.neighbouring),
+                cfg.n_per_class, m.noise_seed,
+            )  # fmt: skip
+            for field in ("sensitivity", "noise_multiplier", "sigma_sum", "sampler"):
+                a, b = getattr(m, field), getattr(expected, field)
+                if a != b and not (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)):
+                    raise ValueError(f"mechanism.{field} is not what the settings give")
+        return self
 
 
 @dataclass
@@ -268,6 +297,8 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         existing = load_release(out)
         noisy = existing.meta.mechanism.type == "gaussian"
         same = existing.meta.config.public_fields() == config.public_fields()
+        # a seeded simulation is never handed out for a release asked to be private (or v.v.)
+        same = same and existing.meta.mechanism.noise_seed == config.noise_seed
         if noisy and same and not overwrite:
             existing.reused = True
             return existing
@@ -465,6 +496,9 @@ def load_release(path: Path) -> Release:
 def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) -> None:
     if sorted(targets) != sorted(meta.parameters):
         raise UserError(f"{path}: targets hold {sorted(targets)}, not {sorted(meta.parameters)}")
+    out_names = [meta.output_params.weight, meta.output_params.bias or meta.output_params.weight]
+    if not set(out_names) <= set(meta.parameters):
+        raise UserError(f"{path}: output_params name tensors the release does not hold")
     classes = meta.task.num_classes
     if len(meta.counts) != classes or len(meta.prompt_tokens.label_ids) != classes:
         raise UserError(f"{path}: counts or label ids do not match the task's {classes} classes")
