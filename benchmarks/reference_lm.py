@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradmm.checkpoints import resolve_model_name
 from gradmm.files import write_json, write_text
 from gradmm.matching import MatchingLoss
-from gradmm.models import final_hidden, load_model, resolve_model_name, right_padded
+from gradmm.models import final_hidden, load_model, right_padded
 from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 PROMPTS = [

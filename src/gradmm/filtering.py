@@ -62,6 +62,7 @@ def per_example_rec(lm: LoadedModel, release: Release, texts: list[str], labels:
     seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     out = []
     tw, tb = release.target_weight, release.target_bias
+    tw_norm = tw.flatten(1).norm(dim=1)  # (C,): never a (N, V, d) gather of the targets
     for start in range(0, len(seqs), 32):
         ids, mask, last = right_padded(seqs[start : start + 32])
         h = final_hidden(lm.model, input_ids=ids, attention_mask=mask)[
@@ -71,7 +72,7 @@ def per_example_rec(lm: LoadedModel, release: Release, texts: list[str], labels:
         r = residuals(lm.output.logits(h), torch.tensor(prompt.label_ids)[ys])
         # cos(T_W, r hᵀ) = rᵀ T_W h / (‖T_W‖ ‖r‖ ‖h‖)
         dot_w = torch.stack([r[i] @ (tw[y] @ h[i]) for i, y in enumerate(ys.tolist())])
-        cos_w = dot_w / (tw[ys].flatten(1).norm(dim=1) * r.norm(dim=1) * h.norm(dim=1))
+        cos_w = dot_w / (tw_norm[ys] * r.norm(dim=1) * h.norm(dim=1))
         if tb is None:
             out.append(1 - cos_w)
         else:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from gradmm.checkpoints import resolve_model_name
 from gradmm.errors import UserError
 
 
@@ -40,29 +42,17 @@ class LoadedModel:
     name: str  # what the user asked for (hub id or folder)
     output: OutputLayer
 
-    @property
+    @cached_property
     def embeddings(self) -> Tensor:
-        """(V_in, d) input embedding matrix."""
-        return self.model.get_input_embeddings().weight
+        """(V_in, d) what the model's input embedding module returns for each token id: the
+        ``inputs_embeds`` equivalent of ``input_ids`` (see :func:`input_embedding_matrix`)."""
+        return input_embedding_matrix(self.model)
 
     @property
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None) or getattr(
             self.model.config, "n_positions", None
         )
-
-
-# The project's reference LM (see gradmm.lm), shipped inside the package; `--model reference`.
-REFERENCE_LM_DIR = Path(__file__).parent / "reference_lm"
-
-
-def resolve_model_name(name: str) -> str:
-    """``reference`` -> the shipped reference LM folder; anything else unchanged."""
-    if name != "reference":
-        return name
-    if not (REFERENCE_LM_DIR / "config.json").is_file():
-        raise UserError(f"the reference LM is not in this installation ({REFERENCE_LM_DIR})")
-    return str(REFERENCE_LM_DIR)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -72,7 +62,9 @@ def _looks_like_path(name: str) -> bool:
 def load_model(
     name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer by hub id, local folder or ``reference``, frozen, eval.
+    """Load a causal LM and its tokenizer, frozen, in eval mode: ``name`` is anything
+    :func:`gradmm.checkpoints.resolve_model_name` accepts (``reference``, a fetched short name, a
+    ``.gguf`` file, a folder, a hub id).
 
     fp32 by default: transformers v5 would otherwise use the checkpoint's dtype. Pass
     ``attn_implementation="eager"`` to differentiate gradients through attention (SDPA's CPU
@@ -140,6 +132,22 @@ def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") ->
     return params
 
 
+@torch.no_grad()
+def input_embedding_matrix(model: torch.nn.Module, chunk: int = 8192) -> Tensor:
+    """(V_in, d) the input embedding module's output for every token id, detached.
+
+    For most models that is the embedding table itself (returned as is, no copy). Some scale it
+    inside the module (Gemma 3 multiplies by sqrt(d)); ``inputs_embeds`` must then be the scaled
+    rows, so the scaled table is computed once, in chunks.
+    """
+    module = model.get_input_embeddings()
+    weight = module.weight.detach()
+    probe = torch.arange(min(16, weight.shape[0]))
+    if torch.equal(module(probe), weight[probe]):
+        return weight
+    return torch.cat([module(ids) for ids in torch.arange(weight.shape[0]).split(chunk)])
+
+
 def right_padded(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """(N, L) right-padded ids, (N, L) attention mask, (N,) last real position of each row.
 
@@ -176,5 +184,6 @@ def fingerprint(model: torch.nn.Module) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-dim buffer (Gemma 3's embed_scale) cannot be viewed as bytes
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

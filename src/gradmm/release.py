@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradmm import __version__
+from gradmm.checkpoints import resolve_model_name
 from gradmm.config import one_line
 from gradmm.errors import UserError, warn
 from gradmm.files import OutputKind, check_output_dir, read_json, staged_dir, write_json
@@ -45,7 +46,6 @@ from gradmm.models import (
     fingerprint,
     load_model,
     matched_parameters,
-    resolve_model_name,
     right_padded,
 )
 from gradmm.privacy import (
