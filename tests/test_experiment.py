@@ -44,6 +44,12 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     accuracy_table = (out / "results.md").read_text().split("## ")[0]
     assert accuracy_table.count("±") == 1 + 10  # header + one per method
     assert (out / "accuracy.png").stat().st_size > 0
+    # every training set's perplexity, under the same scoring; samples of synthetic sets only
+    assert "## Training texts: perplexity" in results_md_text(out)
+    by_method = {experiment.method_label(r): r for r in rows if r["seed"] == 0}
+    assert by_method["real_private"]["train_perplexity"] > 0
+    assert "samples" not in by_method["real_private"] and "samples" in by_method["gradmm"]
+    assert "**sst2 / gradmm**" in results_md_text(out)
     # the DP releases are recorded simulations with independent noise, and the table says so
     results_md = (out / "results.md").read_text()
     assert "## What the DP rows are" in results_md and "not a composed guarantee" in results_md
@@ -147,3 +153,23 @@ def test_readme_quotes_the_committed_results():
     assert tables
     for table in tables:
         assert table.strip() in committed
+
+
+def results_md_text(out: Path) -> str:
+    return (out / "results.md").read_text()
+
+
+def test_text_perplexity_batched_equals_one_at_a_time_and_by_hand(model_dirs):
+    from gradmm.evaluate import text_perplexities
+    from gradmm.models import load_model
+
+    lm = load_model(str(model_dirs["llama"]))
+    texts = ["the film was great", "a dull plot", "the cast was lovely and the music moving"]
+    batched = text_perplexities(lm, texts, batch_size=3)
+    alone = [text_perplexities(lm, [t])[0] for t in texts]
+    assert batched == pytest.approx(alone, rel=1e-5)
+    ids = torch.tensor([[lm.tokenizer.bos_token_id] + lm.tokenizer(texts[1])["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)
+    nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].mean()
+    assert alone[1] == pytest.approx(float(nll.exp()), rel=1e-5)

@@ -113,3 +113,76 @@ def test_csv_split_is_read_like_jsonl(tmp_path):
     (folder / "train.csv").write_text("text,label\nok,1\nbad row,x\n")
     with pytest.raises(UserError, match=r"train.csv:3: label 'x' is not an integer"):
         load_examples(BUILTIN_TASKS["sst2"], "train", tmp_path)
+
+
+def test_demonstrations_belong_to_the_task(tmp_path, data_dir, model_dirs):
+    """A custom 4-class task never gets the sentiment demonstrations: without its own, the
+    methods that need them are a one-line error before anything runs; with them, they are used."""
+    import json
+
+    from conftest import cli
+
+    from gradmm.tasks import BUILTIN_TASKS, load_task
+
+    assert {y for _, y in BUILTIN_TASKS["tweet_emotion"].demonstrations} == {0, 1, 2, 3}
+    spec = tmp_path / "emo.yaml"
+    spec.write_text(
+        "label_names: [anger, joy, optimism, sadness]\n"
+        "label_words: [' anger', ' joy', ' optimism', ' sadness']\n"
+        f"local_dir: {data_dir / 'tweet_eval_emotion'}\nprivate_split: train\ntest_split: train2\n"
+    )
+    assert load_task(str(spec)).demonstrations is None
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"model: {model_dirs['llama']}\ntasks: [{spec}]\nmethods: [lm_prompted]\n")
+    r = cli("run", "--config", exp, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "has no demonstrations" in r.stderr and "lm_prompted" in r.stderr
+    assert not (tmp_path / "out").exists()
+    exp.write_text(f"model: {model_dirs['llama']}\ntasks: [{spec}]\nmethods: [gradmm]\n")
+    r = cli("run", "--config", exp, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "few-shot classifier" in r.stderr
+
+    spec.write_text(
+        spec.read_text() + "demonstrations: [[grr, 0], [yay, 1], [soon, 2], [sigh, 3]]\n"
+    )
+    task = load_task(str(spec))
+    assert task.require_demonstrations("x")[2] == ("soon", 2)
+    spec.write_text(spec.read_text().replace("[sigh, 3]", "[sigh, 7]"))
+    r = cli("release", "--task", spec, "--model", model_dirs["llama"], "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "demonstrations" in r.stderr
+    assert json.dumps(list(task.demonstrations))
+
+
+def test_experiment_file_typos_are_one_line_before_any_cell(tmp_path, model_dirs):
+    from conftest import cli
+
+    cases = [("generate: {stpes: 3}", "stpes"), ("filter: {keep: 3}", "keep"),
+             ("finetune: {lr: -1}", "lr"), ("finetune: {seed: 3}", "seed")]  # fmt: skip
+    for section, message in cases:
+        exp = tmp_path / "exp.yaml"
+        exp.write_text(f"model: {model_dirs['llama']}\ntasks: [sst2]\n{section}\n")
+        r = cli("run", "--config", exp, "--out", tmp_path / "out")
+        assert r.exit_code == 2 and message in r.stderr, (section, r.output)
+        assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_long_texts_are_cut_only_when_asked(model_dirs, data_dir, tmp_path):
+    """The reference-LM situation on IMDB: a text longer than the context is an error that names
+    the option; --max-text-tokens cuts it, and the release records the cut."""
+    import json
+
+    from conftest import cli, write_split
+
+    long_text = " ".join(["the film was great and"] * 60)  # > 128 tokens of the tiny models
+    rows = [(long_text, 1)] * 30 + [("the plot was dull", 0)] * 30
+    write_split(tmp_path / "data" / "sst2", "train", rows)
+    args = ["release", "--task", "sst2", "--model", model_dirs["gpt2"], "--data-dir",
+            tmp_path / "data", "--n-per-class", 3]  # fmt: skip
+    r = cli(*args, "--out", tmp_path / "r1")
+    assert r.exit_code == 2 and "longer than the model's context" in r.stderr
+    assert "--max-text-tokens" in r.stderr
+    r = cli(*args, "--out", tmp_path / "r2", "--max-text-tokens", 100)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "r2" / "release.json").read_text())
+    assert (
+        meta["task"]["max_text_tokens"] == 100 and meta["prompt_tokens"]["max_text_tokens"] == 100
+    )

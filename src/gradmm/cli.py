@@ -72,6 +72,10 @@ def release(
         str | None,
         typer.Option(help="'output' (the paper) or 'last-block' (also the last decoder block)."),
     ] = None,
+    max_text_tokens: Annotated[
+        int | None,
+        typer.Option(help="Cut texts to their first N tokens (recorded) [the task's: none]."),
+    ] = None,
     epsilon: Annotated[float | None, typer.Option(help="DP ε: makes a DP release.")] = None,
     delta: Annotated[float | None, typer.Option(help="DP δ.")] = None,
     clip: Annotated[float | None, typer.Option(help="DP per-example norm bound C [1.0].")] = None,
@@ -94,7 +98,8 @@ def release(
     cfg = build_config(
         ReleaseConfig,
         dict(task=task, model=model, n_per_class=n_per_class, split=split, seed=seed,
-             data_dir=data_dir, preset=preset, match_params=match_params, epsilon=epsilon,
+             data_dir=data_dir, preset=preset, match_params=match_params,
+             max_text_tokens=max_text_tokens, epsilon=epsilon,
              delta=delta, clip=clip, neighbouring=neighbouring, target=target,
              noise_seed=noise_seed),
         config,

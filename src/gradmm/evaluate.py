@@ -161,3 +161,25 @@ def evaluate_task(
     result.update(stage="evaluate", model=model, task=task.name, few_shot=few_shot, seed=seed,
                   data_read=data_read)  # fmt: skip
     return result
+
+
+@torch.no_grad()
+def text_perplexities(lm: LoadedModel, texts: list[str], batch_size: int = 16) -> list[float]:
+    """Per text, exp(mean NLL of its tokens) under ``lm``, each text alone after one BOS (or EOS)
+    token: the same scoring for real and synthetic text, with no template or task prefix."""
+    start = lm.tokenizer.bos_token_id
+    if start is None:
+        start = lm.tokenizer.eos_token_id
+    if start is None:
+        raise UserError("the tokenizer has neither a BOS nor an EOS token to start texts with")
+    seqs = [[start] + encode_text(lm.tokenizer, t) for t in texts]
+    out = []
+    for first in range(0, len(seqs), batch_size):
+        ids, mask, _ = right_padded(seqs[first : first + batch_size])
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), ids[:, 1:], reduction="none"
+        )
+        valid = mask[:, 1:].to(nll.dtype)
+        out += ((nll * valid).sum(1) / valid.sum(1).clamp(min=1)).exp().tolist()
+    return out

@@ -33,18 +33,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from gradmm.config import build_config
 from gradmm.errors import UserError
-from gradmm.evaluate import accuracy, demonstrations, eval_sets
+from gradmm.evaluate import accuracy, demonstrations, eval_sets, text_perplexities
 from gradmm.files import (
     OutputKind,
     check_output_dir,
     make_output_dir,
     read_json,
+    read_jsonl,
     write_json,
     write_jsonl,
     write_text,
 )
-from gradmm.filtering import FilterConfig, demonstrations_for, filter_run
+from gradmm.filtering import FilterConfig, filter_run
 from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.generate import generate, resolve_config
 from gradmm.models import fingerprint, load_model
@@ -68,7 +70,7 @@ class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = "reference"
     data_dir: str | None = None
-    tasks: list[str]
+    tasks: list[str] = Field(min_length=1)
     methods: list[str] = list(METHODS)
     seeds: list[int] = [0, 1, 2]
     n_per_class: int = Field(25, ge=1, description="private pool per class")
@@ -83,12 +85,28 @@ class ExperimentConfig(BaseModel):
 
 
 def load_experiment(path: Path) -> ExperimentConfig:
-    from gradmm.config import build_config
-
+    """Read and validate an experiment file, every stage section included."""
     cfg = build_config(ExperimentConfig, {}, path)
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise UserError(f"unknown methods {sorted(unknown)} (choose from {', '.join(METHODS)})")
+    # every stage section is validated now: a typo is one line before any cell runs
+    classifier = build_config(FilterConfig, cfg.filter).classifier
+    resolve_config({**cfg.generate, "per_class": cfg.synthetic_per_class})
+    for section in ("model", "task", "train", "data_dir", "seed"):
+        if section in cfg.finetune:
+            raise UserError(f"finetune: {section!r} is set by the runner, not the experiment file")
+    build_config(FinetuneConfig, {**cfg.finetune, "model": cfg.model, "task": cfg.tasks[0],
+                                  "train": "-"})  # fmt: skip
+    # methods that need a task's public demonstrations: refused now, not an hour into the run
+    synthetic = {"gradmm_paper", "gradmm", "dp_gradmm", "dp_noise", "dp_none"}
+    for name in cfg.tasks:
+        task = load_task(name)
+        if "lm_prompted" in cfg.methods:
+            task.require_demonstrations("the lm_prompted baseline")
+        if classifier and synthetic & set(cfg.methods):
+            task.require_demonstrations("the filter's few-shot classifier (filter: {classifier: "
+                                        "false} turns it off)")  # fmt: skip
     return cfg
 
 
@@ -197,13 +215,25 @@ def _synthetic(cfg, out, task, method, seed, eps, release: Path, **extra) -> Pat
     return run / "filtered.jsonl"
 
 
-def _finetune(cfg, task, seed, train: Path) -> dict:
+def _finetune(cfg, task, seed, train: Path, samples: bool = True) -> dict:
+    """Fine-tune on ``train`` and describe the training texts: the median of their perplexities
+    under the experiment's model (the same scoring for every method) and, when ``samples``
+    (never for real text), the first three texts of each class."""
     ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": task, "train": str(train),
                            "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
     result = finetune(ft, progress=False)
     keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
             "test_per_class_accuracy", "train_loss")  # fmt: skip
-    return {k: result[k] for k in keep}
+    out = {k: result[k] for k in keep}
+    rows = read_jsonl(train)
+    out["train_perplexity"] = round(statistics.median(
+        text_perplexities(load_model(cfg.model), [r["text"] for r in rows])), 2)  # fmt: skip
+    if samples:
+        names = load_task(task).label_names
+        out["samples"] = {
+            name: [r["text"] for r in rows if r["label"] == c][:3] for c, name in enumerate(names)
+        }
+    return out
 
 
 def run_cell(cfg, out, task_name, method, seed, eps) -> dict:
@@ -221,7 +251,7 @@ def run_cell(cfg, out, task_name, method, seed, eps) -> dict:
         with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
             train = Path(tmp) / "train.jsonl"
             write_jsonl(train, real_training_rows(cfg, task, seed, method))
-            return _finetune(cfg, task_name, seed, train)
+            return _finetune(cfg, task_name, seed, train, samples=False)
     if method == "lm_prompted":
         run = cell_dir(out, task_name, method, seed, eps)
         train = run / "synthetic.jsonl"
@@ -270,7 +300,7 @@ def lm_prompted_examples(model: str, task, per_class: int, seed: int) -> list[di
     torch.manual_seed(seed)
     rows = []
     for c in range(task.num_classes):
-        demos = [t for t, y in demonstrations_for(task.name) if y == c] or ["it was fine"]
+        demos = [t for t, y in task.require_demonstrations("the lm_prompted baseline") if y == c]
         ids = []
         for text in demos:
             ids += prompt.encode(lm.tokenizer, text) + [prompt.label_ids[c]] + newline
@@ -312,7 +342,8 @@ def write_tables(rows: list[dict], out: Path) -> None:
     """Write ``results.csv`` (one row per cell) and ``results.md`` (accuracy, training-set sizes,
     paired differences)."""
     fields = ["task", "method", "epsilon", "seed", "test_accuracy", "dev_accuracy",
-              "selected_step", "train_examples", "mean_rec_loss", "seconds"]  # fmt: skip
+              "selected_step", "train_examples", "mean_rec_loss", "train_perplexity",
+              "seconds"]  # fmt: skip
     lines = [",".join(fields)]
     for r in rows:
         lines.append(",".join("" if r.get(f) is None else str(r.get(f)) for f in fields))
@@ -331,8 +362,42 @@ def write_tables(rows: list[dict], out: Path) -> None:
         "Each difference is taken on the same task and seed; a tie wins for neither.\n\n"
         + comparison_table(rows)
         + "\n"
+        + texts_section(rows)
         + (PRIVACY_NOTE if any(r.get("epsilon") is not None for r in rows) else ""),
     )
+
+
+def texts_section(rows: list[dict]) -> str:
+    """What the training texts look like: their perplexity under the experiment's model (median
+    per training set, mean over seeds; the same scoring for real and synthetic text) and three
+    texts per class of each synthetic method (first seed; real text is never shown)."""
+    scored = [r for r in rows if r.get("train_perplexity") is not None]
+    if not scored:
+        return ""
+
+    def cell(group: list[dict]) -> str:
+        return f"{statistics.mean(r['train_perplexity'] for r in group):.1f}"
+
+    lines = [
+        "",
+        "## Training texts: perplexity under the model (median per set, mean over seeds)",
+        "",
+        "Each text scored alone after one BOS token, for every method alike.",
+        "",
+        markdown_table(scored, cell),
+        "",
+        "## Sample training texts (first seed)",
+        "",
+    ]
+    first = min(r["seed"] for r in rows)
+    for r in rows:
+        if r["seed"] == first and r.get("samples"):
+            lines.append(f"**{r['task']} / {method_label(r)}**")
+            lines.append("")
+            for label, texts in r["samples"].items():
+                lines += [f"- {label}: " + " · ".join(f"`{t}`" for t in texts)]
+            lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 PRIVACY_NOTE = (

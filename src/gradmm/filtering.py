@@ -1,8 +1,8 @@
 """Filtering synthetic text: the authors' three steps as composable stages, plus de-duplication.
 
 1. ``dedupe``: identical texts of a class are kept once (the one of lowest matching loss).
-2. ``classifier``: drop examples that a few-shot classifier (the LM, prompted with hand-written
-   public demonstrations) assigns to another class.
+2. ``classifier``: drop examples that a few-shot classifier (the LM, prompted with the task's
+   hand-written public demonstrations) assigns to another class.
 3. ``top``: keep per class the ``keep_per_class`` examples with the lowest per-example matching
    loss against the **released** target (so a DP run stays DP: this is post-processing).
 4. ``balance``: drop the worst examples of each class until its mean loss is at most the lowest
@@ -26,22 +26,6 @@ from gradmm.matching import residuals
 from gradmm.models import LoadedModel, final_hidden, right_padded
 from gradmm.release import Release, load_release_model
 
-# Hand-written, public demonstrations for the few-shot classifier (never private data).
-DEMONSTRATIONS: dict[str, list[tuple[str, int]]] = {
-    "sentiment": [
-        ("a warm, funny and beautifully acted film", 1),
-        ("a tedious mess with a script that goes nowhere", 0),
-        ("one of the most moving stories of the year", 1),
-        ("dull characters, flat jokes and a boring plot", 0),
-    ],
-    "tweet_emotion": [
-        ("so annoyed that the bus left without me again", 0),
-        ("best day ever with my friends at the beach", 1),
-        ("tomorrow is a new chance, things will get better", 2),
-        ("i miss you so much, the house feels empty", 3),
-    ],
-}
-
 
 class FilterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,10 +33,6 @@ class FilterConfig(BaseModel):
     classifier: bool = True
     balance: bool = True
     dedupe: bool = True
-
-
-def demonstrations_for(task_name: str) -> list[tuple[str, int]]:
-    return DEMONSTRATIONS["tweet_emotion" if task_name == "tweet_emotion" else "sentiment"]
 
 
 @torch.no_grad()
@@ -119,7 +99,7 @@ def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = Non
         rows = [r for r in rows if best[(r["label"], r["text"])] is r]
         report["after_dedupe"] = len(rows)
     if config.classifier:
-        demos = demonstrations_for(task.name)
+        demos = task.require_demonstrations("the few-shot classifier (or pass --no-classifier)")
         prompt = release.prompt
         newline = lm.tokenizer("\n", add_special_tokens=False)["input_ids"]
         prefix = []

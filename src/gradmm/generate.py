@@ -228,7 +228,9 @@ def build_solver(
     paper = config.preset == "paper"
     prefix = config.lm_prefix or (PAPER_LM_PREFIX.get(task.name) if paper else None)
     contexts = [
-        _context_ids(lm, (prefix or task.lm_prefix).replace("{label}", w.strip()))
+        _context_ids(
+            lm, (prefix or task.lm_prefix).replace("{label}", w.strip()), task.chat_template
+        )  # fmt: skip
         for w in task.label_words
     ]
     freeze = config.freeze_template
@@ -285,7 +287,16 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
     write_json(lock, {"config_sha256": config_digest})
 
 
-def _context_ids(lm: LoadedModel, prefix: str) -> list[int]:
+def _context_ids(lm: LoadedModel, prefix: str, chat: bool = False) -> list[int]:
+    """Token ids of the projection's LM context: ``prefix`` as it is, or (``chat``) as a user
+    turn of the tokenizer's chat template followed by the assistant's turn, for instruct models."""
+    if chat:
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise UserError("the task asks for a chat template, but the tokenizer has none")
+        return list(lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prefix}], add_generation_prompt=True, tokenize=True,
+            return_dict=False,
+        ))  # fmt: skip
     ids = encode_text(lm.tokenizer, prefix)
     if not ids and lm.tokenizer.bos_token_id is not None:
         ids = [lm.tokenizer.bos_token_id]

@@ -87,6 +87,9 @@ class ReleaseConfig(BaseModel):
         "output", description="output layer (the paper) or also the last decoder block"
     )
     batch_size: int = Field(32, ge=1, description="real examples per forward pass")
+    max_text_tokens: int | None = Field(
+        None, ge=1, description="cut texts to their first N tokens (default: the task's)"
+    )
     epsilon: float | None = Field(None, description="DP ε (with delta: a DP release)")
     delta: float | None = Field(None, description="DP δ")
     clip: float = Field(1.0, gt=0, description="DP per-example gradient norm bound C")
@@ -316,6 +319,8 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
     task = load_task(config.task)
     if config.preset == "paper":
         task = task.with_paper_tokens()
+    if config.max_text_tokens is not None:  # recorded with the task: later stages cut alike
+        task = task.model_copy(update={"max_text_tokens": config.max_text_tokens})
     if dp is not None:
         note = delta_warning(dp.delta, config.n_per_class * task.num_classes)
         if note:
@@ -443,7 +448,8 @@ def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[
             if ctx is not None and len(seq) > ctx:
                 raise UserError(
                     f"example {i} of {examples.source} is {len(seq)} tokens with the template, "
-                    f"longer than the model's context ({ctx})"
+                    f"longer than the model's context ({ctx}): pass --max-text-tokens "
+                    f"{max(1, ctx - len(prompt.head) - len(prompt.tail))} to cut texts"
                 )
             seqs.append(seq)
         labels = [prompt.label_ids[c]] * len(seqs)

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradmm.config import one_line
 from gradmm.errors import UserError
@@ -52,7 +52,13 @@ class Task(BaseModel):
     label_words: tuple[str, ...]
     template: str = "{text} It was"
     # LM context of the projection (the LM never sees the template); {label} = the label word.
+    # With chat_template, it is rendered as a user turn of the tokenizer's chat template (for
+    # instruct models), and the projection continues the assistant's reply.
     lm_prefix: str = "The"
+    chat_template: bool = False
+    # Hand-written, public examples (text, class): the few-shot classifier of `gradmm filter`
+    # and the LM-prompted baseline. Never private data; None: methods that need them refuse.
+    demonstrations: tuple[tuple[str, int], ...] | None = None
     local_dir: str | None = None  # folder under the data dir, or an absolute path
     hub: HubSource | None = None
     private_split: str = "train"
@@ -61,6 +67,9 @@ class Task(BaseModel):
     # pools never draw from (see ``dev_indices``).
     dev_size: int = 500
     label_token_policy: LabelTokenPolicy = "single"
+    # Texts longer than this many tokens are cut to their first max_text_tokens (None: never;
+    # a text that does not fit the model's context is then an error). Recorded in releases.
+    max_text_tokens: int | None = Field(None, ge=1)
 
     @field_validator("template")
     @classmethod
@@ -81,7 +90,23 @@ class Task(BaseModel):
             raise ValueError("label words must be distinct")
         if self.local_dir is None and self.hub is None:
             raise ValueError("a task needs a data source: local_dir or hub")
+        if self.demonstrations is not None:
+            labels = {y for _, y in self.demonstrations}
+            if not labels <= set(range(len(self.label_names))):
+                raise ValueError("demonstrations: labels must index label_names")
+            if labels != set(range(len(self.label_names))):
+                raise ValueError("demonstrations: give at least one per class")
         return self
+
+    def require_demonstrations(self, purpose: str) -> tuple[tuple[str, int], ...]:
+        """The task's public demonstrations; a :class:`UserError` naming ``purpose`` if none."""
+        if self.demonstrations is None:
+            raise UserError(
+                f"task {self.name!r} has no demonstrations, which {purpose} needs: add public, "
+                "hand-written `demonstrations: [[text, label], ...]` (one per class at least) to "
+                "its YAML"
+            )
+        return self.demonstrations
 
     @property
     def num_classes(self) -> int:
@@ -133,6 +158,20 @@ _PAPER_TWEET_INSTRUCTION = (
     "creative and write only one unique tweets. The emotion of twitter is: {label}\n. Answer:"
 )
 
+# Hand-written, public demonstrations of the built-in tasks (never private data).
+SENTIMENT_DEMONSTRATIONS = (
+    ("a warm, funny and beautifully acted film", 1),
+    ("a tedious mess with a script that goes nowhere", 0),
+    ("one of the most moving stories of the year", 1),
+    ("dull characters, flat jokes and a boring plot", 0),
+)
+EMOTION_DEMONSTRATIONS = (
+    ("so annoyed that the bus left without me again", 0),
+    ("best day ever with my friends at the beach", 1),
+    ("tomorrow is a new chance, things will get better", 2),
+    ("i miss you so much, the house feels empty", 3),
+)
+
 BUILTIN_TASKS: dict[str, Task] = {
     "sst2": Task(
         name="sst2",
@@ -140,6 +179,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         label_words=(" bad", " great"),
         local_dir="sst2",
         hub=HubSource(path="stanfordnlp/sst2", text_field="sentence"),
+        demonstrations=SENTIMENT_DEMONSTRATIONS,
         test_split="validation",  # GLUE's SST-2 test labels are not public
     ),
     "rotten_tomatoes": Task(
@@ -148,6 +188,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         label_words=(" bad", " great"),
         local_dir="rotten_tomatoes",
         hub=HubSource(path="cornell-movie-review-data/rotten_tomatoes"),
+        demonstrations=SENTIMENT_DEMONSTRATIONS,
     ),
     "tweet_emotion": Task(
         name="tweet_emotion",
@@ -157,6 +198,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         lm_prefix="I",
         local_dir="tweet_eval_emotion",
         hub=HubSource(path="cardiffnlp/tweet_eval", name="emotion"),
+        demonstrations=EMOTION_DEMONSTRATIONS,
     ),
     "imdb": Task(
         name="imdb",
@@ -164,6 +206,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         label_words=(" bad", " great"),
         local_dir="imdb",
         hub=HubSource(path="stanfordnlp/imdb"),
+        demonstrations=SENTIMENT_DEMONSTRATIONS,
     ),
 }
 
@@ -339,9 +382,10 @@ class PromptTokens:
     head: list[int]
     tail: list[int]
     label_ids: list[int]
+    max_text_tokens: int | None = None  # texts are cut to their first this many tokens
 
     def encode(self, tokenizer, text: str) -> list[int]:
-        return self.head + encode_text(tokenizer, text) + self.tail
+        return self.head + encode_text(tokenizer, text)[: self.max_text_tokens] + self.tail
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -368,4 +412,5 @@ def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
         label_ids.append(ids[0])
     if len(set(label_ids)) != len(label_ids):
         raise UserError(f"label words {list(task.label_words)} do not map to distinct tokens")
-    return PromptTokens(head=head, tail=tail, label_ids=label_ids)
+    return PromptTokens(head=head, tail=tail, label_ids=label_ids,
+                        max_text_tokens=task.max_text_tokens)  # fmt: skip
