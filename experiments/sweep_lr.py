@@ -17,7 +17,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gradmm import experiment
+from gradmm import experiment, methods
 from gradmm.files import write_json, write_jsonl
 from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.tasks import load_task
@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = experiment.load_experiment(Path(args.config))
     cfg.data_dir = args.data_dir
-    rows = experiment.real_training_rows(cfg, load_task(args.task), args.seed, "real_random")
+    rows = methods.real_training_rows(cfg, load_task(args.task), args.seed, "real_random")
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:  # real text never lands in the repo
         train = Path(tmp) / "train.jsonl"

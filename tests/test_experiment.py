@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradmm import experiment
+from gradmm import experiment, report
 from gradmm.errors import UserError
 from gradmm.privacy import report as privacy_report
 from gradmm.release import load_release
@@ -26,7 +26,7 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     )
     out = tmp_path / "exp"
     rows = experiment.run_experiment(spec, out, progress=False)
-    labels = {experiment.method_label(r) for r in rows}
+    labels = {report.method_label(r) for r in rows}
     assert labels == {
         "zero_shot",
         "few_shot",
@@ -46,7 +46,7 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     assert (out / "accuracy.png").stat().st_size > 0
     # every training set's perplexity, under the same scoring; samples of synthetic sets only
     assert "## Training texts: perplexity" in results_md_text(out)
-    by_method = {experiment.method_label(r): r for r in rows if r["seed"] == 0}
+    by_method = {report.method_label(r): r for r in rows if r["seed"] == 0}
     assert by_method["real_private"]["train_perplexity"] > 0
     assert "samples" not in by_method["real_private"] and "samples" in by_method["gradmm"]
     assert "**sst2 / gradmm**" in results_md_text(out)
@@ -98,14 +98,14 @@ def test_comparison_table_pairs_by_task_and_seed():
         _row("sst2", "dp_noise", 0, 0.50, eps=1.0), _row("sst2", "dp_noise", 1, 0.50, eps=1.0),
         _row("sst2", "dp_noise", 0, 0.60, eps=8.0), _row("sst2", "dp_noise", 1, 0.70, eps=8.0),
     ]  # fmt: skip
-    lines = experiment.comparison_table(rows).splitlines()
+    lines = report.comparison_table(rows).splitlines()
     # paired: (70-50, 60-60) = +10 ± 14.1, one seed won, the tie counts for neither
     assert "| gradmm − zero_shot | +10.0 ± 14.1 (1/2) |" in lines
     # a DP method meets the noise control of its own epsilon only
     assert "| dp_gradmm@eps8 − dp_noise@eps8 | -5.0 ± 0.0 (0/2) |" in lines
     assert not any("eps1" in line for line in lines)
     assert not any("lm_prompted" in line for line in lines)  # absent baselines are skipped
-    sizes = experiment.markdown_table(rows[:4], experiment._size_cell)
+    sizes = report.markdown_table(rows[:4], report._size_cell)
     assert "| gradmm | 20.0 · 0/2 |" in sizes
 
 

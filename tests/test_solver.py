@@ -77,6 +77,34 @@ def test_projection_cached_equals_uncached_and_respects_candidates(model_dirs, t
             assert tok == max(topk, key=lambda t: float(logits[t]))
 
 
+def test_lm_first_projection_cached_equals_uncached_and_brute_force(model_dirs):
+    """lm-first: at each position, the LM's k most probable allowed tokens, then the one nearest
+    (cosine) to the continuous embedding; checked one row and position at a time."""
+    lm = load_model(str(model_dirs["llama"]))
+    allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0])
+    contexts = [encode_text(lm.tokenizer, "The"), encode_text(lm.tokenizer, "I")]
+    k = 7
+    cached = Projector(lm.model, lm.embeddings, allowed, k, contexts, row_chunk=3, order="lm-first")
+    uncached = Projector(lm.model, lm.embeddings, allowed, k, contexts, use_cache=False,
+                         order="lm-first")  # fmt: skip
+    v = torch.randn(5, 6, lm.embeddings.shape[1], generator=torch.Generator().manual_seed(1))
+    classes = torch.tensor([0, 1, 0, 1, 1])
+    ids = cached(v, classes)
+    assert torch.equal(ids, uncached(v, classes))
+    unit = torch.nn.functional.normalize(lm.embeddings, dim=-1)
+    for n in range(5):
+        prefix = contexts[int(classes[n])]
+        for pos in range(6):
+            seq = torch.tensor([prefix + ids[n, :pos].tolist()])
+            logits = lm.model(input_ids=seq).logits[0, -1]
+            logits[~allowed] = -float("inf")
+            top = logits.topk(k).indices.tolist()
+            cos = torch.nn.functional.normalize(v[n, pos], dim=0) @ unit.T
+            assert int(ids[n, pos]) == max(top, key=lambda t: float(cos[t]))
+    cosine_first = Projector(lm.model, lm.embeddings, allowed, k, contexts)(v, classes)
+    assert not torch.equal(ids, cosine_first)  # the two orders are different rules
+
+
 def test_admm_lowers_matching_loss_and_reports_it_honestly(model_dirs, release_dir):
     lm, rel = lm_and_release(model_dirs, release_dir)
     solver, problems, _ = build_solver(lm, rel, small(per_class=3, steps=4, inner_steps=10))

@@ -129,6 +129,10 @@ def generate(
     ] = None,
     rho: Annotated[float | None, typer.Option(help="ADMM penalty ρ [1.0].")] = None,
     topk: Annotated[int | None, typer.Option(help="k: projection candidates [200].")] = None,
+    projection: Annotated[
+        str | None,
+        typer.Option(help="'cosine-first' (the authors') or 'lm-first' candidates [cosine-first]."),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate on x [0.008].")] = None,
     init_candidates: Annotated[
         int | None, typer.Option(help="K: random init batches scored [500].")
@@ -160,6 +164,7 @@ def generate(
         inner_steps=inner_steps,
         rho=rho,
         topk=topk,
+        projection=projection,
         lr=lr,
         init_candidates=init_candidates,
         seed=seed,

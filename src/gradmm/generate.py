@@ -42,7 +42,7 @@ from gradmm.files import (
 from gradmm.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.models import LoadedModel, matched_parameters
 from gradmm.privacy import report as privacy_report
-from gradmm.projection import Projector, TokenFilter, allowed_tokens
+from gradmm.projection import ProjectionOrder, Projector, TokenFilter, allowed_tokens
 from gradmm.release import Release, load_release, load_release_model
 from gradmm.tasks import PAPER_FREEZES_TEMPLATE, PAPER_LM_PREFIX, encode_text
 
@@ -69,7 +69,10 @@ class GenerateConfig(BaseModel):
     rho: float = Field(1.0, gt=0, description="ADMM penalty ρ")
     lr: float = Field(0.008, gt=0, description="Adam learning rate on x")
     grad_clip: float | None = Field(1.0, gt=0, description="x-gradient norm clip per problem")
-    topk: int = Field(200, ge=1, description="k: cosine candidate set of the projection")
+    topk: int = Field(200, ge=1, description="k: candidate set of the projection")
+    projection: ProjectionOrder = Field(
+        "cosine-first", description="cosine-first (the authors' code) or lm-first candidates"
+    )
     init_candidates: int = Field(500, ge=1, description="K: random init batches, best kept")
     init_scale: float | None = Field(
         None, gt=0, description="per-position init norm (default: mean token embedding norm)"
@@ -241,7 +244,8 @@ def build_solver(
     if lm.context_length is not None and longest > lm.context_length:
         raise UserError(f"--length {config.length} plus template exceeds the model's context")
     allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0], config.token_filter)
-    projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts)
+    projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts,
+                          order=config.projection)  # fmt: skip
     no_matching = config.target == "none"  # one random draw, projected; the target is unused
     solver_cfg = SolverConfig(
         steps=0 if no_matching else config.steps,

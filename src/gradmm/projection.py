@@ -1,10 +1,17 @@
 """The z-step: from continuous embeddings to readable tokens.
 
-``Proj(v)`` is greedy, left to right: at free position ``l`` the allowed candidates are the ``k``
-vocabulary rows with the highest cosine to ``v_l``; among them the token the LM scores highest
-given the LM prefix and the tokens chosen so far wins (REFERENCE.md §2.4). The LM never sees the
-template. We encode the prefix once and decode with a KV cache, batched over all rows; the
-uncached path (the authors' computation) is kept for tests and returns the same tokens.
+``Proj(v)`` is greedy, left to right, in one of two orders:
+
+* ``cosine-first`` (the authors' released code, REFERENCE.md §2.4): at free position ``l`` the
+  allowed candidates are the ``k`` vocabulary rows with the highest cosine to ``v_l``; among them
+  the token the LM scores highest given the LM prefix and the tokens chosen so far wins;
+* ``lm-first`` (how some readers describe the paper): the candidates are the LM's ``k`` most
+  probable allowed next tokens, and the one of highest cosine to ``v_l`` wins; near-greedy
+  decoding, so lower-perplexity text.
+
+The LM never sees the template. We encode the prefix once and decode with a KV cache, batched
+over all rows; the uncached path (the authors' computation) is kept for tests and returns the
+same tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch import Tensor
 from gradmm.errors import UserError
 
 TokenFilter = Literal["fixed", "paper"]
+ProjectionOrder = Literal["cosine-first", "lm-first"]
 
 # The authors' effective rule (REFERENCE.md §4.2): alphabetic word pieces only.
 _BANNED_CHARS = set("*;:_\n-'<>{}[]()/\\|=+%@~`^#$&")
@@ -69,6 +77,7 @@ class Projector:
         contexts: LM prefix token ids per class (non-empty).
         use_cache: KV-cached decoding (default) or the authors' re-encoding of the whole prefix.
         row_chunk: rows per cosine block, to bound the (rows, G, V) similarity tensor.
+        order: ``cosine-first`` (the authors') or ``lm-first`` (see the module docstring).
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class Projector:
         contexts: list[list[int]],
         use_cache: bool = True,
         row_chunk: int = 64,
+        order: ProjectionOrder = "cosine-first",
     ):
         if any(len(c) == 0 for c in contexts):
             raise UserError("the LM prefix used for projection must not be empty")
@@ -90,6 +100,7 @@ class Projector:
         self.contexts = contexts
         self.use_cache = use_cache
         self.row_chunk = row_chunk
+        self.order = order
 
     @torch.no_grad()
     def candidates(self, v: Tensor) -> Tensor:
@@ -103,21 +114,32 @@ class Projector:
     @torch.no_grad()
     def __call__(self, v: Tensor, classes: Tensor) -> Tensor:
         """(N, G, d) embeddings, (N,) class of each row -> (N, G) token ids."""
-        cand = self.candidates(v)
-        ids = torch.empty(cand.shape[:2], dtype=torch.long)
+        cand = self.candidates(v) if self.order == "cosine-first" else None
+        ids = torch.empty(v.shape[:2], dtype=torch.long)
         for c in classes.unique().tolist():
             rows = (classes == c).nonzero(as_tuple=True)[0]
-            ids[rows] = self._decode(cand[rows], self.contexts[c])
+            ids[rows] = self._decode(v[rows], None if cand is None else cand[rows],
+                                     self.contexts[c])  # fmt: skip
         return ids
 
-    def _decode(self, cand: Tensor, context: list[int]) -> Tensor:
-        n, length, _ = cand.shape
+    def _choose(self, logits: Tensor, v_pos: Tensor, cand_pos: Tensor | None) -> Tensor:
+        """(n, V) next-token logits, (n, d) targets of this position -> (n, 1) chosen ids."""
+        if cand_pos is not None:  # cosine-first: the LM's favourite of the cosine candidates
+            scores = logits.gather(1, cand_pos)
+            return cand_pos.gather(1, scores.argmax(1, keepdim=True))
+        # lm-first: the cosine favourite of the LM's k most probable allowed tokens
+        top = (logits + self.penalty).topk(self.k, dim=-1).indices  # (n, k)
+        cos = torch.einsum("nd,nkd->nk", torch.nn.functional.normalize(v_pos, dim=-1),
+                           self.unit[top])  # fmt: skip
+        return top.gather(1, cos.argmax(1, keepdim=True))
+
+    def _decode(self, v: Tensor, cand: Tensor | None, context: list[int]) -> Tensor:
+        n, length = v.shape[:2]
         seq = torch.tensor(context).expand(n, -1)
         chosen = []
         out = self.model(input_ids=seq, use_cache=self.use_cache, logits_to_keep=1)
         for pos in range(length):
-            scores = out.logits[:, -1].gather(1, cand[:, pos])  # (n, k)
-            tok = cand[:, pos].gather(1, scores.argmax(1, keepdim=True))  # (n, 1)
+            tok = self._choose(out.logits[:, -1], v[:, pos], None if cand is None else cand[:, pos])
             chosen.append(tok)
             if pos + 1 == length:
                 break

@@ -1,0 +1,248 @@
+"""The methods an experiment compares, as a registry: ``METHODS[name].run(cell) -> result``.
+
+Each method turns one cell (task, seed, ε) into a result row through the same stages as the
+command line (release, generate, filter, finetune, evaluate). Real examples used by the
+real-data baselines are written only to a temporary folder, never under the experiment folder.
+
+* ``zero_shot``, ``few_shot``: ``gradmm evaluate`` (k demonstrations per class from the dev slice);
+* ``real_private`` (fine-tune on the private pool itself), ``real_random`` (as many random real
+  examples of the private split as the synthetic sets have);
+* ``lm_prompted``: label-conditioned sampling from the same LM, prompted with the task's public
+  demonstrations;
+* ``gradmm_paper``, ``gradmm``; per ε ``dp_gradmm`` and ``dp_noise`` (a noise-only release of the
+  same σ); ``dp_none`` (no matching: the projection of random embeddings).
+
+The DP releases of an experiment are *simulations*: their noise is seeded from (task, seed, kind,
+ε), so that the table reproduces, and is recorded as seeded (no guarantee). Every release draws
+from its own stream, so a DP release and its noise-only control never share noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradmm.evaluate import evaluate_task, text_perplexities
+from gradmm.files import read_json, read_jsonl, write_jsonl
+from gradmm.filtering import FilterConfig, filter_run
+from gradmm.finetune import FinetuneConfig, finetune
+from gradmm.generate import generate, resolve_config
+from gradmm.models import load_model
+from gradmm.release import ReleaseConfig, load_release, private_pool, release_targets
+from gradmm.tasks import Task, encode_text, load_task, tokenize_prompt
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of an experiment: ``cfg`` is the :class:`gradmm.experiment.ExperimentConfig`,
+    ``out`` the experiment folder."""
+
+    cfg: Any
+    out: Path
+    task: str
+    method: str
+    seed: int
+    epsilon: float | None
+
+    @property
+    def folder(self) -> Path:
+        name = self.method if self.epsilon is None else f"{self.method}_eps{self.epsilon:g}"
+        return self.out / "cells" / self.task / name / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[Cell], dict]
+    per_epsilon: bool = False  # one cell per ε of the experiment
+    demonstrations: bool = False  # needs the task's public demonstrations
+    synthetic: bool = False  # trains on generated text (filtered: the classifier needs demos)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, **flags) -> Callable[[Callable[[Cell], dict]], Callable[[Cell], dict]]:
+    """Register ``run(cell) -> result`` as method ``name`` (flags: see :class:`Method`)."""
+
+    def register(run: Callable[[Cell], dict]) -> Callable[[Cell], dict]:
+        METHODS[name] = Method(name, run, **flags)
+        return run
+
+    return register
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
+    """A release shared by the cells of (task, seed): default, paper, dp or noise."""
+    name = kind if eps is None else f"{kind}_eps{eps:g}"
+    path = out / "releases" / task / f"seed{seed}" / name
+    if (path / "release.json").exists():
+        return path
+    rc = dict(task=task, model=cfg.model, n_per_class=cfg.n_per_class, seed=seed,
+              data_dir=cfg.data_dir)  # fmt: skip
+    if kind == "paper":
+        rc["preset"] = "paper"
+    if kind in ("dp", "noise"):
+        rc.update(epsilon=eps, delta=cfg.dp_delta, clip=cfg.dp_clip)
+        rc["target"] = "noise" if kind == "noise" else "real"
+        # A simulation on public data: seeded noise so that the table reproduces (recorded as
+        # seeded: no guarantee). A real private release draws from the OS CSPRNG (the default).
+        rc["noise_seed"] = simulation_noise_seed(task, seed, name)
+    release_targets(ReleaseConfig(**rc), path)
+    return path
+
+
+def simulation_noise_seed(task: str, seed: int, release_name: str) -> int:
+    """128-bit noise seed of one simulated release: distinct releases get independent streams."""
+    digest = hashlib.sha256(f"gradmm-experiment/{task}/{seed}/{release_name}".encode()).digest()
+    return int.from_bytes(digest[:16], "big")
+
+
+def _synthetic(cell: Cell, release: Path, **extra) -> Path:
+    cfg, seed = cell.cfg, cell.seed
+    run = cell.folder / "run"
+    if not (run / "synthetic.jsonl").exists():
+        options = {**cfg.generate, "per_class": cfg.synthetic_per_class, "seed": seed, **extra}
+        generate(release, run, resolve_config(options), progress=False)
+    if not (run / "filtered.jsonl").exists():
+        filter_run(run, FilterConfig(**cfg.filter))
+    return run / "filtered.jsonl"
+
+
+def _finetune(cfg, task, seed, train: Path, samples: bool = True) -> dict:
+    """Fine-tune on ``train`` and describe the training texts: the median of their perplexities
+    under the experiment's model (the same scoring for every method) and, when ``samples``
+    (never for real text), the first three texts of each class."""
+    ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": task, "train": str(train),
+                           "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
+    result = finetune(ft, progress=False)
+    keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
+            "test_per_class_accuracy", "train_loss")  # fmt: skip
+    out = {k: result[k] for k in keep}
+    rows = read_jsonl(train)
+    out["train_perplexity"] = round(statistics.median(
+        text_perplexities(load_model(cfg.model), [r["text"] for r in rows])), 2)  # fmt: skip
+    if samples:
+        names = load_task(task).label_names
+        out["samples"] = {
+            name: [r["text"] for r in rows if r["label"] == c][:3] for c, name in enumerate(names)
+        }
+    return out
+
+
+def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
+    """The real training set of ``real_private`` (this seed's pool) or ``real_random``."""
+    if method == "real_private":  # exactly the pool of this seed's release
+        n, pool_seed = cfg.n_per_class, seed
+    else:
+        n, pool_seed = cfg.synthetic_per_class, seed + 10_000
+    examples, picked = private_pool(task, task.private_split, n, pool_seed, cfg.data_dir)
+    return [{"text": examples.texts[i], "label": c} for c, ix in enumerate(picked) for i in ix]
+
+
+@torch.no_grad()
+def lm_prompted_examples(model: str, task: Task, per_class: int, seed: int) -> list[dict]:
+    """Label-conditioned sampling: public demonstrations of one class, then a new example."""
+    lm = load_model(model)
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    newline = encode_text(lm.tokenizer, "\n")
+    tail = lm.tokenizer.decode(prompt.tail).strip()
+    torch.manual_seed(seed)
+    rows = []
+    for c in range(task.num_classes):
+        demos = [t for t, y in task.require_demonstrations("the lm_prompted baseline") if y == c]
+        ids = []
+        for text in demos:
+            ids += prompt.encode(lm.tokenizer, text) + [prompt.label_ids[c]] + newline
+        got, attempts = [], 0
+        while len(got) < per_class and attempts < 20:
+            attempts += 1
+            batch = torch.tensor([ids]).repeat(per_class, 1)
+            gen = lm.model.generate(
+                batch, attention_mask=torch.ones_like(batch), max_new_tokens=40,
+                do_sample=True, top_k=50, temperature=0.9,
+                pad_token_id=lm.tokenizer.eos_token_id,
+            )  # fmt: skip
+            for seq in gen[:, len(ids) :]:
+                text = lm.tokenizer.decode(seq, skip_special_tokens=True).split("\n")[0]
+                text = text.split(tail)[0].strip() if tail else text.strip()
+                if text and len(got) < per_class:
+                    got.append(text)
+        rows += [{"text": t, "label": c, "label_name": task.label_names[c]} for t in got]
+    return rows
+
+
+# ----------------------------------------------------------------------------------- methods
+
+
+def _evaluate(cell: Cell, k: int) -> dict:
+    res = evaluate_task(cell.cfg.model, cell.task, k, cell.cfg.data_dir,
+                        cell.cfg.finetune.get("max_test"), cell.seed)  # fmt: skip
+    return {"test_accuracy": res["accuracy"], "test_per_class_accuracy": res["per_class_accuracy"],
+            "dev_accuracy": None}  # fmt: skip
+
+
+@method("zero_shot")
+def zero_shot(cell: Cell) -> dict:
+    return _evaluate(cell, 0)
+
+
+@method("few_shot")
+def few_shot(cell: Cell) -> dict:
+    return _evaluate(cell, cell.cfg.few_shot_k)
+
+
+def _real(cell: Cell) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
+        train = Path(tmp) / "train.jsonl"
+        write_jsonl(train, real_training_rows(cell.cfg, load_task(cell.task), cell.seed,
+                                              cell.method))  # fmt: skip
+        return _finetune(cell.cfg, cell.task, cell.seed, train, samples=False)
+
+
+method("real_private")(_real)
+method("real_random")(_real)
+
+
+@method("lm_prompted", demonstrations=True)
+def lm_prompted(cell: Cell) -> dict:
+    train = cell.folder / "synthetic.jsonl"
+    if not train.exists():
+        rows = lm_prompted_examples(cell.cfg.model, load_task(cell.task),
+                                    cell.cfg.synthetic_per_class, cell.seed)  # fmt: skip
+        write_jsonl(train, rows)
+    return _finetune(cell.cfg, cell.task, cell.seed, train)
+
+
+def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
+    """A GRADMM method: release ``kind`` (default, paper, dp, noise), generate, filter, train."""
+
+    def run(cell: Cell) -> dict:
+        eps = cell.epsilon if kind in ("dp", "noise") else None
+        if cell.method == "dp_none":  # no matching, so any DP release serves; the first ε's
+            eps = cell.cfg.dp_epsilons[0]
+        rel = _release(cell.cfg, cell.out, cell.task, cell.seed, kind, eps)
+        train = _synthetic(cell, rel, **generate_options)
+        result = _finetune(cell.cfg, cell.task, cell.seed, train)
+        result["mean_rec_loss"] = read_json(train.parent / "manifest.json")["mean_rec_loss"]
+        result["privacy"] = load_release(rel).meta.mechanism.model_dump(mode="json")
+        return result
+
+    return run
+
+
+method("gradmm_paper", synthetic=True)(_gradmm("paper", preset="paper"))
+method("gradmm", synthetic=True)(_gradmm("default"))
+method("dp_gradmm", synthetic=True, per_epsilon=True)(_gradmm("dp"))
+method("dp_noise", synthetic=True, per_epsilon=True)(_gradmm("noise"))
+method("dp_none", synthetic=True)(_gradmm("dp", target="none"))
