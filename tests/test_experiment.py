@@ -173,3 +173,16 @@ def test_text_perplexity_batched_equals_one_at_a_time_and_by_hand(model_dirs):
         logp = torch.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)
     nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].mean()
     assert alone[1] == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+def test_text_perplexity_of_a_text_longer_than_the_context(model_dirs):
+    """GPT-2 has 128 learned positions here: a longer text is scored on its first tokens."""
+    import math
+
+    from gradmm.evaluate import text_perplexities
+    from gradmm.models import load_model
+
+    lm = load_model(str(model_dirs["gpt2"]))
+    long_text = " ".join(["the film was great and the music moving"] * 40)
+    (ppl,) = text_perplexities(lm, [long_text])
+    assert math.isfinite(ppl) and ppl > 1

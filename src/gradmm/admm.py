@@ -107,6 +107,7 @@ class ADMMSolver:
         layout: sequence layout shared by all problems.
         batch: ``B``, sequences per problem.
         config: solver settings.
+        embeddings: (V, d) the model's input embedding rows (:func:`input_embedding_matrix`).
     """
 
     INIT_CHUNK = 16  # init candidates scored per forward pass (fixed: part of the RNG stream)
@@ -119,6 +120,7 @@ class ADMMSolver:
         layout: Layout,
         batch: int,
         config: SolverConfig,
+        embeddings: Tensor | None = None,
     ):
         self.model = model
         self.loss = loss
@@ -126,7 +128,8 @@ class ADMMSolver:
         self.layout = layout
         self.batch = batch
         self.cfg = config
-        self.emb = input_embedding_matrix(model)  # (V, d): rows are valid inputs_embeds
+        # (V, d): rows are valid inputs_embeds (computed once by the caller when it has them)
+        self.emb = input_embedding_matrix(model) if embeddings is None else embeddings.detach()
         self.fixed = layout.fixed_mask()
         self.fixed_emb = self.emb[layout.head + layout.tail]  # (L - G, d), in position order
         allowed = torch.isfinite(projector.penalty)

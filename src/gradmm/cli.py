@@ -57,7 +57,10 @@ NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
 @command(app, NOTHING_WRITTEN + "; rerun the command to start again")
 def release(
     task: Annotated[str | None, typer.Option(help="Built-in task or task YAML file.")] = None,
-    model: Annotated[str | None, typer.Option(help="Hub id or local model folder.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Release folder to write.")] = ...,
     n_per_class: Annotated[
         int | None, typer.Option(help="Private examples per class [25].")
@@ -206,7 +209,9 @@ def filter_cmd(
 
 @command(app, NOTHING_WRITTEN + "; rerun the command")
 def finetune(
-    model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,
+    model: Annotated[
+        str, typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id.")
+    ] = ...,
     task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
     train: Annotated[Path, typer.Option(help="JSONL with text and label.")] = ...,
     out: Annotated[Path, typer.Option(help="Folder for results.json (and the model).")] = ...,
@@ -256,7 +261,9 @@ def finetune(
 
 @command(app, NOTHING_WRITTEN)
 def evaluate(
-    model: Annotated[str, typer.Option(help="Hub id, local folder or 'reference'.")] = ...,
+    model: Annotated[
+        str, typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id.")
+    ] = ...,
     task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
     few_shot: Annotated[int, typer.Option(min=0, help="Demonstrations per class (dev).")] = 0,
     dev_file: Annotated[

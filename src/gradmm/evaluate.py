@@ -172,7 +172,8 @@ def text_perplexities(lm: LoadedModel, texts: list[str], batch_size: int = 16) -
         start = lm.tokenizer.eos_token_id
     if start is None:
         raise UserError("the tokenizer has neither a BOS nor an EOS token to start texts with")
-    seqs = [[start] + encode_text(lm.tokenizer, t) for t in texts]
+    longest = (lm.context_length or 1 << 30) - 1  # longer texts: their first tokens only
+    seqs = [[start] + encode_text(lm.tokenizer, t)[:longest] for t in texts]
     out = []
     for first in range(0, len(seqs), batch_size):
         ids, mask, _ = right_padded(seqs[first : first + batch_size])

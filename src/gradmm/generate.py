@@ -266,7 +266,7 @@ def build_solver(
         targets = {n: t.to(lm.embeddings.dtype) for n, t in release.targets.items()}
         loss = AutogradMatchingLoss(params, targets)
     engine = ADMMSolver if config.engine == "fast" else ReferenceSolver
-    solver = engine(lm.model, loss, projector, layout, config.batch, solver_cfg)
+    solver = engine(lm.model, loss, projector, layout, config.batch, solver_cfg, lm.embeddings)
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
     problems = Problems(
         classes=classes,

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from gradmm.config import build_config
 from gradmm.evaluate import evaluate_task, text_perplexities
 from gradmm.files import read_json, read_jsonl, write_jsonl
 from gradmm.filtering import FilterConfig, filter_run
@@ -115,7 +116,7 @@ def _synthetic(cell: Cell, release: Path, **extra) -> Path:
         options = {**cfg.generate, "per_class": cfg.synthetic_per_class, "seed": seed, **extra}
         generate(release, run, resolve_config(options), progress=False)
     if not (run / "filtered.jsonl").exists():
-        filter_run(run, FilterConfig(**cfg.filter))
+        filter_run(run, build_config(FilterConfig, cfg.filter))
     return run / "filtered.jsonl"
 
 

@@ -142,8 +142,10 @@ def input_embedding_matrix(model: torch.nn.Module, chunk: int = 8192) -> Tensor:
     """
     module = model.get_input_embeddings()
     weight = module.weight.detach()
-    probe = torch.arange(min(16, weight.shape[0]))
-    if torch.equal(module(probe), weight[probe]):
+    # rows spread over the vocabulary (the first ones are often zero padding rows)
+    probe = torch.linspace(0, weight.shape[0] - 1, 64).long().unique()
+    scaled = getattr(module, "embed_scale", None) is not None
+    if not scaled and torch.equal(module(probe), weight[probe]):
         return weight
     return torch.cat([module(ids) for ids in torch.arange(weight.shape[0]).split(chunk)])
 

@@ -68,7 +68,7 @@ from gradmm.tasks import (
     tokenize_prompt,
 )
 
-RELEASE_FORMAT = 2
+RELEASE_FORMAT = 3  # 3: the task's demonstrations and text cut are recorded
 RELEASE_DIR = OutputKind("release", "release.json", ("release.json", "targets.safetensors"))
 
 
@@ -319,7 +319,9 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
     task = load_task(config.task)
     if config.preset == "paper":
         task = task.with_paper_tokens()
-    if config.max_text_tokens is not None:  # recorded with the task: later stages cut alike
+    # recorded with the release's task: generate and filter cut alike (finetune and evaluate
+    # load the task by name: a task file's max_text_tokens reaches them, this option does not)
+    if config.max_text_tokens is not None:
         task = task.model_copy(update={"max_text_tokens": config.max_text_tokens})
     if dp is not None:
         note = delta_warning(dp.delta, config.n_per_class * task.num_classes)
@@ -530,7 +532,9 @@ def load_release_model(release: Release) -> LoadedModel:
     info = release.meta.model
     # double backward through attention needs eager attention (SDPA's CPU kernel has none)
     eager = "eager" if release.meta.match_params != "output" else None
-    lm = load_model(info.path or info.name, attn_implementation=eager)
+    # the recorded folder, else the name (a fetched model's cache may live elsewhere here)
+    source = info.path if info.path and Path(info.path).exists() else info.name
+    lm = load_model(source, attn_implementation=eager)
     if fingerprint(lm.model) != info.fingerprint:
         raise UserError(
             f"model {info.name!r} differs from the one the release was computed with "
