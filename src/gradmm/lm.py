@@ -24,7 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
-from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_jsonl, write_json
+from gradmm.files import (
+    OutputKind,
+    check_output_dir,
+    make_output_dir,
+    read_jsonl,
+    staged_dir,
+    write_json,
+)
 
 EOS = "<|endoftext|>"
 # Public corpus files, relative to the data dir. Never a split a built-in task evaluates on.
@@ -275,8 +282,8 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
         "final_train_loss": last["loss"],
         "heldout_loss": heldout_loss(model, heldout_ids, config.seq_len),
     }
-    make_output_dir(out, LM_DIR)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    write_json(out / "training.json", info)
+    with staged_dir(out, LM_DIR) as tmp:  # a reader never sees half a model folder
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "training.json", info)
     return out
