@@ -169,6 +169,22 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+def one_line_error(result, *needles) -> None:
+    """``result`` is exit status 2 with one ``gradmm: error:`` line holding every needle."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradmm: error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def release_args(model, data, out, task="sst2", n=4) -> list:
+    """Arguments of a `gradmm release` of ``n`` examples per class."""
+    return ["release", "--task", task, "--model", model, "--data-dir", data, "--out", out,
+            "--n-per-class", n]  # fmt: skip
+
+
 def cli(*args):
     """Invoke the gradmm CLI in-process (arguments stringified)."""
     from typer.testing import CliRunner

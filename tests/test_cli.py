@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_split
+from conftest import one_line_error, release_args, write_split
 from typer.testing import CliRunner
 
 from gradmm.cli import app
@@ -36,22 +36,6 @@ SHARED_DATA = Path(os.environ.get("GRADMM_SHARED_DATA", Path(__file__).parents[2
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def release_args(model, data, out, task="sst2", n=4):
-    return [
-        "release",
-        "--task",
-        task,
-        "--model",
-        model,
-        "--data-dir",
-        data,
-        "--out",
-        out,
-        "--n-per-class",
-        n,
-    ]
 
 
 def read_rows(path):
@@ -108,15 +92,6 @@ def test_console_script_on_shared_data_layout(model_dirs, tmp_path):
     )
     rows = read_rows(tmp_path / "run" / "synthetic.jsonl")
     assert [row["label_name"] for row in rows] == ["negative"] * 4 + ["positive"] * 4
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradmm: error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_bad_inputs_give_one_line_and_status_2(model_dirs, data_dir, tmp_path):

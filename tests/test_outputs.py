@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_run
+from conftest import cli, one_line_error, release_args, tiny_run
 from safetensors.torch import load_file, save_file
 
 from gradmm.errors import UserError
@@ -20,18 +20,8 @@ SMALL = ["--per-class", 2, "--batch", 2, "--length", 5, "--steps", 1, "--inner-s
 KIND = OutputKind("thing", "done.json", ("done.json", "data.bin", "sub"))
 
 
-def one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradmm: error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
-
-
 def release(model, data_dir, out, *extra):
-    return cli("release", "--task", "sst2", "--model", model, "--data-dir", data_dir,
-               "--out", out, "--n-per-class", 3, *extra)  # fmt: skip
+    return cli(*release_args(model, data_dir, out, n=3), *extra)
 
 
 # ------------------------------------------------------------------------ output folders

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import NEGATIVE, POSITIVE, write_split
+from conftest import NEGATIVE, POSITIVE, release_args, write_split
 from scipy.stats import norm
 from typer.testing import CliRunner
 
@@ -162,17 +162,6 @@ def invoke(*args):
 
 
 def test_refused_options_in_dp_mode(model_dirs, data_dir, tmp_path):
-    base = [
-        "release",
-        "--task",
-        "sst2",
-        "--model",
-        model_dirs["phi"],
-        "--data-dir",
-        data_dir,
-        "--n-per-class",
-        "3",
-    ]
     cases = [
         (["--epsilon", "1", "--delta", "1e-5", "--match-params", "last-block"], "output only"),
         (["--target", "noise"], "give --epsilon and --delta"),
@@ -181,7 +170,7 @@ def test_refused_options_in_dp_mode(model_dirs, data_dir, tmp_path):
         (["--epsilon", "1", "--delta", "1.5"], "--delta must be in (0, 1)"),
     ]
     for i, (extra, message) in enumerate(cases):
-        r = invoke(*base, "--out", tmp_path / f"r{i}", *extra)
+        r = invoke(*release_args(model_dirs["phi"], data_dir, tmp_path / f"r{i}", n=3), *extra)
         assert r.exit_code == 2 and message in r.stderr, (extra, r.output)
         assert not (tmp_path / f"r{i}").exists()
 
@@ -457,17 +446,7 @@ def test_composition_converts_relations_and_flags_non_dp_and_seeded(model_dirs, 
 
 def test_delta_at_least_one_over_pool_size_is_warned(model_dirs, data_dir, tmp_path):
     r = invoke(
-        "release",
-        "--task",
-        "sst2",
-        "--model",
-        model_dirs["phi"],
-        "--data-dir",
-        data_dir,
-        "--out",
-        tmp_path / "r",
-        "--n-per-class",
-        5,
+        *release_args(model_dirs["phi"], data_dir, tmp_path / "r", n=5),
         "--epsilon",
         1,
         "--delta",

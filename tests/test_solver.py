@@ -50,15 +50,19 @@ def test_token_filter_rules(tokenizer):
             assert not fixed[i] and not paper[i], text
 
 
-def test_projection_cached_equals_uncached_and_respects_candidates(model_dirs, tokenizer):
+@pytest.mark.parametrize("order", ["cosine-first", "lm-first"])
+def test_projection_cached_equals_uncached_and_brute_force(order, model_dirs):
+    """Batched, KV-cached projection equals the uncached one and a per-row, per-position
+    reading of its rule: cosine-first = the LM's favourite of the k tokens nearest (cosine) to
+    the embedding; lm-first = the nearest of the LM's k most probable allowed tokens."""
     lm = load_model(str(model_dirs["llama"]))
     allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0])
     contexts = [encode_text(lm.tokenizer, "The"), encode_text(lm.tokenizer, "I")]
     k = 7
-    cached = Projector(lm.model, lm.embeddings, allowed, k, contexts, row_chunk=3)
-    uncached = Projector(lm.model, lm.embeddings, allowed, k, contexts, use_cache=False)
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(5, 6, lm.embeddings.shape[1], generator=gen)
+    cached = Projector(lm.model, lm.embeddings, allowed, k, contexts, row_chunk=3, order=order)
+    uncached = Projector(lm.model, lm.embeddings, allowed, k, contexts, use_cache=False,
+                         order=order)  # fmt: skip
+    v = torch.randn(5, 6, lm.embeddings.shape[1], generator=torch.Generator().manual_seed(0))
     classes = torch.tensor([0, 1, 0, 1, 1])
     ids = cached(v, classes)
     assert torch.equal(ids, uncached(v, classes))
@@ -69,40 +73,17 @@ def test_projection_cached_equals_uncached_and_respects_candidates(model_dirs, t
         for pos in range(6):
             cos = torch.nn.functional.normalize(v[n, pos], dim=0) @ unit.T
             cos[~allowed] = -float("inf")
-            topk = set(cos.topk(k).indices.tolist())
-            tok = int(ids[n, pos])
-            assert allowed[tok] and tok in topk
-            seq = torch.tensor([prefix + ids[n, :pos].tolist()])
-            logits = lm.model(input_ids=seq).logits[0, -1]
-            assert tok == max(topk, key=lambda t: float(logits[t]))
-
-
-def test_lm_first_projection_cached_equals_uncached_and_brute_force(model_dirs):
-    """lm-first: at each position, the LM's k most probable allowed tokens, then the one nearest
-    (cosine) to the continuous embedding; checked one row and position at a time."""
-    lm = load_model(str(model_dirs["llama"]))
-    allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0])
-    contexts = [encode_text(lm.tokenizer, "The"), encode_text(lm.tokenizer, "I")]
-    k = 7
-    cached = Projector(lm.model, lm.embeddings, allowed, k, contexts, row_chunk=3, order="lm-first")
-    uncached = Projector(lm.model, lm.embeddings, allowed, k, contexts, use_cache=False,
-                         order="lm-first")  # fmt: skip
-    v = torch.randn(5, 6, lm.embeddings.shape[1], generator=torch.Generator().manual_seed(1))
-    classes = torch.tensor([0, 1, 0, 1, 1])
-    ids = cached(v, classes)
-    assert torch.equal(ids, uncached(v, classes))
-    unit = torch.nn.functional.normalize(lm.embeddings, dim=-1)
-    for n in range(5):
-        prefix = contexts[int(classes[n])]
-        for pos in range(6):
             seq = torch.tensor([prefix + ids[n, :pos].tolist()])
             logits = lm.model(input_ids=seq).logits[0, -1]
             logits[~allowed] = -float("inf")
-            top = logits.topk(k).indices.tolist()
-            cos = torch.nn.functional.normalize(v[n, pos], dim=0) @ unit.T
-            assert int(ids[n, pos]) == max(top, key=lambda t: float(cos[t]))
-    cosine_first = Projector(lm.model, lm.embeddings, allowed, k, contexts)(v, classes)
-    assert not torch.equal(ids, cosine_first)  # the two orders are different rules
+            if order == "cosine-first":
+                cand, score = cos.topk(k).indices.tolist(), logits
+            else:
+                cand, score = logits.topk(k).indices.tolist(), cos
+            assert int(ids[n, pos]) == max(cand, key=lambda t: float(score[t]))
+    other = "lm-first" if order == "cosine-first" else "cosine-first"
+    rule = Projector(lm.model, lm.embeddings, allowed, k, contexts, order=other)
+    assert not torch.equal(ids, rule(v, classes))  # the two orders are different rules
 
 
 def test_admm_lowers_matching_loss_and_reports_it_honestly(model_dirs, release_dir):

@@ -32,12 +32,17 @@ from gradmm.files import OutputKind, check_output_dir, staged_dir, write_json
 # The project's reference LM (see gradmm.lm), shipped inside the package; `--model reference`.
 REFERENCE_LM_DIR = Path(__file__).parent / "reference_lm"
 
-CONVERTED_DIR = OutputKind(
-    "converted model",
-    "source.json",
-    ("source.json", "config.json", "generation_config.json", "model.safetensors",
-     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"),
-)  # fmt: skip
+# What save_pretrained of a causal LM and its tokenizer writes into a folder.
+HF_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+CONVERTED_DIR = OutputKind("converted model", "source.json", ("source.json", *HF_MODEL_FILES))
 
 
 @dataclass(frozen=True)

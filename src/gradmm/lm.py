@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from gradmm.checkpoints import HF_MODEL_FILES
 from gradmm.errors import UserError
 from gradmm.files import (
     OutputKind,
@@ -165,13 +166,8 @@ def heldout_loss(model, tokens: np.ndarray, seq_len: int, max_windows: int = 200
     return sum(losses) / len(losses)
 
 
-# What save_pretrained of the model and tokenizer writes, plus our training record.
-LM_DIR = OutputKind(
-    "model",
-    "training.json",
-    ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "training.json"),
-)  # fmt: skip
+# The model folder: what save_pretrained writes, plus our training record.
+LM_DIR = OutputKind("model", "training.json", (*HF_MODEL_FILES, "training.json"))
 
 
 LM_WORK_DIR = OutputKind(

@@ -164,9 +164,7 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -175,9 +173,7 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("train loss")
     ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    _save(fig, out / "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(5, 4))
     pts = [(r["mean_rec_loss"], r["test_accuracy"], method_label(r)) for r in rows
@@ -189,6 +185,12 @@ def plot(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("test accuracy")
     if pts:
         ax.legend(fontsize=6)
+    _save(fig, out / "matching_vs_accuracy.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(out / "matching_vs_accuracy.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
