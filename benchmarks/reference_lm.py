@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from gradmm.checkpoints import resolve_model_name
+from gradmm.evaluate import label_log_probs
 from gradmm.files import write_json, write_text
-from gradmm.matching import MatchingLoss
+from gradmm.matching import LabelTokens, MatchingLoss
 from gradmm.models import final_hidden, load_model, right_padded
 from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
@@ -71,13 +72,8 @@ def perplexity(nll: torch.Tensor, count: torch.Tensor, positions: slice = slice(
 
 @torch.no_grad()
 def zero_shot_accuracy(lm, task, texts: list[str], labels: list[int]) -> float:
-    prompt = tokenize_prompt(task, lm.tokenizer)
-    correct = 0
-    for text, label in zip(texts, labels, strict=True):
-        ids = torch.tensor([prompt.encode(lm.tokenizer, text)])
-        logits = lm.model(input_ids=ids).logits[0, -1, prompt.label_ids]
-        correct += int(int(logits.argmax()) == label)
-    return correct / len(texts)
+    pred = label_log_probs(lm, tokenize_prompt(task, lm.tokenizer), texts).argmax(1)
+    return float((pred == torch.tensor(labels)).float().mean())
 
 
 def inner_step_seconds(lm, batch: int = 10, length: int = 32, repeats: int = 20) -> float:
@@ -85,13 +81,13 @@ def inner_step_seconds(lm, batch: int = 10, length: int = 32, repeats: int = 20)
     vocab, dim = out.weight.shape
     gen = torch.Generator().manual_seed(0)
     tb = None if out.bias is None else torch.randn(1, vocab, generator=gen)
-    loss = MatchingLoss(torch.randn(1, vocab, dim, generator=gen), tb, out)
+    loss = MatchingLoss(torch.randn(1, vocab, dim, generator=gen), tb, out, LabelTokens.of([[1]]))
     x = torch.randn(1, batch, length, dim, generator=gen, requires_grad=True)
     times = []
     for _ in range(repeats + 2):
         started = time.perf_counter()
-        h = final_hidden(lm.model, inputs_embeds=x[0])[:, -1]
-        loss(h[None], torch.tensor([0]), torch.tensor([1])).sum().backward()
+        h = final_hidden(lm.model, inputs_embeds=x[0])[:, -1:]  # (B, K=1, d)
+        loss(h[None], torch.tensor([0])).sum().backward()
         times.append(time.perf_counter() - started)
     return statistics.median(times[2:])
 

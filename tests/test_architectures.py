@@ -31,10 +31,10 @@ def test_release_generate_filter_on_every_architecture(kind, model_dirs, data_di
         0, len(lm.tokenizer), (len(problems), 2, 5), generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
-        via_embeds = solver.rec(solver.embed(free), problems)
-        ids = solver.layout.full_ids(free).flatten(0, 1)
-        h = final_hidden(lm.model, input_ids=ids)[:, -1].reshape(len(problems), 2, -1)
-        via_ids = solver.loss(h, problems.classes, problems.label_ids)
+        via_embeds = solver.rec(solver.embed(free, problems), problems)
+        ids = solver.layout.full_ids(free, problems.classes).flatten(0, 1)
+        h = final_hidden(lm.model, input_ids=ids)[:, -1:].reshape(len(problems), 2, 1, -1)
+        via_ids = solver.loss(h, problems.classes)
     torch.testing.assert_close(via_embeds, via_ids, rtol=1e-4, atol=1e-5)
 
 

@@ -121,9 +121,10 @@ def test_bad_inputs_give_one_line_and_status_2(model_dirs, data_dir, tmp_path):
     )
     one_line_error(invoke(*release_args(model, data_dir, out, task=spec)), "text slot")
     spec.write_text(
-        f"label_names: [a, b]\nlabel_words: [' bad', ' zqxwvu']\nlocal_dir: {data_dir / 'sst2'}\n"
+        f"label_names: [a, b]\nlabel_words: [' bad', ' great']\nlocal_dir: {data_dir / 'sst2'}\n"
+        "label_token_policy: single\n"  # a policy of older versions
     )
-    one_line_error(invoke(*release_args(model, data_dir, out, task=spec)), "' zqxwvu'")
+    one_line_error(invoke(*release_args(model, data_dir, out, task=spec)), "label_token_policy")
     one_line_error(
         invoke(*release_args(tmp_path / "no-model", data_dir, out)), "model folder not found"
     )
@@ -208,7 +209,6 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     that block alone (same threads) would, and rank 0 writes the blocks in problem order. (Not
     that --nproc 2 equals --nproc 1: rounding in differently shaped batched kernels may change
     a token; README, "Several processes".)"""
-    from gradmm.admm import Problems
     from gradmm.distributed import shard
     from gradmm.generate import build_solver, resolve_config
     from gradmm.release import load_release, load_release_model
@@ -240,9 +240,7 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
         for rank in range(2):
             solver, problems, _ = build_solver(lm, release, cfg)
             mine = shard(len(problems), rank, 2)
-            block = Problems(problems.classes[mine.start : mine.stop],
-                             problems.label_ids[mine.start : mine.stop],
-                             problems.seeds[mine.start : mine.stop])  # fmt: skip
+            block = problems[mine.start : mine.stop]
             ids = solver.solve(block, None, progress=False).ids
             texts += [lm.tokenizer.decode(seq.tolist()).strip() for seq in ids.flatten(0, 1)]
     finally:
@@ -252,7 +250,6 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
 
 def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, data_dir,
                                                                      tmp_path):  # fmt: skip
-    from gradmm.admm import Problems
     from gradmm.generate import build_solver, resolve_config
     from gradmm.release import load_release, load_release_model
 
@@ -265,8 +262,5 @@ def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, 
     solver, problems, _ = build_solver(lm, release, cfg)
     together = solver.initialise(problems)
     for p in range(len(problems)):
-        alone = solver.initialise(
-            Problems(problems.classes[p : p + 1], problems.label_ids[p : p + 1],
-                     problems.seeds[p : p + 1])
-        )  # fmt: skip
+        alone = solver.initialise(problems[p : p + 1])
         assert torch.equal(alone[0], together[p])

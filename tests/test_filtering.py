@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from gradmm.cli import app
 from gradmm.filtering import balance_by_mean, per_example_rec
-from gradmm.matching import MatchingLoss
+from gradmm.matching import LabelTokens, MatchingLoss
 from gradmm.release import ReleaseConfig, load_release_model, release_targets
 from gradmm.tasks import encode_text
 
@@ -25,11 +25,12 @@ def test_per_example_loss_equals_matching_loss_of_a_batch_of_one(model_dirs, dat
     lm = load_release_model(rel)
     texts, labels = ["the film was great", "a dull plot"], [1, 0]
     ours = per_example_rec(lm, rel, texts, labels)
-    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output)
+    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output,
+                        LabelTokens.of(rel.prompt.label_ids))  # fmt: skip
     for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
         ids = torch.tensor(rel.prompt.encode(lm.tokenizer, t))
         x = lm.embeddings[ids][None, None]
-        ref = loss.rec(lm.model, x, torch.tensor([y]), torch.tensor([rel.prompt.label_ids[y]]))
+        ref = loss.rec(lm.model, x, torch.tensor([y]))
         torch.testing.assert_close(ours[i], ref[0], rtol=1e-4, atol=1e-6)
     assert encode_text(lm.tokenizer, "x")
 

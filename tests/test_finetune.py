@@ -91,7 +91,7 @@ def test_constant_model_scores_the_class_prior(model_dirs, data_dir):
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
-        head.bias[prompt.label_ids[1]] = 10.0  # always " great"
+        head.bias[prompt.label_ids[1]] = 10.0  # always " great" (one token)
     test = load_examples(TASK, "validation", data_dir)
     result = accuracy(lm, prompt, test, TASK.label_names)
     assert result["accuracy"] == pytest.approx(sum(test.labels) / len(test.labels))

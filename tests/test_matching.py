@@ -1,28 +1,58 @@
-"""Closed-form output-layer matching vs the authors' autograd computation."""
+"""Closed-form output-layer matching vs the authors' autograd computation, for label words of
+one token and of several."""
 
 import pytest
 import torch
 from conftest import build_model
 
-from gradmm.matching import MatchingLoss, per_example_grad_norms, residuals, summed_grads
-from gradmm.models import final_hidden, output_layer
+from gradmm.matching import (
+    AutogradMatchingLoss,
+    LabelTokens,
+    MatchingLoss,
+    per_example_grad_norms,
+    residuals,
+    summed_grads,
+)
+from gradmm.models import matched_parameters, output_layer
+
+# class 0: a one-token label word; class 1: a three-token one
+WORDS = [[5], [7, 2, 9]]
 
 
-def autograd_rec(model, x, label, tw, tb):
-    """The authors' rec: autograd.grad of the batch-mean CE w.r.t. (W, b), create_graph=True."""
+def autograd_rec(model, prompts, word, tw, tb):
+    """The authors' rec, for a label word of any length, written out with no padding: each
+    (B, Lp, d) prompt continued by the embeddings of ``word[:-1]``; the loss is the batch mean of
+    each sequence's mean cross-entropy over the word's tokens; autograd.grad w.r.t. (W, b) with
+    create_graph=True, then cosine with the targets."""
     head = model.get_output_embeddings()
     params = [head.weight] + ([head.bias] if head.bias is not None else [])
     for p in params:
         p.requires_grad_(True)
-    logits = model(inputs_embeds=x).logits[:, -1]
-    ce = torch.nn.functional.cross_entropy(logits, torch.full((x.shape[0],), label))
+    batch, n_prompt = prompts.shape[:2]
+    feed = model.get_input_embeddings().weight[word[:-1]].detach()
+    x = torch.cat([prompts, feed.expand(batch, -1, -1)], 1)
+    logits = model(inputs_embeds=x).logits
+    ce = 0
+    for k, token in enumerate(word):  # position n_prompt - 1 + k predicts the k-th token
+        ce = ce + torch.nn.functional.cross_entropy(
+            logits[:, n_prompt - 1 + k], torch.full((batch,), token)
+        ) / len(word)
     grads = torch.autograd.grad(ce, params, create_graph=True)
+    for p in params:
+        p.requires_grad_(False)
     targets = [tw] + ([tb] if tb is not None else [])
     cos = [
         torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0)
         for g, t in zip(grads, targets, strict=True)
     ]
     return torch.stack([1 - c for c in cos]).mean()
+
+
+def with_feeds(model, prompts: torch.Tensor, labels: LabelTokens, classes) -> torch.Tensor:
+    """(P, B, Lp, d) prompts -> (P, B, Lp + K - 1, d): each followed by its class's padded feed."""
+    emb = model.get_input_embeddings().weight.detach()
+    feeds = torch.stack([emb[labels.feed(c)] for c in classes.tolist()])  # (P, K - 1, d)
+    return torch.cat([prompts, feeds[:, None].expand(-1, prompts.shape[1], -1, -1)], 2)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "phi"])
@@ -33,18 +63,19 @@ def test_closed_form_loss_and_x_gradient_equal_autograd(kind):
     vocab, dim = out.weight.shape
     tw = torch.randn(2, vocab, dim, generator=gen, dtype=torch.float64)
     tb = torch.randn(2, vocab, generator=gen, dtype=torch.float64) if out.bias is not None else None
-    loss = MatchingLoss(tw, tb, out)
-    x = torch.randn(3, 7, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    label, cls = 5, 1
+    labels = LabelTokens.of(WORDS)
+    loss = MatchingLoss(tw, tb, out, labels)
+    classes = torch.tensor([1, 0])
+    prompts = torch.randn(2, 3, 7, dim, generator=gen, dtype=torch.float64, requires_grad=True)
 
-    h = final_hidden(model, inputs_embeds=x)[:, -1]
-    ours = loss(h[None], torch.tensor([cls]), torch.tensor([label]))[0]
-    (g_ours,) = torch.autograd.grad(ours, x)
-    ref = autograd_rec(model, x, label, tw[cls], None if tb is None else tb[cls])
-    (g_ref,) = torch.autograd.grad(ref, x)
+    ours = loss.rec(model, with_feeds(model, prompts, labels, classes), classes)
+    (g_ours,) = torch.autograd.grad(ours.sum(), prompts)
+    for p, c in enumerate(classes.tolist()):
+        ref = autograd_rec(model, prompts[p], WORDS[c], tw[c], None if tb is None else tb[c])
+        (g_ref,) = torch.autograd.grad(ref, prompts)
+        torch.testing.assert_close(ours[p], ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_ours[p], g_ref[p], rtol=1e-8, atol=1e-12)
     assert out.tied == (kind == "gpt2")
-    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=1e-12)
 
 
 def test_problems_are_scored_independently():
@@ -53,34 +84,45 @@ def test_problems_are_scored_independently():
     gen = torch.Generator().manual_seed(1)
     tw = torch.randn(2, 50, 32, generator=gen, dtype=torch.float64)
     tb = torch.randn(2, 50, generator=gen, dtype=torch.float64)
-    loss = MatchingLoss(tw, tb, out)
-    h = torch.randn(3, 4, 32, generator=gen, dtype=torch.float64)
-    classes, labels = torch.tensor([0, 1, 1]), torch.tensor([3, 4, 9])
-    together = loss(h, classes, labels)
-    alone = torch.cat([loss(h[p : p + 1], classes[p : p + 1], labels[p : p + 1]) for p in range(3)])
+    loss = MatchingLoss(tw, tb, out, LabelTokens.of(WORDS))
+    h = torch.randn(3, 4, 3, 32, generator=gen, dtype=torch.float64)
+    classes = torch.tensor([0, 1, 1])
+    together = loss(h, classes)
+    alone = torch.cat([loss(h[p : p + 1], classes[p : p + 1]) for p in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+    # a one-token word reads its first position only: the padding rows do not count
+    h2 = h.clone()
+    h2[:, :, 1:] = torch.randn(3, 4, 2, 32, generator=gen, dtype=torch.float64)
+    assert torch.equal(loss(h2, classes)[0], together[0])
+    assert not torch.isclose(loss(h2, classes)[1], together[1])
 
 
 def test_per_example_norms_and_sums_equal_explicit_gradients():
     gen = torch.Generator().manual_seed(2)
-    h = torch.randn(5, 8, generator=gen, dtype=torch.float64)
-    logits = torch.randn(5, 11, generator=gen, dtype=torch.float64)
-    y = torch.tensor([0, 3, 3, 10, 7])
-    r = residuals(logits, y)
-    explicit = [torch.cat([torch.outer(r[i], h[i]).flatten(), r[i]]) for i in range(5)]
-    norms = per_example_grad_norms(r, h, has_bias=True)
-    torch.testing.assert_close(norms, torch.stack([g.norm() for g in explicit]))
-    w = torch.rand(5, generator=gen, dtype=torch.float64)
-    sw, sb = summed_grads(r, h, w)
-    torch.testing.assert_close(sw, sum(w[i] * torch.outer(r[i], h[i]) for i in range(5)))
-    torch.testing.assert_close(sb, (w[:, None] * r).sum(0))
+    labels = LabelTokens.of(WORDS)
+    classes = [0, 1, 1, 0, 1]
+    h = torch.randn(5, 3, 8, generator=gen, dtype=torch.float64)
+    logits = torch.randn(5, 3, 11, generator=gen, dtype=torch.float64)
+    r = residuals(logits, labels.ids[classes])
+    w = labels.weights[classes].double()
+    explicit = []
+    for i, c in enumerate(classes):  # Σ_k over the word's own tokens only
+        k = len(WORDS[c])
+        g_w = sum(torch.outer(r[i, j], h[i, j]) for j in range(k)) / k
+        explicit.append((g_w, sum(r[i, j] for j in range(k)) / k))
+    norms = per_example_grad_norms(r, h, w, has_bias=True)
+    expected = [torch.cat([g_w.flatten(), g_b]).norm() for g_w, g_b in explicit]
+    torch.testing.assert_close(norms, torch.stack(expected))
+    no_bias = per_example_grad_norms(r, h, w, has_bias=False)
+    torch.testing.assert_close(no_bias, torch.stack([g.norm() for g, _ in explicit]))
+    clip = torch.rand(5, generator=gen, dtype=torch.float64)
+    sw, sb = summed_grads(r, h, w * clip[:, None])
+    torch.testing.assert_close(sw, sum(clip[i] * explicit[i][0] for i in range(5)))
+    torch.testing.assert_close(sb, sum(clip[i] * explicit[i][1] for i in range(5)))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "phi"])
 def test_autograd_loss_on_output_params_equals_closed_form(kind):
-    from gradmm.matching import AutogradMatchingLoss
-    from gradmm.models import matched_parameters
-
     model = build_model(kind, vocab=50).double()
     out = output_layer(model)
     params = matched_parameters(model, "output")
@@ -89,12 +131,26 @@ def test_autograd_loss_on_output_params_equals_closed_form(kind):
         n: torch.randn(2, *p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()
     }
     names = list(params)
-    closed = MatchingLoss(targets[names[0]], targets[names[1]] if len(names) > 1 else None, out)
-    auto = AutogradMatchingLoss(params, targets)
+    labels = LabelTokens.of(WORDS)
+    tb = targets[names[1]] if len(names) > 1 else None
+    closed = MatchingLoss(targets[names[0]], tb, out, labels)
+    auto = AutogradMatchingLoss(params, targets, labels)
     x = torch.randn(2, 3, 6, 32, generator=gen, dtype=torch.float64, requires_grad=True)
-    classes, labels = torch.tensor([1, 0]), torch.tensor([4, 7])
-    a, b = closed.rec(model, x, classes, labels), auto.rec(model, x, classes, labels)
+    classes = torch.tensor([1, 0])
+    a, b = closed.rec(model, x, classes), auto.rec(model, x, classes)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     ga, gb = (torch.autograd.grad(v.sum(), x)[0] for v in (a, b))
     torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-12)
     assert all(p.grad is None and not p.requires_grad for p in params.values())
+
+
+def test_label_tokens_pad_and_feed():
+    labels = LabelTokens.of(WORDS)
+    assert labels.length == 3
+    assert labels.feed(1) == [7, 2] and labels.feed(0) == [5, 0]  # then padding
+    torch.testing.assert_close(labels.weights, torch.tensor([[1.0, 0, 0], [1 / 3] * 3]))
+    ids, mask, pos = labels.batch([[1, 2, 3], [4]], [1, 0])
+    # the label word's k-th token is predicted at position len(prompt) - 1 + k
+    assert ids[0].tolist() == [1, 2, 3, 7, 2] and pos[0].tolist() == [2, 3, 4]
+    assert ids[1, :3].tolist() == [4, 5, 0] and pos[1].tolist() == [0, 1, 2]
+    assert mask.sum(1).tolist() == [5, 3]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from gradmm import privacy as dp
 from gradmm.cli import app
 from gradmm.errors import UserError
-from gradmm.matching import per_example_grad_norms
+from gradmm.matching import LabelTokens, per_example_grad_norms, summed_grads
 from gradmm.models import load_model
 from gradmm.release import (
     ReleaseConfig,
@@ -70,9 +70,9 @@ def test_clipping_bounds_every_autograd_gradient(model_dirs, data_dir):
     prompt = tokenize_prompt(task, lm.tokenizer)
     ex = load_examples(task, "train", data_dir)
     seqs = [prompt.encode(lm.tokenizer, t) for t in ex.texts[:6]]
-    labels = [prompt.label_ids[y] for y in ex.labels[:6]]
-    r, h = example_gradients(lm, seqs, labels)
-    norms = per_example_grad_norms(r, h, has_bias=True)
+    labels = [prompt.label_ids[y][0] for y in ex.labels[:6]]  # one-token label words
+    r, h, w = example_gradients(lm, seqs, ex.labels[:6], LabelTokens.of(prompt.label_ids))
+    norms = per_example_grad_norms(r, h, w, has_bias=True)
     clip = 0.5 * float(norms.median())
     weights = torch.clamp(clip / norms, max=1.0)
     head = lm.model.get_output_embeddings().requires_grad_(True)
@@ -118,9 +118,9 @@ def test_dp_release_noise_scale_reproducibility_and_reuse(model_dirs, data_dir, 
     exclude = private_pool_exclusions(task, "train", len(ex.labels))
     for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 5, 0, exclude)):
         seqs = [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix]
-        r, h = example_gradients(lm, seqs, [prompt.label_ids[c]] * 5)
-        w = torch.clamp(0.3 / per_example_grad_norms(r, h, True), max=1.0)
-        mean_w = (r * w[:, None]).T @ h / 5
+        r, h, w = example_gradients(lm, seqs, [c] * 5, LabelTokens.of(prompt.label_ids))
+        w = w * torch.clamp(0.3 / per_example_grad_norms(r, h, w, True), max=1.0)[:, None]
+        mean_w = summed_grads(r, h, w)[0] / 5
         noise = rel.target_weight[c] - mean_w
         assert float(noise.std()) == pytest.approx(m["sigma_target"], rel=0.03)
         assert abs(float(noise.mean())) < 0.05 * m["sigma_target"]
@@ -301,14 +301,11 @@ def exact_means(model_dir, data_dir, n, clip=None):
     exclude = private_pool_exclusions(task, "train", len(ex.labels))
     out = []
     for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, n, 0, exclude)):
-        r, h = example_gradients(lm, [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix],
-                                 [prompt.label_ids[c]] * n)  # fmt: skip
-        w = (
-            torch.ones(n)
-            if clip is None
-            else torch.clamp(clip / per_example_grad_norms(r, h, True), max=1.0)
-        )
-        out.append((r * w[:, None]).T @ h / n)
+        r, h, w = example_gradients(lm, [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix],
+                                    [c] * n, LabelTokens.of(prompt.label_ids))  # fmt: skip
+        if clip is not None:
+            w = w * torch.clamp(clip / per_example_grad_norms(r, h, w, True), max=1.0)[:, None]
+        out.append(summed_grads(r, h, w)[0] / n)
     return torch.stack(out)
 
 

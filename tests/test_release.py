@@ -45,9 +45,7 @@ def test_targets_equal_per_example_autograd_loop(kind, model_dirs, data_dir, tmp
             # detached input embeddings: for a tied head only its output-layer use counts
             emb = lm.model.get_input_embeddings()(ids).detach()
             logits = lm.model(inputs_embeds=emb).logits[0, -1]
-            ce = torch.nn.functional.cross_entropy(
-                logits[None], torch.tensor([prompt.label_ids[c]])
-            )
+            ce = torch.nn.functional.cross_entropy(logits[None], torch.tensor(prompt.label_ids[c]))
             params = [head.weight] + ([head.bias] if head.bias is not None else [])
             grads = torch.autograd.grad(ce, params)
             gw += grads[0] / len(indices)
@@ -137,9 +135,7 @@ def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_pat
         for i in indices:
             ids = torch.tensor([prompt.encode(lm.tokenizer, ex.texts[i])])
             logits = lm.model(inputs_embeds=lm.embeddings[ids].detach()).logits[0, -1]
-            ce = torch.nn.functional.cross_entropy(
-                logits[None], torch.tensor([prompt.label_ids[c]])
-            )
+            ce = torch.nn.functional.cross_entropy(logits[None], torch.tensor(prompt.label_ids[c]))
             for n, g in zip(params, torch.autograd.grad(ce, list(params.values())), strict=True):
                 total[n] += g / len(indices)
         for n in params:

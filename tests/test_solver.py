@@ -94,12 +94,12 @@ def test_admm_lowers_matching_loss_and_reports_it_honestly(model_dirs, release_d
         rec_init = solver.rec(x0, problems)
     solution = solver.solve(problems, progress=False)
     with torch.no_grad():
-        rec_ids = solver.rec(solver.embed(solution.ids), problems)
+        rec_ids = solver.rec(solver.embed(solution.ids, problems), problems)
         gen = torch.Generator().manual_seed(0)
         allowed = torch.isfinite(solver.projector.penalty).nonzero().flatten()
         random_ids = allowed[torch.randint(len(allowed), (20, 3, 5), generator=gen)]
-        p20 = Problems(problems.classes.repeat(10), problems.label_ids.repeat(10), [0] * 20)
-        rec_random = solver.rec(solver.embed(random_ids), p20)
+        p20 = Problems(problems.classes.repeat(10), [0] * 20)
+        rec_random = solver.rec(solver.embed(random_ids, p20), p20)
     torch.testing.assert_close(solution.rec, rec_ids)
     assert solution.ids.shape == (2, 3, 5)
     assert (solution.rec < rec_random.median()).all()
@@ -112,10 +112,7 @@ def test_batched_problems_equal_one_at_a_time(model_dirs, release_dir, preset):
     solver, problems, _ = build_solver(lm, rel, small(preset=preset, length=5))
     together = solver.solve(problems, progress=False)
     for p in range(len(problems)):
-        one = Problems(
-            problems.classes[p : p + 1], problems.label_ids[p : p + 1], problems.seeds[p : p + 1]
-        )
-        alone = solver.solve(one, progress=False)
+        alone = solver.solve(problems[p : p + 1], progress=False)
         assert torch.equal(alone.ids[0], together.ids[p])
         torch.testing.assert_close(alone.rec[0], together.rec[p], rtol=1e-9, atol=1e-12)
 
@@ -199,5 +196,6 @@ def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
         rec_init = solver.rec(solver.initialise(problems), problems)
     solution = solver.solve(problems, progress=False)
     with torch.no_grad():
-        torch.testing.assert_close(solution.rec, solver.rec(solver.embed(solution.ids), problems))
+        rec_ids = solver.rec(solver.embed(solution.ids, problems), problems)
+        torch.testing.assert_close(solution.rec, rec_ids)
     assert (solution.rec < rec_init).all()

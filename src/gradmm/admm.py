@@ -1,10 +1,11 @@
 """ADMM over token embeddings, for many independent problems at once.
 
 A *problem* is one class target matched by ``B`` synthetic sequences of ``L`` positions:
-``head`` template ids, ``G`` free positions, ``tail`` template ids. All problems of a run are
-stacked in one variable ``x ∈ R^{P×B×L×d}`` and optimised together. That equals solving them one by
-one because the loss is a sum over problems, Adam is elementwise, and everything that couples
-entries (gradient clipping, best-iterate bookkeeping, the init) is done per problem.
+``head`` template ids, ``G`` free positions, ``tail`` template ids, then the class's label word
+but its last token (``LabelTokens.feed``; nothing for one-token label words). All problems of a
+run are stacked in one variable ``x ∈ R^{P×B×L×d}`` and optimised together. That equals solving
+them one by one because the loss is a sum over problems, Adam is elementwise, and everything that
+couples entries (gradient clipping, best-iterate bookkeeping, the init) is done per problem.
 
 Per outer iteration (scaled dual ``u = λ/ρ``, REFERENCE.md §2.3–2.6)::
 
@@ -48,15 +49,21 @@ class SolverConfig:
 
 @dataclass(frozen=True)
 class Layout:
-    """Positions of one sequence: ``head`` ids, ``n_free`` free slots, ``tail`` ids."""
+    """Positions of one sequence: ``head`` ids, ``n_free`` free slots, ``tail`` ids, then
+    ``suffixes[c]`` for a sequence of class ``c`` (all of one length)."""
 
     head: list[int]
     n_free: int
     tail: list[int]
+    suffixes: list[list[int]]
+
+    def __post_init__(self):
+        if len({len(s) for s in self.suffixes}) != 1:
+            raise ValueError("every class's suffix must have the same length")
 
     @property
     def length(self) -> int:
-        return len(self.head) + self.n_free + len(self.tail)
+        return len(self.head) + self.n_free + len(self.tail) + len(self.suffixes[0])
 
     @property
     def free(self) -> slice:
@@ -67,22 +74,28 @@ class Layout:
         mask[self.free] = False
         return mask
 
-    def full_ids(self, free_ids: Tensor) -> Tensor:
-        """(..., G) free token ids -> (..., L) ids with the template."""
-        shape = free_ids.shape[:-1]
-        head = torch.tensor(self.head, dtype=torch.long).expand(*shape, -1)
-        tail = torch.tensor(self.tail, dtype=torch.long).expand(*shape, -1)
-        return torch.cat([head, free_ids, tail], -1)
+    def fixed_ids(self) -> Tensor:
+        """(C, L - G) the ids of every position but the free ones, per class, in order."""
+        return torch.tensor([self.head + self.tail + s for s in self.suffixes], dtype=torch.long)
+
+    def full_ids(self, free_ids: Tensor, classes: Tensor) -> Tensor:
+        """(P, B, G) free token ids of problems of ``classes`` (P,) -> (P, B, L) ids."""
+        n_problems, batch = free_ids.shape[:2]
+        fixed = self.fixed_ids()[classes][:, None].expand(n_problems, batch, -1)
+        n_head = len(self.head)
+        return torch.cat([fixed[..., :n_head], free_ids, fixed[..., n_head:]], -1)
 
 
 @dataclass(frozen=True)
 class Problems:
     classes: Tensor  # (P,) class index
-    label_ids: Tensor  # (P,) label token
     seeds: list[int]  # init RNG seed of each problem
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+    def __getitem__(self, index: slice) -> Problems:
+        return Problems(self.classes[index], self.seeds[index])
 
 
 @dataclass
@@ -131,7 +144,7 @@ class ADMMSolver:
         # (V, d): rows are valid inputs_embeds (computed once by the caller when it has them)
         self.emb = input_embedding_matrix(model) if embeddings is None else embeddings.detach()
         self.fixed = layout.fixed_mask()
-        self.fixed_emb = self.emb[layout.head + layout.tail]  # (L - G, d), in position order
+        self.fixed_emb = self.emb[layout.fixed_ids()]  # (C, L - G, d), in position order
         allowed = torch.isfinite(projector.penalty)
         self.init_scale = (
             config.init_scale
@@ -144,11 +157,11 @@ class ADMMSolver:
 
     def rec(self, x: Tensor, problems: Problems) -> Tensor:
         """(P, B, L, d) embeddings -> (P,) matching loss."""
-        return self.loss.rec(self.model, x, problems.classes, problems.label_ids)
+        return self.loss.rec(self.model, x, problems.classes)
 
-    def embed(self, free_ids: Tensor) -> Tensor:
+    def embed(self, free_ids: Tensor, problems: Problems) -> Tensor:
         """(P, B, G) free ids -> (P, B, L, d) embeddings with the template."""
-        return self.emb[self.layout.full_ids(free_ids)]
+        return self.emb[self.layout.full_ids(free_ids, problems.classes)]
 
     def project(self, x: Tensor, problems: Problems) -> Tensor:
         """(P, B, L, d) -> (P, B, G) free token ids."""
@@ -163,8 +176,9 @@ class ADMMSolver:
         self.timings["projection"] += time.perf_counter() - started
         return ids
 
-    def _with_template(self, x: Tensor) -> Tensor:
-        x[:, :, self.fixed] = self.fixed_emb
+    def _with_template(self, x: Tensor, classes: Tensor) -> Tensor:
+        """Set the fixed positions of (P, B, L, d) ``x`` of problems of ``classes`` (P,)."""
+        x[:, :, self.fixed] = self.fixed_emb[classes][:, None]
         return x
 
     def _rescale(self, x: Tensor) -> Tensor:
@@ -173,11 +187,9 @@ class ADMMSolver:
     def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
         """(n, B, L, d) candidate batches of one problem -> (n,) rec, in one forward pass."""
         n = cand.shape[0]
-        return self.rec(
-            cand, Problems(single.classes.expand(n), single.label_ids.expand(n), [0] * n)
-        )
+        return self.rec(cand, Problems(single.classes.expand(n), [0] * n))
 
-    def _inner_extra(self, x: Tensor, z_ids: Tensor) -> Tensor | float:
+    def _inner_extra(self, x: Tensor, z_ids: Tensor, problems: Problems) -> Tensor | float:
         """Extra term of the x-step objective (nothing here; see ReferenceSolver)."""
         return 0.0
 
@@ -193,19 +205,19 @@ class ADMMSolver:
         out = torch.empty(len(problems), self.batch, length, dim, dtype=dtype)
         for p in range(len(problems)):
             gen = torch.Generator().manual_seed(problems.seeds[p])
-            single = Problems(problems.classes[p : p + 1], problems.label_ids[p : p + 1], [0])
+            single = problems[p : p + 1]
             best_rec, best = float("inf"), None
             for start in range(0, self.cfg.init_candidates, self.INIT_CHUNK):
                 n = min(self.INIT_CHUNK, self.cfg.init_candidates - start)
                 cand = torch.randn(n, self.batch, length, dim, generator=gen, dtype=dtype)
                 if self.cfg.score_init_scaled:
                     cand = self._rescale(cand)
-                rec = self._score_candidates(self._with_template(cand), single)
+                rec = self._score_candidates(self._with_template(cand, single.classes), single)
                 i = int(rec.argmin())
                 if float(rec[i]) < best_rec:
                     best_rec, best = float(rec[i]), cand[i].clone()
             out[p] = best
-        out = self._with_template(self._rescale(out))
+        out = self._with_template(self._rescale(out), problems.classes)
         self.timings["init"] += time.perf_counter() - started
         return out
 
@@ -250,9 +262,9 @@ class ADMMSolver:
         )
         for step in bar:
             with torch.no_grad():
-                self._with_template(x)
+                self._with_template(x, problems.classes)
             z_ids = self._timed_project(x.detach() + u, problems)
-            z = self.embed(z_ids)
+            z = self.embed(z_ids, problems)
             if cfg.select == "projected":
                 best_rec, best_ids = self._keep_best(problems, z_ids, z, best_rec, best_ids)
 
@@ -261,7 +273,8 @@ class ADMMSolver:
                 opt.zero_grad(set_to_none=True)
                 obj = self.rec(x, problems) + 0.5 * cfg.rho * (x - z + u).pow(2).sum((1, 2, 3))
                 # autograd.grad, not backward: nothing accumulates into the model's parameters
-                (x.grad,) = torch.autograd.grad(obj.sum() + self._inner_extra(x, z_ids), x)
+                extra = self._inner_extra(x, z_ids, problems)
+                (x.grad,) = torch.autograd.grad(obj.sum() + extra, x)
                 self._condition_gradient(x.grad)
                 opt.step()
                 last_obj = obj.detach()
@@ -270,7 +283,7 @@ class ADMMSolver:
             self._log_iteration(step, x.detach(), problems)
             with torch.no_grad():
                 u += x - z
-                self._with_template(x)
+                self._with_template(x, problems.classes)
                 if cfg.select == "augmented":  # the authors' rule; ties go to the later iterate
                     better = last_obj <= best_obj
                     best_obj = torch.where(better, last_obj, best_obj)
@@ -297,12 +310,12 @@ class ADMMSolver:
         if cfg.select == "projected":
             final_ids = self._timed_project(x + u, problems)
             best_rec, best_ids = self._keep_best(
-                problems, final_ids, self.embed(final_ids), best_rec, best_ids
+                problems, final_ids, self.embed(final_ids, problems), best_rec, best_ids
             )
         else:
             best_ids = self._timed_project(best_x, problems)
             with torch.no_grad():
-                best_rec = self.rec(self.embed(best_ids), problems)
+                best_rec = self.rec(self.embed(best_ids, problems), problems)
         return Solution(ids=best_ids, rec=best_rec, timings=dict(self.timings))
 
     @torch.no_grad()
@@ -347,16 +360,16 @@ class ReferenceSolver(ADMMSolver):
             targets = {"weight": self.loss.tw, "bias": self.loss.tb}
             keep = [k for k in params if params[k] is not None]
             self.loss = AutogradMatchingLoss(
-                {k: params[k] for k in keep}, {k: targets[k] for k in keep}
+                {k: params[k] for k in keep}, {k: targets[k] for k in keep}, self.loss.labels
             )
 
     def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
         return torch.cat([self.rec(c[None], single) for c in cand])
 
-    def _inner_extra(self, x: Tensor, z_ids: Tensor) -> Tensor:
+    def _inner_extra(self, x: Tensor, z_ids: Tensor, problems: Problems) -> Tensor:
         n_problems, batch, length, dim = x.shape
         logits = self.model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, :-1]
-        targets = self.layout.full_ids(z_ids).reshape(-1, length)[:, 1:]
+        targets = self.layout.full_ids(z_ids, problems.classes).reshape(-1, length)[:, 1:]
         ppl = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets)
         return 0.0 * ppl
 
@@ -365,8 +378,8 @@ class ReferenceSolver(ADMMSolver):
         started = time.perf_counter()
         ids = self.project(x, problems)
         self.rec(x, problems)
-        self.rec(self.embed(ids), problems)
-        self.model(input_ids=self.layout.full_ids(ids).flatten(0, 1))
+        self.rec(self.embed(ids, problems), problems)
+        self.model(input_ids=self.layout.full_ids(ids, problems.classes).flatten(0, 1))
         if step % 10 == 0:
             self.project(x, problems)
         self.timings["logging"] += time.perf_counter() - started
@@ -374,12 +387,7 @@ class ReferenceSolver(ADMMSolver):
     def solve(self, problems: Problems, checkpoint=None, checkpoint_every=5, progress=True):
         solutions = []
         for p in range(len(problems)):
-            single = Problems(
-                problems.classes[p : p + 1],
-                problems.label_ids[p : p + 1],
-                problems.seeds[p : p + 1],
-            )
-            solutions.append(super().solve(single, None, checkpoint_every, progress))
+            solutions.append(super().solve(problems[p : p + 1], None, checkpoint_every, progress))
         return Solution(
             ids=torch.cat([s.ids for s in solutions]),
             rec=torch.cat([s.rec for s in solutions]),

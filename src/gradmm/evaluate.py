@@ -1,9 +1,9 @@
 """Verbalizer classification with a causal LM: scores, accuracy, zero- and k-shot prompts.
 
-An example is classified by the label word with the highest log-probability as the next token
-after ``template(text)`` (label words are one token each, see :mod:`gradmm.tasks`), exactly the
-quantity that fine-tuning optimises and that generation matches the gradient of. For k-shot
-in-context evaluation the prompt starts with ``k`` demonstrations per class, each
+An example is classified by the label word with the highest length-normalised log-probability
+(the mean over its tokens, teacher-forced) after ``template(text)``: exactly the quantity that
+fine-tuning optimises and that generation matches the gradient of. For k-shot in-context
+evaluation the prompt starts with ``k`` demonstrations per class, each
 ``template(text) + label word + "\\n"``, drawn from a public split.
 """
 
@@ -35,19 +35,32 @@ def label_log_probs(
     prefix: list[int] | None = None,
     batch_size: int = 32,
 ) -> Tensor:
-    """(N, C) log p(label word of class c | prefix + template(text)); differentiable.
+    """(N, C) mean over the tokens of the label word of class c of their log-probabilities
+    after ``prefix + template(text)`` (teacher-forced); differentiable.
 
-    Sequences are right-padded and masked, and the score is read at each one's last real position.
+    Label words that share all but their last token share one forward pass (all one-token words
+    share the plain prompt's). Sequences are right-padded and masked; scores are read at real
+    positions only.
     """
     prefix = prefix or []
     seqs = [prefix + prompt.encode(lm.tokenizer, t) for t in texts]
-    labels = torch.tensor(prompt.label_ids)
+    groups: dict[tuple[int, ...], list[int]] = {}  # label feed -> classes
+    for c, word in enumerate(prompt.label_ids):
+        groups.setdefault(tuple(word[:-1]), []).append(c)
     out = []
     for start in range(0, len(seqs), batch_size):
-        ids, mask, last = right_padded(seqs[start : start + batch_size])
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        logp = torch.log_softmax(logits[torch.arange(len(last)), last], dim=-1)
-        out.append(logp[:, labels])
+        batch = seqs[start : start + batch_size]
+        rows = torch.arange(len(batch))[:, None]
+        scores: dict[int, Tensor] = {}
+        for feed, classes in groups.items():
+            ids, mask, last = right_padded([s + list(feed) for s in batch])
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+            pos = last[:, None] - len(feed) + torch.arange(len(feed) + 1)  # (n, K)
+            logp = torch.log_softmax(logits[rows, pos], dim=-1)  # (n, K, V)
+            for c in classes:
+                word = torch.tensor(prompt.label_ids[c])
+                scores[c] = logp[:, torch.arange(len(word)), word].mean(1)
+        out.append(torch.stack([scores[c] for c in range(len(prompt.label_ids))], 1))
     return torch.cat(out)
 
 
@@ -61,13 +74,8 @@ def demonstrations(
     labels = np.asarray(pool.labels)
     per_class = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in
                  range(len(prompt.label_ids))]  # fmt: skip
-    newline = encode_text(lm.tokenizer, "\n")
-    ids: list[int] = []
-    for j in range(k):
-        for c, picks in enumerate(per_class):
-            ids += prompt.encode(lm.tokenizer, pool.texts[picks[j]]) + [prompt.label_ids[c]]
-            ids += newline
-    return ids
+    picks = [(pool.texts[per_class[c][j]], c) for j in range(k) for c in range(len(per_class))]
+    return prompt.demonstrations(lm.tokenizer, picks)
 
 
 @torch.no_grad()

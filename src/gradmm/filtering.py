@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 from gradmm.errors import UserError
 from gradmm.evaluate import label_log_probs
 from gradmm.files import read_jsonl, write_json, write_jsonl
 from gradmm.generate import data_read_entry, load_run_release
-from gradmm.matching import residuals
-from gradmm.models import LoadedModel, final_hidden, right_padded
+from gradmm.matching import LabelTokens, MatchingLoss
+from gradmm.models import LoadedModel, final_hidden
 from gradmm.release import Release, load_release_model
 
 
@@ -36,28 +37,22 @@ class FilterConfig(BaseModel):
 
 
 @torch.no_grad()
-def per_example_rec(lm: LoadedModel, release: Release, texts: list[str], labels: list[int]):
-    """(N,) matching loss of each example alone against its class's released target."""
+def per_example_rec(
+    lm: LoadedModel, release: Release, texts: list[str], labels: list[int], batch_size: int = 32
+) -> Tensor:
+    """(N,) matching loss of each example alone (a problem of ``B = 1``) against its class's
+    released target."""
     prompt = release.prompt
+    label_tokens = LabelTokens.of(prompt.label_ids)
+    loss = MatchingLoss(release.target_weight, release.target_bias, lm.output, label_tokens)
     seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     out = []
-    tw, tb = release.target_weight, release.target_bias
-    tw_norm = tw.flatten(1).norm(dim=1)  # (C,): never a (N, V, d) gather of the targets
-    for start in range(0, len(seqs), 32):
-        ids, mask, last = right_padded(seqs[start : start + 32])
-        h = final_hidden(lm.model, input_ids=ids, attention_mask=mask)[
-            torch.arange(len(last)), last
-        ]
-        ys = torch.tensor(labels[start : start + 32])
-        r = residuals(lm.output.logits(h), torch.tensor(prompt.label_ids)[ys])
-        # cos(T_W, r hᵀ) = rᵀ T_W h / (‖T_W‖ ‖r‖ ‖h‖)
-        dot_w = torch.stack([r[i] @ (tw[y] @ h[i]) for i, y in enumerate(ys.tolist())])
-        cos_w = dot_w / (tw_norm[ys] * r.norm(dim=1) * h.norm(dim=1))
-        if tb is None:
-            out.append(1 - cos_w)
-        else:
-            cos_b = (r * tb[ys]).sum(1) / (tb[ys].norm(dim=1) * r.norm(dim=1))
-            out.append(1 - 0.5 * (cos_w + cos_b))
+    for start in range(0, len(seqs), batch_size):
+        classes = labels[start : start + batch_size]
+        ids, mask, pos = label_tokens.batch(seqs[start : start + batch_size], classes)
+        hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
+        h = hidden[torch.arange(len(classes))[:, None], pos]  # (n, K, d)
+        out.append(loss(h[:, None], torch.tensor(classes)))
     return torch.cat(out)
 
 
@@ -101,10 +96,7 @@ def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = Non
     if config.classifier:
         demos = task.require_demonstrations("the few-shot classifier (or pass --no-classifier)")
         prompt = release.prompt
-        newline = lm.tokenizer("\n", add_special_tokens=False)["input_ids"]
-        prefix = []
-        for text, label in demos:
-            prefix += prompt.encode(lm.tokenizer, text) + [prompt.label_ids[label]] + newline
+        prefix = prompt.demonstrations(lm.tokenizer, list(demos))
         pred = label_log_probs(lm, prompt, [r["text"] for r in rows], prefix).argmax(1).tolist()
         rows = [r for r, p in zip(rows, pred, strict=True) if p == r["label"]]
         report["after_classifier"] = len(rows)

@@ -39,7 +39,7 @@ from gradmm.files import (
     write_json,
     write_jsonl,
 )
-from gradmm.matching import AutogradMatchingLoss, MatchingLoss
+from gradmm.matching import AutogradMatchingLoss, LabelTokens, MatchingLoss
 from gradmm.models import LoadedModel, matched_parameters
 from gradmm.privacy import report as privacy_report
 from gradmm.projection import ProjectionOrder, Projector, TokenFilter, allowed_tokens
@@ -176,11 +176,7 @@ def _solve_and_write(
     solver, problems, contexts = build_solver(lm, release, config)
     rank, world = rank_and_world()
     mine = shard(len(problems), rank, world)
-    block = Problems(
-        problems.classes[mine.start : mine.stop],
-        problems.label_ids[mine.start : mine.stop],
-        problems.seeds[mine.start : mine.stop],
-    )
+    block = problems[mine.start : mine.stop]
     checkpoint = out / ("checkpoint.pt" if world == 1 else f"checkpoint.rank{rank}.pt")
     solution = solver.solve(block, checkpoint, config.checkpoint_every, progress and rank == 0)
     parts = gather_to_zero((solution.ids, solution.rec, solution.timings))
@@ -239,7 +235,9 @@ def build_solver(
     freeze = config.freeze_template
     if freeze is None:
         freeze = task.name in PAPER_FREEZES_TEMPLATE if paper else True
-    layout = Layout(prompt.head, config.length, prompt.tail)
+    labels = LabelTokens.of(prompt.label_ids)
+    layout = Layout(prompt.head, config.length, prompt.tail,
+                    [labels.feed(c) for c in range(task.num_classes)])  # fmt: skip
     longest = layout.length + max(map(len, contexts))
     if lm.context_length is not None and longest > lm.context_length:
         raise UserError(f"--length {config.length} plus template exceeds the model's context")
@@ -260,19 +258,15 @@ def build_solver(
         select=config.select,
     )
     if release.meta.match_params == "output":
-        loss = MatchingLoss(release.target_weight, release.target_bias, lm.output)
+        loss = MatchingLoss(release.target_weight, release.target_bias, lm.output, labels)
     else:  # no closed form beyond the output layer: differentiate the gradient
         params = matched_parameters(lm.model, release.meta.match_params)
         targets = {n: t.to(lm.embeddings.dtype) for n, t in release.targets.items()}
-        loss = AutogradMatchingLoss(params, targets)
+        loss = AutogradMatchingLoss(params, targets, labels)
     engine = ADMMSolver if config.engine == "fast" else ReferenceSolver
     solver = engine(lm.model, loss, projector, layout, config.batch, solver_cfg, lm.embeddings)
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
-    problems = Problems(
-        classes=classes,
-        label_ids=torch.tensor(prompt.label_ids)[classes],
-        seeds=[problem_seed(config.seed, p) for p in range(len(classes))],
-    )
+    problems = Problems(classes, [problem_seed(config.seed, p) for p in range(len(classes))])
     return solver, problems, contexts
 
 

@@ -1,12 +1,14 @@
 """Closed-form output-layer gradients and the GRADMM matching loss.
 
-For one sequence with final hidden state ``h ∈ R^d`` (at the last position), probabilities
-``p = softmax(W h + b)`` and label token ``y``, the cross-entropy gradient w.r.t. the output layer
-is ``g_W = r hᵀ`` and ``g_b = r`` with ``r = p − e_y``. For a batch of ``B`` sequences matched
-together, ``G = (1/B) Σ_b g_b`` and::
+For one sequence with final hidden states ``h_k ∈ R^d`` at its ``K`` label positions (one per
+token of its label word, see :class:`LabelTokens`), probabilities ``p_k = softmax(W h_k + b)``,
+label tokens ``y_k`` and position weights ``w_k`` (``1/K``: the loss is the mean cross-entropy
+over the word's tokens), the gradient w.r.t. the output layer is ``g_W = Σ_k w_k r_k h_kᵀ`` and
+``g_b = Σ_k w_k r_k`` with ``r_k = p_k − e_{y_k}``. For a batch of ``B`` sequences matched
+together, ``G = (1/B) Σ_b g_b``; over its ``N = B·K`` rows ``n`` with weights ``a_n = w_n / B``::
 
-    ⟨T_W, G_W⟩ = (1/B) Σ_b r_bᵀ (T_W h_b)
-    ‖G_W‖²    = (1/B²) Σ_{b,b'} (r_b·r_b') (h_b·h_b')
+    ⟨T_W, G_W⟩ = Σ_n a_n r_nᵀ (T_W h_n)
+    ‖G_W‖²    = Σ_{n,n'} a_n a_n' (r_n·r_n') (h_n·h_n')
 
 so the loss ``rec = mean over {W, b} of (1 − cos(T, G))`` is an ordinary function of ``(h, p)``:
 one forward and one backward per step, no V×d synthetic gradient, no double backward.
@@ -17,10 +19,56 @@ set of parameters, then a second backward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from gradmm.models import OutputLayer, final_hidden
+from gradmm.models import OutputLayer, final_hidden, right_padded
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """Every class's label word as next-token targets, right-padded to the longest (``K`` tokens).
+
+    A sequence of class ``c`` is followed by :meth:`feed` ``(c)``, its label word but the last
+    token (teacher forcing), padded to ``K − 1`` ids. Its last ``K`` positions then predict
+    ``ids[c]``, position ``k`` the word's ``k``-th token, and its loss is the mean cross-entropy
+    over the word's ``K_c`` tokens: ``weights[c, k]`` is ``1/K_c``, and 0 at padding (causal
+    attention: padding never changes an earlier position). With one-token label words (``K = 1``)
+    this is the next-token loss at the last position.
+    """
+
+    ids: Tensor  # (C, K) label token ids, padded with 0
+    weights: Tensor  # (C, K) 1/K_c at the class's label positions, 0 at padding
+
+    @classmethod
+    def of(cls, label_ids: Sequence[Sequence[int]]) -> LabelTokens:
+        """From the label words' token ids (``PromptTokens.label_ids``)."""
+        length = max(map(len, label_ids))
+        ids = torch.zeros(len(label_ids), length, dtype=torch.long)
+        weights = torch.zeros(len(label_ids), length)
+        for c, word in enumerate(label_ids):
+            ids[c, : len(word)] = torch.tensor(list(word))
+            weights[c, : len(word)] = 1.0 / len(word)
+        return cls(ids, weights)
+
+    @property
+    def length(self) -> int:
+        """``K``, the label positions of every sequence."""
+        return self.ids.shape[1]
+
+    def feed(self, c: int) -> list[int]:
+        """The ``K − 1`` ids that follow a sequence of class ``c``."""
+        return self.ids[c, :-1].tolist()
+
+    def batch(self, prompts: list[list[int]], classes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Each prompt followed by its class's :meth:`feed`: (N, L) right-padded ids, (N, L)
+        attention mask and (N, K) positions of the label tokens' predictions."""
+        ids, mask, last = right_padded([p + self.feed(c) for p, c in zip(prompts, classes,
+                                                                         strict=True)])  # fmt: skip
+        return ids, mask, last[:, None] - (self.length - 1) + torch.arange(self.length)
 
 
 def residuals(logits: Tensor, label_ids: Tensor) -> Tensor:
@@ -29,17 +77,20 @@ def residuals(logits: Tensor, label_ids: Tensor) -> Tensor:
     return r - torch.nn.functional.one_hot(label_ids, r.shape[-1]).to(r.dtype)
 
 
-def per_example_grad_norms(r: Tensor, h: Tensor, has_bias: bool) -> Tensor:
-    """(N, V) residuals, (N, d) hidden -> (N,) joint norm of ``(g_W, g_b)``: ‖r‖·sqrt(‖h‖² + 1)."""
-    hh = (h * h).sum(-1) + (1.0 if has_bias else 0.0)
-    return r.norm(dim=-1) * hh.sqrt()
+def per_example_grad_norms(r: Tensor, h: Tensor, weights: Tensor, has_bias: bool) -> Tensor:
+    """(N, K, V) residuals, (N, K, d) hidden, (N, K) position weights -> (N,) joint norm of
+    ``(g_W, g_b)``: ``sqrt(Σ_{k,k'} w_k w_k' (r_k·r_k') (h_k·h_k' + 1))`` (``+ 1`` with a bias)."""
+    rw = r * weights[..., None].to(r.dtype)
+    rr = rw @ rw.transpose(1, 2)  # (N, K, K)
+    hh = h @ h.transpose(1, 2) + (1.0 if has_bias else 0.0)
+    return (rr * hh).sum((1, 2)).sqrt()
 
 
-def summed_grads(r: Tensor, h: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Σ_i w_i g_i from (N, V) residuals and (N, d) hidden: ((V, d) ``Rᵀ diag(w) H``, (V,))."""
-    if weights is not None:
-        r = r * weights[:, None]
-    return r.T @ h, r.sum(0)
+def summed_grads(r: Tensor, h: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Σ_{i,k} w_ik r_ik h_ikᵀ and Σ_{i,k} w_ik r_ik from (N, K, V) residuals, (N, K, d) hidden
+    and (N, K) weights (position weight × any per-example factor): ((V, d), (V,))."""
+    rw = (r * weights[..., None].to(r.dtype)).flatten(0, 1)
+    return rw.T @ h.flatten(0, 1), rw.sum(0)
 
 
 class MatchingLoss:
@@ -49,49 +100,60 @@ class MatchingLoss:
         target_weight: (C, V, d) per-class target gradient of the output weight.
         target_bias: (C, V) per-class target gradient of the bias, or None for bias-free heads.
         output: the model's output layer.
+        labels: the label words (every sequence ends with its class's ``feed``).
     """
 
-    def __init__(self, target_weight: Tensor, target_bias: Tensor | None, output: OutputLayer):
+    def __init__(
+        self,
+        target_weight: Tensor,
+        target_bias: Tensor | None,
+        output: OutputLayer,
+        labels: LabelTokens,
+    ):
         if (target_bias is None) != (output.bias is None):
             raise ValueError("target bias must be given exactly when the output layer has a bias")
         self.tw = target_weight
         self.tb = target_bias
         self.output = output
+        self.labels = labels
         self.tw_norm = target_weight.flatten(1).norm(dim=1)  # (C,)
         self.tb_norm = None if target_bias is None else target_bias.norm(dim=1)
 
-    def rec(self, model, x: Tensor, classes: Tensor, label_ids: Tensor) -> Tensor:
+    def rec(self, model, x: Tensor, classes: Tensor) -> Tensor:
         """(P, B, L, d) input embeddings -> (P,) ``rec`` (one forward through ``model``)."""
         n_problems, batch, length, dim = x.shape
-        h = final_hidden(model, inputs_embeds=x.reshape(-1, length, dim))[:, -1]
-        return self(h.reshape(n_problems, batch, dim), classes, label_ids)
+        k = self.labels.length
+        h = final_hidden(model, inputs_embeds=x.reshape(-1, length, dim))[:, -k:]
+        return self(h.reshape(n_problems, batch, k, dim), classes)
 
-    def __call__(self, h: Tensor, classes: Tensor, label_ids: Tensor) -> Tensor:
+    def __call__(self, h: Tensor, classes: Tensor) -> Tensor:
         """Matching loss per problem.
 
         Args:
-            h: (P, B, d) final hidden states at the last position of each sequence.
-            classes: (P,) class index of each problem (selects the target).
-            label_ids: (P,) label token of each problem.
+            h: (P, B, K, d) final hidden states at the label positions of each sequence.
+            classes: (P,) class index of each problem (selects the target and label word).
         Returns:
             (P,) ``rec`` in [0, 2].
         """
-        n_problems, batch, _ = h.shape
-        logits = self.output.logits(h)  # (P, B, V)
-        r = residuals(logits, label_ids[:, None].expand(n_problems, batch))  # (P, B, V)
-        # ⟨T_W, G_W⟩: one (B, d) x (d, V) product per problem, grouped by class.
+        n_problems, batch, k, dim = h.shape
+        y = self.labels.ids[classes][:, None].expand(n_problems, batch, k)
+        a = (self.labels.weights[classes].to(h.dtype) / batch)[:, None].expand(-1, batch, -1)
+        r = residuals(self.output.logits(h), y).flatten(1, 2)  # (P, N, V), N = B·K rows
+        ra = r * a.reshape(n_problems, -1, 1)
+        h = h.reshape(n_problems, -1, dim)  # (P, N, d)
+        # ⟨T_W, G_W⟩: one (N, d) x (d, V) product per problem, grouped by class.
         dot_w = torch.empty(n_problems, dtype=h.dtype, device=h.device)
         for c in classes.unique().tolist():
             sel = (classes == c).nonzero(as_tuple=True)[0]
-            t_h = h[sel] @ self.tw[c].T  # (p, B, V)
-            dot_w[sel] = (r[sel] * t_h).sum((1, 2)) / batch
-        rr = r @ r.transpose(1, 2)  # (P, B, B)
+            t_h = h[sel] @ self.tw[c].T  # (p, N, V)
+            dot_w[sel] = (ra[sel] * t_h).sum((1, 2))
+        rr = ra @ ra.transpose(1, 2)  # (P, N, N)
         hh = h @ h.transpose(1, 2)
-        g_w_norm = ((rr * hh).sum((1, 2))).sqrt() / batch
+        g_w_norm = (rr * hh).sum((1, 2)).sqrt()
         cos_w = dot_w / (self.tw_norm[classes] * g_w_norm)
         if self.tb is None:
             return 1.0 - cos_w
-        g_b = r.mean(1)  # (P, V)
+        g_b = ra.sum(1)  # (P, V)
         cos_b = (g_b * self.tb[classes]).sum(-1) / (self.tb_norm[classes] * g_b.norm(dim=-1))
         return 1.0 - 0.5 * (cos_w + cos_b)
 
@@ -102,34 +164,40 @@ class AutogradMatchingLoss:
     Args:
         params: the model's matched parameters by name (see ``models.matched_parameters``).
         targets: per-class target gradient of each, by the same names, shape (C, *param.shape).
+        labels: the label words (every sequence ends with its class's ``feed``).
     """
 
-    def __init__(self, params: dict[str, Tensor], targets: dict[str, Tensor]):
+    def __init__(self, params: dict[str, Tensor], targets: dict[str, Tensor], labels: LabelTokens):
         if params.keys() != targets.keys():
             raise ValueError("targets must cover exactly the matched parameters")
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.targets = [targets[n] for n in self.names]
+        self.labels = labels
 
-    def rec(self, model, x: Tensor, classes: Tensor, label_ids: Tensor) -> Tensor:
+    def rec(self, model, x: Tensor, classes: Tensor) -> Tensor:
         """(P, B, L, d) input embeddings -> (P,) ``rec``; differentiable in ``x``."""
         n_problems, batch, length, dim = x.shape
+        k = self.labels.length
         recs = []
         with torch.enable_grad():
             for p in self.params:
                 p.requires_grad_(True)
             try:
-                logits = model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, -1]
-                logits = logits.reshape(n_problems, batch, -1)
+                logits = model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, -k:]
+                logits = logits.reshape(n_problems, batch, k, -1)
                 for i in range(n_problems):
-                    ce = torch.nn.functional.cross_entropy(logits[i], label_ids[i].expand(batch))
+                    c = int(classes[i])
+                    ce = torch.nn.functional.cross_entropy(
+                        logits[i].flatten(0, 1), self.labels.ids[c].repeat(batch), reduction="none"
+                    )  # (B·K,)
+                    loss = (ce.reshape(batch, k) * self.labels.weights[c]).sum(1).mean()
                     grads = torch.autograd.grad(
-                        ce,
+                        loss,
                         self.params,
                         create_graph=x.requires_grad,
                         retain_graph=x.requires_grad or i + 1 < n_problems,  # shared forward
                     )
-                    c = int(classes[i])
                     cos = [
                         torch.nn.functional.cosine_similarity(g.flatten(), t[c].flatten(), dim=0)
                         for g, t in zip(grads, self.targets, strict=True)

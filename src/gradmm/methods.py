@@ -37,7 +37,7 @@ from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.generate import generate, resolve_config
 from gradmm.models import load_model
 from gradmm.release import ReleaseConfig, load_release, private_pool, release_targets
-from gradmm.tasks import Task, encode_text, load_task, tokenize_prompt
+from gradmm.tasks import Task, load_task, tokenize_prompt
 
 
 @dataclass(frozen=True)
@@ -156,15 +156,12 @@ def lm_prompted_examples(model: str, task: Task, per_class: int, seed: int) -> l
     """Label-conditioned sampling: public demonstrations of one class, then a new example."""
     lm = load_model(model)
     prompt = tokenize_prompt(task, lm.tokenizer)
-    newline = encode_text(lm.tokenizer, "\n")
     tail = lm.tokenizer.decode(prompt.tail).strip()
     torch.manual_seed(seed)
     rows = []
     for c in range(task.num_classes):
         demos = [t for t, y in task.require_demonstrations("the lm_prompted baseline") if y == c]
-        ids = []
-        for text in demos:
-            ids += prompt.encode(lm.tokenizer, text) + [prompt.label_ids[c]] + newline
+        ids = prompt.demonstrations(lm.tokenizer, [(text, c) for text in demos])
         got, attempts = [], 0
         while len(got) < per_class and attempts < 20:
             attempts += 1

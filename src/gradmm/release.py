@@ -38,7 +38,7 @@ from gradmm.checkpoints import resolve_model_name
 from gradmm.config import one_line
 from gradmm.errors import UserError, warn
 from gradmm.files import OutputKind, check_output_dir, read_json, staged_dir, write_json
-from gradmm.matching import per_example_grad_norms, residuals, summed_grads
+from gradmm.matching import LabelTokens, per_example_grad_norms, residuals, summed_grads
 from gradmm.models import (
     LoadedModel,
     MatchParams,
@@ -46,7 +46,6 @@ from gradmm.models import (
     fingerprint,
     load_model,
     matched_parameters,
-    right_padded,
 )
 from gradmm.privacy import (
     DPSettings,
@@ -68,7 +67,7 @@ from gradmm.tasks import (
     tokenize_prompt,
 )
 
-RELEASE_FORMAT = 3  # 3: the task's demonstrations and text cut are recorded
+RELEASE_FORMAT = 4  # 4: label words are token sequences (3: demonstrations, text cut)
 RELEASE_DIR = OutputKind("release", "release.json", ("release.json", "targets.safetensors"))
 
 
@@ -233,31 +232,38 @@ def sample_per_class(
 
 
 def example_gradients(
-    lm: LoadedModel, sequences: list[list[int]], label_ids: list[int], batch_size: int = 32
-) -> tuple[Tensor, Tensor]:
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    classes: list[int],
+    labels: LabelTokens,
+    batch_size: int = 32,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form inputs of per-example output-layer gradients.
 
-    Sequences are right-padded (and masked): with causal attention the padding never influences
-    the last real position, so batching is exact. Returns (N, V) residuals ``r`` and (N, d)
-    hidden states ``h``; the gradient of example ``i`` is ``(r_i h_iᵀ, r_i)``.
+    Each prompt is followed by its class's label word (teacher-forced) and right-padded (and
+    masked): with causal attention the padding never influences a real position, so batching is
+    exact. Returns (N, K, V) residuals ``r``, (N, K, d) hidden states ``h`` at the label
+    positions and (N, K) position weights ``w``; the gradient of example ``i`` is
+    ``(Σ_k w_ik r_ik h_ikᵀ, Σ_k w_ik r_ik)`` (see :mod:`gradmm.matching`).
     """
     rs, hs = [], []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask, last = right_padded(sequences[start : start + batch_size])
+    for start in range(0, len(prompts), batch_size):
+        cls = classes[start : start + batch_size]
+        ids, mask, pos = labels.batch(prompts[start : start + batch_size], cls)
         with torch.no_grad():
             hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
-        h = hidden[torch.arange(len(last)), last]
-        y = torch.tensor(label_ids[start : start + batch_size])
-        rs.append(residuals(lm.output.logits(h), y))
+        h = hidden[torch.arange(len(cls))[:, None], pos]  # (n, K, d)
+        rs.append(residuals(lm.output.logits(h), labels.ids[cls]))
         hs.append(h)
-    return torch.cat(rs), torch.cat(hs)
+    return torch.cat(rs), torch.cat(hs), labels.weights[classes]
 
 
 def summed_autograd_grads(
     lm: LoadedModel,
     params: dict[str, Tensor],
-    sequences: list[list[int]],
-    label_ids: list[int],
+    prompts: list[list[int]],
+    classes: list[int],
+    labels: LabelTokens,
     batch_size: int = 32,
 ) -> dict[str, Tensor]:
     """Σ_i of the per-example gradients w.r.t. ``params``, one backward per batch.
@@ -269,15 +275,18 @@ def summed_autograd_grads(
     for p in params.values():
         p.requires_grad_(True)
     try:
-        for start in range(0, len(sequences), batch_size):
-            ids, mask, last = right_padded(sequences[start : start + batch_size])
+        for start in range(0, len(prompts), batch_size):
+            cls = classes[start : start + batch_size]
+            ids, mask, pos = labels.batch(prompts[start : start + batch_size], cls)
             emb = lm.embeddings[ids].detach()
             logits = lm.model(inputs_embeds=emb, attention_mask=mask).logits
-            y = torch.tensor(label_ids[start : start + batch_size])
+            logits = logits[torch.arange(len(cls))[:, None], pos]  # (n, K, V)
             ce = torch.nn.functional.cross_entropy(
-                logits[torch.arange(len(last)), last], y, reduction="sum"
+                logits.flatten(0, 1), labels.ids[cls].flatten(), reduction="none"
             )
-            for name, g in zip(params, torch.autograd.grad(ce, list(params.values())), strict=True):
+            loss = (ce.reshape(len(cls), -1) * labels.weights[cls]).sum()
+            for name, g in zip(params, torch.autograd.grad(loss, list(params.values())),
+                               strict=True):  # fmt: skip
                 sums[name] += g
     finally:
         for p in params.values():
@@ -375,8 +384,9 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         seed=config.seed,
         config=config,
         description=(
-            "per-class mean over the sampled examples of the gradient of CE(next token after "
-            "the template, label token) w.r.t. the matched parameters, at the model's weights, "
+            "per-class mean over the sampled examples of the gradient of the mean CE of the "
+            "label word's tokens after the template (teacher-forced) w.r.t. the matched "
+            "parameters, at the model's weights, "
             "fp32" + ("" if dp is None else ", each example clipped to norm C, Gaussian noise")
         ),
         match_params=config.match_params,
@@ -442,28 +452,29 @@ def _dp_settings(config: ReleaseConfig) -> DPSettings | None:
 def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[dict]:
     """Per class, the sum over its sampled examples of the (clipped, if DP) gradients."""
     ctx = lm.context_length
+    labels = LabelTokens.of(prompt.label_ids)
+    fixed = len(prompt.head) + len(prompt.tail) + labels.length - 1  # template and label feed
     sums = []
     for c, indices in enumerate(tqdm(picked, desc="release: class targets", unit="class")):
         seqs = []
         for i in indices:
             seq = prompt.encode(lm.tokenizer, examples.texts[i])
-            if ctx is not None and len(seq) > ctx:
+            if ctx is not None and len(seq) + labels.length - 1 > ctx:
                 raise UserError(
-                    f"example {i} of {examples.source} is {len(seq)} tokens with the template, "
-                    f"longer than the model's context ({ctx}): pass --max-text-tokens "
-                    f"{max(1, ctx - len(prompt.head) - len(prompt.tail))} to cut texts"
+                    f"example {i} of {examples.source} is {len(seq) + labels.length - 1} tokens "
+                    f"with the template and label word, longer than the model's context ({ctx}): "
+                    f"pass --max-text-tokens {max(1, ctx - fixed)} to cut texts"
                 )
             seqs.append(seq)
-        labels = [prompt.label_ids[c]] * len(seqs)
+        classes = [c] * len(seqs)
         if config.match_params == "output":
-            r, h = example_gradients(lm, seqs, labels, config.batch_size)
-            weights = None
+            r, h, weights = example_gradients(lm, seqs, classes, labels, config.batch_size)
             if dp is not None:  # joint clipping of (weight, bias) from closed-form norms
-                norms = per_example_grad_norms(r, h, has_bias=len(head) > 1)
-                weights = torch.clamp(dp.clip / norms, max=1.0)
+                norms = per_example_grad_norms(r, h, weights, has_bias=len(head) > 1)
+                weights = weights * torch.clamp(dp.clip / norms, max=1.0)[:, None]
             sums.append(dict(zip(head, summed_grads(r, h, weights), strict=False)))
         else:
-            sums.append(summed_autograd_grads(lm, params, seqs, labels, config.batch_size))
+            sums.append(summed_autograd_grads(lm, params, seqs, classes, labels, config.batch_size))
     return sums
 
 
@@ -508,7 +519,8 @@ def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) ->
     if not set(out_names) <= set(meta.parameters):
         raise UserError(f"{path}: output_params name tensors the release does not hold")
     classes = meta.task.num_classes
-    if len(meta.counts) != classes or len(meta.prompt_tokens.label_ids) != classes:
+    label_ids = meta.prompt_tokens.label_ids
+    if len(meta.counts) != classes or len(label_ids) != classes or not all(label_ids):
         raise UserError(f"{path}: counts or label ids do not match the task's {classes} classes")
     out = meta.output_params
     expected = {out.weight: (classes, meta.model.vocab_rows, meta.model.hidden_size)}

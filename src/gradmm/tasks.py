@@ -6,9 +6,10 @@ verbalizer: one label word per class. An example ``(s, c)`` becomes the token se
 ``head + tokens(s) + tail`` (``head``/``tail`` = the template around ``{text}``) and its loss is
 the cross-entropy of the next token after ``tail`` against the label word of ``c``.
 
-Label words must be single tokens of the model's tokenizer (policy ``"single"``, the default):
-a word that splits is an error, never silently truncated. The ``"first"`` policy (what the
-authors' code does) uses the first token and is recorded in every release; it still refuses two
+A label word may be several tokens of the model's tokenizer (policy ``"all"``, the default): the
+example's loss then covers every token of the word (teacher-forced, mean over its tokens) and
+the class score is the word's length-normalised log-probability. The ``"first"`` policy (what the
+authors' code does) keeps the first token only and is recorded in every release; it refuses two
 classes whose label words share a first token.
 """
 
@@ -29,7 +30,7 @@ from gradmm.errors import UserError
 from gradmm.files import read_json, read_jsonl_numbered
 
 TEXT_SLOT = "{text}"
-LabelTokenPolicy = Literal["single", "first"]
+LabelTokenPolicy = Literal["all", "first"]
 
 
 class HubSource(BaseModel):
@@ -66,7 +67,7 @@ class Task(BaseModel):
     # Model-selection (dev) examples: a fixed, seeded slice of the private split that private
     # pools never draw from (see ``dev_indices``).
     dev_size: int = 500
-    label_token_policy: LabelTokenPolicy = "single"
+    label_token_policy: LabelTokenPolicy = "all"
     # Texts longer than this many tokens are cut to their first max_text_tokens (None: never;
     # a text that does not fit the model's context is then an error). Recorded in releases.
     max_text_tokens: int | None = Field(None, ge=1)
@@ -374,18 +375,28 @@ def dev_indices(n_examples: int, size: int) -> list[int]:
 class PromptTokens:
     """A task's template and verbalizer in one tokenizer's ids.
 
-    The model input for text ``s`` is ``head + tokens(s) + tail``; the label token of class
-    ``c`` is ``label_ids[c]``. Pieces are tokenised separately (no special tokens), so real and
-    synthetic sequences share exactly the same template ids.
+    The model input for text ``s`` is ``head + tokens(s) + tail``; the label word of class ``c``
+    is the token sequence ``label_ids[c]`` (one token or more) that follows it. Pieces are
+    tokenised separately (no special tokens), so real and synthetic sequences share exactly the
+    same template ids.
     """
 
     head: list[int]
     tail: list[int]
-    label_ids: list[int]
+    label_ids: list[list[int]]
     max_text_tokens: int | None = None  # texts are cut to their first this many tokens
 
     def encode(self, tokenizer, text: str) -> list[int]:
         return self.head + encode_text(tokenizer, text)[: self.max_text_tokens] + self.tail
+
+    def demonstrations(self, tokenizer, examples: list[tuple[str, int]]) -> list[int]:
+        """Ids of in-context demonstrations: per ``(text, class)``, the prompt, the whole label
+        word and a newline."""
+        newline = encode_text(tokenizer, "\n")
+        ids: list[int] = []
+        for text, c in examples:
+            ids += self.encode(tokenizer, text) + self.label_ids[c] + newline
+        return ids
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -393,8 +404,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 
 def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
-    """Tokenise the template and the label words; a label word that does not map to one token
-    under the task's policy is a :class:`UserError`."""
+    """Tokenise the template and the label words under the task's policy; a label word missing
+    from the vocabulary, or two classes with the same tokens, is a :class:`UserError`."""
     head_str, tail_str = task.template.split(TEXT_SLOT)
     head, tail = encode_text(tokenizer, head_str), encode_text(tokenizer, tail_str)
     label_ids = []
@@ -403,14 +414,9 @@ def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
         ids = encode_text(tokenizer, word)
         if not ids or (unk is not None and unk in ids):
             raise UserError(f"label word {word!r} is missing from the tokenizer's vocabulary")
-        if len(ids) > 1 and task.label_token_policy == "single":
-            pieces = [tokenizer.decode([i]) for i in ids]
-            raise UserError(
-                f"label word {word!r} is not a single token (it splits into {pieces}); choose a "
-                "single-token label word or set label_token_policy: first"
-            )
-        label_ids.append(ids[0])
-    if len(set(label_ids)) != len(label_ids):
-        raise UserError(f"label words {list(task.label_words)} do not map to distinct tokens")
+        label_ids.append(ids[:1] if task.label_token_policy == "first" else ids)
+    if len(set(map(tuple, label_ids))) != len(label_ids):
+        which = "first tokens" if task.label_token_policy == "first" else "tokens"
+        raise UserError(f"label words {list(task.label_words)} do not map to distinct {which}")
     return PromptTokens(head=head, tail=tail, label_ids=label_ids,
                         max_text_tokens=task.max_text_tokens)  # fmt: skip

@@ -1,0 +1,191 @@
+"""Label words of several tokens, on a tokenizer that splits " optimism", " anger" and " sadness":
+every closed form against a computation written out one sequence at a time, and every built-in
+task through every stage."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import NEGATIVE, POSITIVE, build_model, cli, sentence, write_split
+
+from gradmm.evaluate import label_log_probs
+from gradmm.filtering import per_example_rec
+from gradmm.generate import build_solver, resolve_config
+from gradmm.matching import LabelTokens, MatchingLoss, per_example_grad_norms
+from gradmm.models import final_hidden, load_model
+from gradmm.release import (
+    ReleaseConfig,
+    example_gradients,
+    load_release_model,
+    private_pool_exclusions,
+    release_targets,
+    sample_per_class,
+)
+from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+
+EMOTION_WORDS = {"anger": NEGATIVE, "joy": POSITIVE, "optimism": POSITIVE, "sadness": NEGATIVE}
+
+
+@pytest.fixture(scope="module")
+def split_dirs(tmp_path_factory) -> dict[str, str]:
+    """Tiny Llama (untied) and Phi (output bias) models whose tokenizer never saw the emotion
+    words: a sentiment-only corpus, 300 merges."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    lines = [sentence(rng, POSITIVE + NEGATIVE) + " It was great" for _ in range(300)]
+    lines += [sentence(rng, NEGATIVE) + " It was bad" for _ in range(300)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  bos_token="<|endoftext|>")  # fmt: skip
+    for word in (" optimism", " anger", " sadness", " joy"):
+        assert len(tok(word, add_special_tokens=False).input_ids) > 1, word
+    dirs = {}
+    for kind in ("llama", "phi"):
+        path = tmp_path_factory.mktemp(f"split-{kind}")
+        build_model(kind, len(tok)).save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs[kind] = str(path)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def tasks_data(tmp_path_factory) -> str:
+    """Every built-in task's private and test splits, laid out like shared/data."""
+    root = tmp_path_factory.mktemp("tasks-data")
+    rng = random.Random(2)
+    for task in BUILTIN_TASKS.values():
+        words = list(EMOTION_WORDS.values()) if task.num_classes == 4 else [NEGATIVE, POSITIVE]
+        for split in (task.private_split, task.test_split):
+            rows = [(sentence(rng, w), c) for c, w in enumerate(words) for _ in range(12)]
+            write_split(root / task.local_dir, split, rows)
+        (root / task.local_dir / "labels.json").write_text(json.dumps(list(task.label_names)))
+    return str(root)
+
+
+def word_log_prob(lm, ids: list[int], word: list[int]) -> torch.Tensor:
+    """Mean log-probability of ``word``'s tokens after ``ids``: one unpadded sequence, each token
+    read at its own position."""
+    logits = lm.model(input_ids=torch.tensor([ids + word])).logits[0]
+    logp = torch.log_softmax(logits, -1)
+    return torch.stack([logp[len(ids) - 1 + k, t] for k, t in enumerate(word)]).mean()
+
+
+def test_class_scores_are_whole_word_log_probs(split_dirs):
+    lm = load_model(split_dirs["llama"])
+    task = BUILTIN_TASKS["tweet_emotion"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    assert sorted(map(len, prompt.label_ids))[-1] > 1
+    texts = ["the movie was sad", "a great plot", "this cast is bright and funny indeed"]
+    prefix = prompt.demonstrations(lm.tokenizer, list(task.demonstrations))
+    with torch.no_grad():
+        batched = label_log_probs(lm, prompt, texts, prefix, batch_size=2)
+        for i, text in enumerate(texts):
+            ids = prefix + prompt.encode(lm.tokenizer, text)
+            for c, word in enumerate(prompt.label_ids):
+                expected = word_log_prob(lm, ids, word)
+                torch.testing.assert_close(batched[i, c], expected, rtol=1e-4, atol=1e-5)
+    # demonstrations carry the whole label word
+    word = prompt.label_ids[2]
+    assert prompt.demonstrations(lm.tokenizer, [("x", 2)])[-len(word) - 1 : -1] == word
+
+
+def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs, tasks_data,
+                                                                     tmp_path):  # fmt: skip
+    cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["phi"], n_per_class=4,
+                        data_dir=tasks_data, batch_size=3)  # fmt: skip
+    rel = release_targets(cfg, tmp_path / "rel")
+    lm = load_model(split_dirs["phi"])
+    task = BUILTIN_TASKS["tweet_emotion"]
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    assert rel.prompt.label_ids == prompt.label_ids
+    ex = load_examples(task, "train", tasks_data)
+    exclude = private_pool_exclusions(task, "train", len(ex.labels))
+    head = lm.model.get_output_embeddings().requires_grad_(True)
+    labels = LabelTokens.of(prompt.label_ids)
+    for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 4, 0, exclude)):
+        word = prompt.label_ids[c]
+        gw, gb, norms = 0, 0, []
+        for i in ix:  # oracle: the unpadded sequence, mean CE over the word's tokens, autograd
+            seq = prompt.encode(lm.tokenizer, ex.texts[i])
+            emb = lm.embeddings[torch.tensor([seq + word[:-1]])].detach()
+            logits = lm.model(inputs_embeds=emb).logits[0, len(seq) - 1 :]
+            ce = torch.nn.functional.cross_entropy(logits, torch.tensor(word))
+            w_i, b_i = torch.autograd.grad(ce, [head.weight, head.bias])
+            gw, gb = gw + w_i / len(ix), gb + b_i / len(ix)
+            norms.append(torch.cat([w_i.flatten(), b_i]).norm())
+        torch.testing.assert_close(rel.target_weight[c], gw, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(rel.target_bias[c], gb, rtol=1e-4, atol=1e-6)
+        seqs = [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix]
+        r, h, w = example_gradients(lm, seqs, [c] * len(ix), labels, batch_size=3)
+        ours = per_example_grad_norms(r, h, w, has_bias=True)
+        torch.testing.assert_close(ours, torch.stack(norms), rtol=1e-4, atol=1e-6)
+
+
+def test_solver_and_filter_losses_equal_the_release_path(split_dirs, tasks_data, tmp_path):
+    cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["llama"], n_per_class=3,
+                        data_dir=tasks_data)  # fmt: skip
+    rel = release_targets(cfg, tmp_path / "rel")
+    lm = load_release_model(rel)
+    options = {"per_class": 2, "batch": 2, "length": 4, "steps": 1, "inner_steps": 2,
+               "init_candidates": 3, "topk": 5}  # fmt: skip
+    solver, problems, _ = build_solver(lm, rel, resolve_config(options))
+    labels = LabelTokens.of(rel.prompt.label_ids)
+    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output, labels)
+    free = torch.randint(3, len(lm.tokenizer), (len(problems), 2, 4),
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        via_layout = solver.rec(solver.embed(free, problems), problems)
+        for p, c in enumerate(problems.classes.tolist()):
+            # the same sequences built as the release builds real ones (prompt + feed, padded)
+            prompts = [rel.prompt.head + s.tolist() + rel.prompt.tail for s in free[p]]
+            ids, mask, pos = labels.batch(prompts, [c, c])
+            h = final_hidden(lm.model, input_ids=ids, attention_mask=mask)[
+                torch.arange(2)[:, None], pos
+            ]
+            torch.testing.assert_close(via_layout[p], loss(h[None], torch.tensor([c]))[0])
+    # problems of label words of different lengths, solved together and one at a time
+    together = solver.solve(problems, progress=False)
+    for p in range(len(problems)):
+        alone = solver.solve(problems[p : p + 1], progress=False)
+        assert torch.equal(alone.ids[0], together.ids[p])
+    # filter: each text alone, a batch of one
+    texts = ["the film was sad", "so happy today"]
+    ours = per_example_rec(lm, rel, texts, [3, 2])
+    for i, (text, c) in enumerate(zip(texts, [3, 2], strict=True)):
+        seq = rel.prompt.encode(lm.tokenizer, text) + labels.feed(c)
+        x = lm.embeddings[torch.tensor(seq)][None, None]
+        torch.testing.assert_close(ours[i], loss.rec(lm.model, x, torch.tensor([c]))[0],
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(BUILTIN_TASKS))
+def test_every_builtin_task_runs_on_a_tokenizer_that_splits_label_words(
+    task, split_dirs, tasks_data, tmp_path
+):
+    model, rel, run = split_dirs["llama"], tmp_path / "rel", tmp_path / "run"
+    r = cli("release", "--task", task, "--model", model, "--data-dir", tasks_data, "--out", rel,
+            "--n-per-class", 3)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    label_ids = json.loads((rel / "release.json").read_text())["prompt_tokens"]["label_ids"]
+    assert (max(map(len, label_ids)) > 1) == (task == "tweet_emotion")
+    r = cli("generate", "--release", rel, "--out", run, "--per-class", 2, "--batch", 2,
+            "--length", 4, "--steps", 1, "--inner-steps", 1, "--init-candidates", 2, "--topk", 5,
+            "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = cli("filter", run, "--keep-per-class", 2)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (run / "synthetic.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * BUILTIN_TASKS[task].num_classes
+    r = cli("finetune", "--model", model, "--task", task, "--train", run / "synthetic.jsonl",
+            "--data-dir", tasks_data, "--out", tmp_path / "ft", "--steps", 2, "--batch-size", 4,
+            "--eval-every", 1, "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert all(loss > 0 for loss in result["train_loss"])
+    r = cli("evaluate", "--model", model, "--task", task, "--data-dir", tasks_data,
+            "--few-shot", 1, "--out", tmp_path / "eval.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
