@@ -66,17 +66,18 @@ def tasks_data(tmp_path_factory) -> str:
     return str(root)
 
 
-def word_log_prob(lm, ids: list[int], word: list[int]) -> torch.Tensor:
-    """Mean log-probability of ``word``'s tokens after ``ids``: one unpadded sequence, each token
+def word_log_probs(lm, ids: list[int], word: list[int]) -> torch.Tensor:
+    """Log-probabilities of ``word``'s tokens after ``ids``: one unpadded sequence, each token
     read at its own position."""
     logits = lm.model(input_ids=torch.tensor([ids + word])).logits[0]
     logp = torch.log_softmax(logits, -1)
-    return torch.stack([logp[len(ids) - 1 + k, t] for k, t in enumerate(word)]).mean()
+    return torch.stack([logp[len(ids) - 1 + k, t] for k, t in enumerate(word)])
 
 
-def test_class_scores_are_whole_word_log_probs(split_dirs):
+@pytest.mark.parametrize("score", ["sum", "mean"])
+def test_class_scores_are_whole_word_log_probs(split_dirs, score):
     lm = load_model(split_dirs["llama"])
-    task = BUILTIN_TASKS["tweet_emotion"]
+    task = BUILTIN_TASKS["tweet_emotion"].model_copy(update={"label_score": score})
     prompt = tokenize_prompt(task, lm.tokenizer)
     assert sorted(map(len, prompt.label_ids))[-1] > 1
     texts = ["the movie was sad", "a great plot", "this cast is bright and funny indeed"]
@@ -86,7 +87,8 @@ def test_class_scores_are_whole_word_log_probs(split_dirs):
         for i, text in enumerate(texts):
             ids = prefix + prompt.encode(lm.tokenizer, text)
             for c, word in enumerate(prompt.label_ids):
-                expected = word_log_prob(lm, ids, word)
+                per_token = word_log_probs(lm, ids, word)
+                expected = per_token.mean() if score == "mean" else per_token.sum()
                 torch.testing.assert_close(batched[i, c], expected, rtol=1e-4, atol=1e-5)
     # demonstrations carry the whole label word
     word = prompt.label_ids[2]
@@ -105,15 +107,15 @@ def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs,
     ex = load_examples(task, "train", tasks_data)
     exclude = private_pool_exclusions(task, "train", len(ex.labels))
     head = lm.model.get_output_embeddings().requires_grad_(True)
-    labels = LabelTokens.of(prompt.label_ids)
+    labels = LabelTokens.of(prompt.label_ids, prompt.label_score)
     for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 4, 0, exclude)):
         word = prompt.label_ids[c]
         gw, gb, norms = 0, 0, []
-        for i in ix:  # oracle: the unpadded sequence, mean CE over the word's tokens, autograd
+        for i in ix:  # oracle: the unpadded sequence, summed CE of the word's tokens, autograd
             seq = prompt.encode(lm.tokenizer, ex.texts[i])
             emb = lm.embeddings[torch.tensor([seq + word[:-1]])].detach()
             logits = lm.model(inputs_embeds=emb).logits[0, len(seq) - 1 :]
-            ce = torch.nn.functional.cross_entropy(logits, torch.tensor(word))
+            ce = torch.nn.functional.cross_entropy(logits, torch.tensor(word), reduction="sum")
             w_i, b_i = torch.autograd.grad(ce, [head.weight, head.bias])
             gw, gb = gw + w_i / len(ix), gb + b_i / len(ix)
             norms.append(torch.cat([w_i.flatten(), b_i]).norm())
@@ -133,7 +135,7 @@ def test_solver_and_filter_losses_equal_the_release_path(split_dirs, tasks_data,
     options = {"per_class": 2, "batch": 2, "length": 4, "steps": 1, "inner_steps": 2,
                "init_candidates": 3, "topk": 5}  # fmt: skip
     solver, problems, _ = build_solver(lm, rel, resolve_config(options))
-    labels = LabelTokens.of(rel.prompt.label_ids)
+    labels = LabelTokens.of(rel.prompt.label_ids, rel.prompt.label_score)
     loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output, labels)
     free = torch.randint(3, len(lm.tokenizer), (len(problems), 2, 4),
                          generator=torch.Generator().manual_seed(0))  # fmt: skip

@@ -19,11 +19,11 @@ from gradmm.models import matched_parameters, output_layer
 WORDS = [[5], [7, 2, 9]]
 
 
-def autograd_rec(model, prompts, word, tw, tb):
+def autograd_rec(model, prompts, word, tw, tb, score):
     """The authors' rec, for a label word of any length, written out with no padding: each
     (B, Lp, d) prompt continued by the embeddings of ``word[:-1]``; the loss is the batch mean of
-    each sequence's mean cross-entropy over the word's tokens; autograd.grad w.r.t. (W, b) with
-    create_graph=True, then cosine with the targets."""
+    each sequence's summed (or mean) cross-entropy over the word's tokens; autograd.grad w.r.t.
+    (W, b) with create_graph=True, then cosine with the targets."""
     head = model.get_output_embeddings()
     params = [head.weight] + ([head.bias] if head.bias is not None else [])
     for p in params:
@@ -36,7 +36,7 @@ def autograd_rec(model, prompts, word, tw, tb):
     for k, token in enumerate(word):  # position n_prompt - 1 + k predicts the k-th token
         ce = ce + torch.nn.functional.cross_entropy(
             logits[:, n_prompt - 1 + k], torch.full((batch,), token)
-        ) / len(word)
+        ) / (len(word) if score == "mean" else 1)
     grads = torch.autograd.grad(ce, params, create_graph=True)
     for p in params:
         p.requires_grad_(False)
@@ -55,15 +55,16 @@ def with_feeds(model, prompts: torch.Tensor, labels: LabelTokens, classes) -> to
     return torch.cat([prompts, feeds[:, None].expand(-1, prompts.shape[1], -1, -1)], 2)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "phi"])
-def test_closed_form_loss_and_x_gradient_equal_autograd(kind):
+@pytest.mark.parametrize("kind, score", [("gpt2", "sum"), ("llama", "mean"), ("phi", "sum"),
+                                         ("phi", "mean")])  # fmt: skip
+def test_closed_form_loss_and_x_gradient_equal_autograd(kind, score):
     model = build_model(kind, vocab=50).double()
     out = output_layer(model)
     gen = torch.Generator().manual_seed(0)
     vocab, dim = out.weight.shape
     tw = torch.randn(2, vocab, dim, generator=gen, dtype=torch.float64)
     tb = torch.randn(2, vocab, generator=gen, dtype=torch.float64) if out.bias is not None else None
-    labels = LabelTokens.of(WORDS)
+    labels = LabelTokens.of(WORDS, score)
     loss = MatchingLoss(tw, tb, out, labels)
     classes = torch.tensor([1, 0])
     prompts = torch.randn(2, 3, 7, dim, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -71,7 +72,7 @@ def test_closed_form_loss_and_x_gradient_equal_autograd(kind):
     ours = loss.rec(model, with_feeds(model, prompts, labels, classes), classes)
     (g_ours,) = torch.autograd.grad(ours.sum(), prompts)
     for p, c in enumerate(classes.tolist()):
-        ref = autograd_rec(model, prompts[p], WORDS[c], tw[c], None if tb is None else tb[c])
+        ref = autograd_rec(model, prompts[p], WORDS[c], tw[c], None if tb is None else tb[c], score)
         (g_ref,) = torch.autograd.grad(ref, prompts)
         torch.testing.assert_close(ours[p], ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g_ours[p], g_ref[p], rtol=1e-8, atol=1e-12)
@@ -99,7 +100,7 @@ def test_problems_are_scored_independently():
 
 def test_per_example_norms_and_sums_equal_explicit_gradients():
     gen = torch.Generator().manual_seed(2)
-    labels = LabelTokens.of(WORDS)
+    labels = LabelTokens.of(WORDS, "mean")
     classes = [0, 1, 1, 0, 1]
     h = torch.randn(5, 3, 8, generator=gen, dtype=torch.float64)
     logits = torch.randn(5, 3, 11, generator=gen, dtype=torch.float64)
@@ -131,7 +132,7 @@ def test_autograd_loss_on_output_params_equals_closed_form(kind):
         n: torch.randn(2, *p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()
     }
     names = list(params)
-    labels = LabelTokens.of(WORDS)
+    labels = LabelTokens.of(WORDS, "mean")
     tb = targets[names[1]] if len(names) > 1 else None
     closed = MatchingLoss(targets[names[0]], tb, out, labels)
     auto = AutogradMatchingLoss(params, targets, labels)
@@ -148,7 +149,9 @@ def test_label_tokens_pad_and_feed():
     labels = LabelTokens.of(WORDS)
     assert labels.length == 3
     assert labels.feed(1) == [7, 2] and labels.feed(0) == [5, 0]  # then padding
-    torch.testing.assert_close(labels.weights, torch.tensor([[1.0, 0, 0], [1 / 3] * 3]))
+    torch.testing.assert_close(labels.weights, torch.tensor([[1.0, 0, 0], [1.0] * 3]))  # sum
+    mean = LabelTokens.of(WORDS, "mean").weights
+    torch.testing.assert_close(mean, torch.tensor([[1.0, 0, 0], [1 / 3] * 3]))
     ids, mask, pos = labels.batch([[1, 2, 3], [4]], [1, 0])
     # the label word's k-th token is predicted at position len(prompt) - 1 + k
     assert ids[0].tolist() == [1, 2, 3, 7, 2] and pos[0].tolist() == [2, 3, 4]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradmm.admm import Problems
+from gradmm.errors import UserError
 from gradmm.generate import GenerateConfig, build_solver, resolve_config
 from gradmm.models import load_model
 from gradmm.projection import Projector, allowed_tokens
@@ -199,3 +200,93 @@ def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
         rec_ids = solver.rec(solver.embed(solution.ids, problems), problems)
         torch.testing.assert_close(solution.rec, rec_ids)
     assert (solution.rec < rec_init).all()
+
+
+def plain_admm(solver, problem, cfg):
+    """One problem's ADMM written out from the equations (REFERENCE.md §2.3–2.6), sharing only
+    the loss, the projection and the init with the solver: the oracle of its loop."""
+    layout, fixed, classes = solver.layout, solver.layout.fixed_mask(), problem.classes
+    template = solver.emb[layout.fixed_ids()[classes]][:, None]  # (1, 1, L - G, d)
+
+    def tokens_of(v):  # z = Proj(v): free positions only, then the template
+        free = solver.projector(v[0][:, layout.free], classes.repeat(v.shape[1]))
+        return free[None], solver.emb[layout.full_ids(free[None], classes)]
+
+    x = solver.initialise(problem).clone().requires_grad_(True)
+    u = torch.zeros_like(x)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    best_rec, best_ids = float("inf"), None
+    for _ in range(cfg.steps):
+        with torch.no_grad():
+            x[:, :, fixed] = template
+        z_ids, z = tokens_of(x.detach() + u)
+        with torch.no_grad():
+            rec_z = float(solver.loss.rec(solver.model, z, classes))
+        if rec_z < best_rec:
+            best_rec, best_ids = rec_z, z_ids
+        for _ in range(cfg.inner_steps):  # x = argmin rec(x) + ρ/2 ‖x − z + u‖², by Adam
+            objective = (
+                solver.loss.rec(solver.model, x, classes) + cfg.rho / 2 * ((x - z + u) ** 2).sum()
+            )
+            (grad,) = torch.autograd.grad(objective.sum(), x)
+            grad[:, :, fixed] = 0
+            norm = grad.norm()
+            if norm > cfg.grad_clip:
+                grad = grad * (cfg.grad_clip / (norm + 1e-6))
+            x.grad = grad
+            opt.step()
+        with torch.no_grad():
+            u = u + x - z  # scaled dual ascent
+            x[:, :, fixed] = template
+    z_ids, z = tokens_of(x.detach() + u)
+    with torch.no_grad():
+        rec_z = float(solver.loss.rec(solver.model, z, classes))
+    if rec_z < best_rec:
+        best_rec, best_ids = rec_z, z_ids
+    return best_ids, best_rec
+
+
+def test_solver_equals_a_plain_admm_loop(model_dirs, release_dir):
+    lm, rel = lm_and_release(model_dirs, release_dir, double=True)
+    cfg = small(per_class=3, steps=4, inner_steps=5)
+    solver, problems, _ = build_solver(lm, rel, cfg)
+    for p in range(len(problems)):
+        ids, rec = plain_admm(solver, problems[p : p + 1], cfg)
+        solution = solver.solve(problems[p : p + 1], progress=False)
+        assert torch.equal(solution.ids, ids)
+        assert float(solution.rec[0]) == pytest.approx(rec, rel=1e-9)
+        assert len(solution.history) == cfg.steps
+
+
+def test_patience_stops_a_stalled_solve(model_dirs, release_dir):
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    solver, problems, _ = build_solver(lm, rel, small(steps=40, inner_steps=1, lr=1e-6,
+                                                      patience=2))  # fmt: skip
+    solution = solver.solve(problems, progress=False)
+    best = [h[1] for h in solution.history]
+    assert 2 <= len(best) < 40  # stopped early: the tiny steps stop changing the tokens
+    assert best[-1] == best[-2]  # the last 2 (= patience) projections improved nothing
+    with pytest.raises(UserError, match="patience"):
+        small(patience=2, select="augmented")
+
+
+def test_lower_precision_keeps_the_loss_and_optimiser_in_fp32(model_dirs, release_dir):
+    from gradmm.models import Runtime, place
+
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    cfg = small(per_class=3, steps=2, inner_steps=3)
+    solver32, problems, _ = build_solver(lm, rel, cfg)
+    x = solver32.initialise(problems)
+    with torch.no_grad():
+        rec32 = solver32.rec(x, problems)
+    place(lm, Runtime(device="cpu", dtype="bfloat16"))
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    assert lm.output.weight.dtype == torch.float32  # an fp32 copy of the output layer
+    solver16, problems, _ = build_solver(lm, rel, cfg)
+    assert solver16.dtype == torch.float32 and solver16.initialise(problems).dtype == torch.float32
+    with torch.no_grad():
+        rec16 = solver16.rec(x, problems)
+    assert rec16.dtype == torch.float32
+    torch.testing.assert_close(rec16, rec32, rtol=0.05, atol=0.02)  # bf16 rounding only
+    solution = solver16.solve(problems, progress=False)
+    assert solution.rec.dtype == torch.float32 and torch.isfinite(solution.rec).all()

@@ -1,6 +1,7 @@
 import pytest
 
 from gradmm.errors import UserError
+from gradmm.paper import paper_task
 from gradmm.tasks import BUILTIN_TASKS, Task, load_examples, load_task, tokenize_prompt
 
 
@@ -16,7 +17,7 @@ def test_prompt_pieces_match_whole_string_tokenisation(tokenizer):
 
 
 def test_paper_tokens_trailing_space_and_unspaced_label_words(tokenizer):
-    task = BUILTIN_TASKS["sst2"].with_paper_tokens()
+    task = paper_task(BUILTIN_TASKS["sst2"])
     prompt = tokenize_prompt(task, tokenizer)
     assert task.template == "{text} It was "
     assert tokenizer.decode(prompt.tail) == " It was "

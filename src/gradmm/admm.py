@@ -10,8 +10,11 @@ couples entries (gradient clipping, best-iterate bookkeeping, the init) is done 
 Per outer iteration (scaled dual ``u = λ/ρ``, REFERENCE.md §2.3–2.6)::
 
     z = Proj(x + u)                          # z-step, tokens
-    I × Adam on rec(x) + ρ/2 ‖x − z + u‖²    # x-step, gradient clipped per problem
+    I × Adam on rec(x) + ρ/2 ‖x − z + u‖²    # x-step (:meth:`ADMMSolver.x_update`)
     u += x − z                               # dual step
+
+What is returned is chosen by a :class:`Selection` rule. ``x``, ``u`` and Adam's state are fp32
+on the model's device whatever the model's dtype; only the transformer passes run in it.
 """
 
 from __future__ import annotations
@@ -19,32 +22,57 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from gradmm.matching import AutogradMatchingLoss, MatchingLoss
-from gradmm.models import input_embedding_matrix
+from gradmm.models import loss_dtype
 from gradmm.projection import Projector
 
+SelectRule = Literal["projected", "augmented"]
 
-@dataclass(frozen=True)
-class SolverConfig:
-    steps: int = 30  # T, outer iterations
-    inner_steps: int = 50  # I, Adam steps per x-update
-    rho: float = 1.0
-    lr: float = 0.008
-    grad_clip: float | None = 1.0  # max x-gradient norm per problem
-    init_candidates: int = 500  # K random batches, best kept
-    init_scale: float | None = None  # per-position norm of the init; None: mean token norm
-    score_init_scaled: bool = True  # score init candidates at the scale they are used at
-    freeze_template: bool = True  # zero the template positions' x-gradient
-    select: Literal["projected", "augmented"] = "projected"
+
+class SolverConfig(BaseModel):
+    """Settings of the ADMM solver (``gradmm generate`` adds its own on top of these)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    steps: int = Field(30, ge=0, description="T: outer ADMM iterations")
+    inner_steps: int = Field(50, ge=1, description="I: Adam steps per x-update")
+    rho: float = Field(1.0, gt=0, description="ADMM penalty ρ")
+    lr: float = Field(0.008, gt=0, description="Adam learning rate on x")
+    grad_clip: float | None = Field(1.0, gt=0, description="x-gradient norm clip per problem")
+    init_candidates: int = Field(500, ge=1, description="K: random init batches, best kept")
+    init_scale: float | None = Field(
+        None, gt=0, description="per-position init norm (default: mean token embedding norm)"
+    )
+    score_init_scaled: bool = Field(
+        True, description="score init candidates at the scale they are used at"
+    )
+    freeze_template: bool = Field(True, description="zero the template positions' x-gradient")
+    select: SelectRule = Field(
+        "projected", description="'projected': best tokens seen; 'augmented': the authors' rule"
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop once no problem's best loss improved for this many outer iterations "
+        "(select: projected)",
+    )
+
+    @model_validator(mode="after")
+    def _patience_needs_projected(self) -> SolverConfig:
+        if self.patience is not None and self.select != "projected":
+            raise ValueError("patience needs select: projected (the rule that tracks the loss)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -81,7 +109,8 @@ class Layout:
     def full_ids(self, free_ids: Tensor, classes: Tensor) -> Tensor:
         """(P, B, G) free token ids of problems of ``classes`` (P,) -> (P, B, L) ids."""
         n_problems, batch = free_ids.shape[:2]
-        fixed = self.fixed_ids()[classes][:, None].expand(n_problems, batch, -1)
+        fixed = self.fixed_ids().to(free_ids.device)[classes.to(free_ids.device)]
+        fixed = fixed[:, None].expand(n_problems, batch, -1)
         n_head = len(self.head)
         return torch.cat([fixed[..., :n_head], free_ids, fixed[..., n_head:]], -1)
 
@@ -103,11 +132,104 @@ class Solution:
     ids: Tensor  # (P, B, G) free token ids
     rec: Tensor  # (P,) matching loss of the returned tokens
     timings: dict[str, float] = field(default_factory=dict)
+    # per outer iteration: seconds since the solve started, mean best rec (select: projected)
+    history: list[tuple[float, float]] = field(default_factory=list)
 
 
 def problem_seed(seed: int, problem: int) -> int:
     """Independent, reproducible RNG seed of one problem (whatever else runs alongside it)."""
     return int(np.random.SeedSequence([seed, problem]).generate_state(1)[0])
+
+
+@dataclass
+class SolverState:
+    """Everything an interrupted solve resumes from (one checkpoint file)."""
+
+    x: Tensor  # (P, B, L, d) continuous iterate, fp32
+    u: Tensor  # (P, B, L, d) scaled dual variable
+    best_rec: Tensor  # (P,) loss of best_ids
+    best_ids: Tensor  # (P, B, G) tokens kept by the selection rule so far
+    best_obj: Tensor  # (P,) augmented objective of best_x (select: augmented)
+    best_x: Tensor  # (P, B, L, d) iterate kept by the augmented rule
+    step: int = 0  # outer iterations done
+    adam: dict | None = None
+    stalled: int = 0  # outer iterations since any problem's best_rec improved
+    history: list[tuple[float, float]] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a temporary file, then a rename)."""
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> SolverState:
+        return cls(**torch.load(path, map_location=device))
+
+
+class Selection(Protocol):
+    """Which tokens a solve returns: sees every projection and every x-update."""
+
+    def observe_projection(self, solver: ADMMSolver, state: SolverState, problems: Problems,
+                           ids: Tensor) -> None: ...  # fmt: skip
+
+    def observe_iterate(self, state: SolverState, objective: Tensor) -> None: ...
+
+    def finish(self, solver: ADMMSolver, state: SolverState, problems: Problems) -> None: ...
+
+
+class ProjectedSelection:
+    """Ours: the tokens of lowest ``rec`` among every projection ``z`` (and the last one)."""
+
+    def observe_projection(self, solver, state, problems, ids):
+        with solver.timed("selection"), torch.no_grad():
+            rec = solver.rec(solver.embed(ids, problems), problems)
+        better = rec < state.best_rec
+        if bool(better.any()):
+            state.stalled = 0
+        state.best_ids = torch.where(better[:, None, None], ids, state.best_ids)
+        state.best_rec = torch.where(better, rec, state.best_rec)
+
+    def observe_iterate(self, state, objective):
+        pass
+
+    def finish(self, solver, state, problems):
+        self.observe_projection(solver, state, problems, solver.project(state.x + state.u,
+                                                                        problems))  # fmt: skip
+
+
+class AugmentedSelection:
+    """The authors': the x iterate of lowest augmented objective (ties go to the later one),
+    projected once at the end."""
+
+    def observe_projection(self, solver, state, problems, ids):
+        pass
+
+    def observe_iterate(self, state, objective):
+        better = objective <= state.best_obj
+        state.best_obj = torch.where(better, objective, state.best_obj)
+        state.best_x[better] = state.x.detach()[better]
+
+    def finish(self, solver, state, problems):
+        state.best_ids = solver.project(state.best_x, problems)
+        with torch.no_grad():
+            state.best_rec = solver.rec(solver.embed(state.best_ids, problems), problems)
+
+
+SELECTIONS: dict[str, Selection] = {
+    "projected": ProjectedSelection(),
+    "augmented": AugmentedSelection(),
+}
+
+
+class SolverHooks:
+    """Extra work a solve does (nothing here); :class:`AuthorsOverhead` is the reference's."""
+
+    def inner_extra(self, solver: ADMMSolver, x: Tensor, z_ids: Tensor, problems: Problems):
+        return 0.0
+
+    def after_iteration(self, solver: ADMMSolver, step: int, x: Tensor, problems: Problems):
+        pass
 
 
 class ADMMSolver:
@@ -120,7 +242,9 @@ class ADMMSolver:
         layout: sequence layout shared by all problems.
         batch: ``B``, sequences per problem.
         config: solver settings.
-        embeddings: (V, d) the model's input embedding rows (:func:`input_embedding_matrix`).
+        embeddings: (V, d) the model's input embedding rows (``LoadedModel.embeddings``).
+        hooks: extra work per step (the reference engine's logging work).
+        sequential: solve problems, and score init candidates, one at a time (the authors' way).
     """
 
     INIT_CHUNK = 16  # init candidates scored per forward pass (fixed: part of the RNG stream)
@@ -133,7 +257,9 @@ class ADMMSolver:
         layout: Layout,
         batch: int,
         config: SolverConfig,
-        embeddings: Tensor | None = None,
+        embeddings: Tensor,
+        hooks: SolverHooks | None = None,
+        sequential: bool = False,
     ):
         self.model = model
         self.loss = loss
@@ -141,85 +267,122 @@ class ADMMSolver:
         self.layout = layout
         self.batch = batch
         self.cfg = config
-        # (V, d): rows are valid inputs_embeds (computed once by the caller when it has them)
-        self.emb = input_embedding_matrix(model) if embeddings is None else embeddings.detach()
-        self.fixed = layout.fixed_mask()
-        self.fixed_emb = self.emb[layout.fixed_ids()]  # (C, L - G, d), in position order
+        self.hooks = hooks or SolverHooks()
+        self.sequential = sequential
+        self.selection = SELECTIONS[config.select]
+        self.emb = embeddings.detach()  # (V, d): rows are valid inputs_embeds
+        self.device = self.emb.device
+        self.dtype = loss_dtype(self.emb.dtype)  # of x, u and Adam's state
+        self.fixed = layout.fixed_mask().to(self.device)
+        # (C, L - G, d) in position order
+        self.fixed_emb = self.emb[layout.fixed_ids().to(self.device)].to(self.dtype)
         allowed = torch.isfinite(projector.penalty)
         self.init_scale = (
             config.init_scale
             if config.init_scale is not None
-            else float(self.emb[allowed].norm(dim=-1).mean())
+            else float(self.emb[allowed].to(self.dtype).norm(dim=-1).mean())
         )
         self.timings: dict[str, float] = defaultdict(float)
 
     # ----------------------------------------------------------------------------- pieces
 
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[stage]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] += time.perf_counter() - started
+
     def rec(self, x: Tensor, problems: Problems) -> Tensor:
         """(P, B, L, d) embeddings -> (P,) matching loss."""
-        return self.loss.rec(self.model, x, problems.classes)
+        return self.loss.rec(self.model, x, problems.classes.to(self.device))
 
     def embed(self, free_ids: Tensor, problems: Problems) -> Tensor:
-        """(P, B, G) free ids -> (P, B, L, d) embeddings with the template."""
-        return self.emb[self.layout.full_ids(free_ids, problems.classes)]
+        """(P, B, G) free ids -> (P, B, L, d) embeddings with the template, in ``self.dtype``."""
+        ids = self.layout.full_ids(free_ids.to(self.device), problems.classes)
+        return self.emb[ids].to(self.dtype)
 
     def project(self, x: Tensor, problems: Problems) -> Tensor:
         """(P, B, L, d) -> (P, B, G) free token ids."""
-        n_problems, batch = x.shape[:2]
-        v = x[:, :, self.layout.free].reshape(n_problems * batch, self.layout.n_free, -1)
-        ids = self.projector(v, problems.classes.repeat_interleave(batch))
-        return ids.reshape(n_problems, batch, -1)
-
-    def _timed_project(self, x: Tensor, problems: Problems) -> Tensor:
-        started = time.perf_counter()
-        ids = self.project(x, problems)
-        self.timings["projection"] += time.perf_counter() - started
-        return ids
+        with self.timed("projection"):
+            n_problems, batch = x.shape[:2]
+            v = x[:, :, self.layout.free].reshape(n_problems * batch, self.layout.n_free, -1)
+            ids = self.projector(v, problems.classes.repeat_interleave(batch))
+        return ids.reshape(n_problems, batch, -1).to(self.device)
 
     def _with_template(self, x: Tensor, classes: Tensor) -> Tensor:
         """Set the fixed positions of (P, B, L, d) ``x`` of problems of ``classes`` (P,)."""
-        x[:, :, self.fixed] = self.fixed_emb[classes][:, None]
+        x[:, :, self.fixed] = self.fixed_emb[classes.to(self.device)][:, None]
         return x
 
     def _rescale(self, x: Tensor) -> Tensor:
         return torch.nn.functional.normalize(x, dim=-1) * self.init_scale
 
     def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
-        """(n, B, L, d) candidate batches of one problem -> (n,) rec, in one forward pass."""
+        """(n, B, L, d) candidate batches of one problem -> (n,) rec."""
+        if self.sequential:
+            return torch.cat([self.rec(c[None], single) for c in cand])
         n = cand.shape[0]
         return self.rec(cand, Problems(single.classes.expand(n), [0] * n))
 
-    def _inner_extra(self, x: Tensor, z_ids: Tensor, problems: Problems) -> Tensor | float:
-        """Extra term of the x-step objective (nothing here; see ReferenceSolver)."""
-        return 0.0
-
-    def _log_iteration(self, step: int, x: Tensor, problems: Problems) -> None:
-        """Work after each outer iteration (nothing here; see ReferenceSolver)."""
-
     @torch.no_grad()
     def initialise(self, problems: Problems) -> Tensor:
-        """Best of K random N(0, I) batches per problem (by ``rec``), rescaled per position."""
-        started = time.perf_counter()
+        """Best of K random N(0, I) batches per problem (by ``rec``), rescaled per position.
+
+        Draws come from one CPU generator per problem, so they do not depend on the device."""
         length, dim = self.layout.length, self.emb.shape[1]
-        dtype = self.emb.dtype
-        out = torch.empty(len(problems), self.batch, length, dim, dtype=dtype)
-        for p in range(len(problems)):
-            gen = torch.Generator().manual_seed(problems.seeds[p])
-            single = problems[p : p + 1]
-            best_rec, best = float("inf"), None
-            for start in range(0, self.cfg.init_candidates, self.INIT_CHUNK):
-                n = min(self.INIT_CHUNK, self.cfg.init_candidates - start)
-                cand = torch.randn(n, self.batch, length, dim, generator=gen, dtype=dtype)
-                if self.cfg.score_init_scaled:
-                    cand = self._rescale(cand)
-                rec = self._score_candidates(self._with_template(cand, single.classes), single)
-                i = int(rec.argmin())
-                if float(rec[i]) < best_rec:
-                    best_rec, best = float(rec[i]), cand[i].clone()
-            out[p] = best
-        out = self._with_template(self._rescale(out), problems.classes)
-        self.timings["init"] += time.perf_counter() - started
-        return out
+        out = torch.empty(len(problems), self.batch, length, dim, dtype=self.dtype,
+                          device=self.device)  # fmt: skip
+        with self.timed("init"):
+            for p in range(len(problems)):
+                gen = torch.Generator().manual_seed(problems.seeds[p])
+                single = problems[p : p + 1]
+                best_rec, best = float("inf"), None
+                for start in range(0, self.cfg.init_candidates, self.INIT_CHUNK):
+                    n = min(self.INIT_CHUNK, self.cfg.init_candidates - start)
+                    cand = torch.randn(n, self.batch, length, dim, generator=gen, dtype=self.dtype)
+                    cand = cand.to(self.device)
+                    if self.cfg.score_init_scaled:
+                        cand = self._rescale(cand)
+                    rec = self._score_candidates(self._with_template(cand, single.classes), single)
+                    i = int(rec.argmin())
+                    if float(rec[i]) < best_rec:
+                        best_rec, best = float(rec[i]), cand[i].clone()
+                out[p] = best
+            return self._with_template(self._rescale(out), problems.classes)
+
+    def initial_state(self, problems: Problems) -> SolverState:
+        x = self.initialise(problems)
+        n_problems = len(problems)
+        inf = torch.full((n_problems,), float("inf"), dtype=self.dtype, device=self.device)
+        return SolverState(
+            x=x,
+            u=torch.zeros_like(x),
+            best_rec=inf,
+            best_ids=torch.zeros(n_problems, self.batch, self.layout.n_free, dtype=torch.long,
+                                 device=self.device),
+            best_obj=inf.clone(),
+            best_x=x.clone(),
+        )  # fmt: skip
+
+    def x_update(
+        self, state: SolverState, opt: torch.optim.Optimizer, z: Tensor, z_ids: Tensor,
+        problems: Problems,
+    ) -> Tensor:  # fmt: skip
+        """``I`` Adam steps on ``rec(x) + ρ/2 ‖x − z + u‖²``; returns the last (P,) objective."""
+        x, u, rho = state.x, state.u, self.cfg.rho
+        with self.timed("x_steps"):
+            for _ in range(self.cfg.inner_steps):
+                opt.zero_grad(set_to_none=True)
+                obj = self.rec(x, problems) + 0.5 * rho * (x - z + u).pow(2).sum((1, 2, 3))
+                extra = self.hooks.inner_extra(self, x, z_ids, problems)
+                # autograd.grad, not backward: nothing accumulates into the model's parameters
+                (x.grad,) = torch.autograd.grad(obj.sum() + extra, x)
+                self._condition_gradient(x.grad)
+                opt.step()
+        return obj.detach()
 
     # ------------------------------------------------------------------------------ solve
 
@@ -231,102 +394,58 @@ class ADMMSolver:
         progress: bool = True,
     ) -> Solution:
         """Run ADMM on all problems; resumes from ``checkpoint`` if that file exists."""
-        cfg = self.cfg
-        n_problems = len(problems)
-        state = torch.load(checkpoint) if checkpoint is not None and checkpoint.exists() else None
-        if state is None:
-            x = self.initialise(problems)
-            u = torch.zeros_like(x)
-            best_rec = torch.full((n_problems,), float("inf"), dtype=x.dtype)
-            best_ids = torch.zeros(n_problems, self.batch, self.layout.n_free, dtype=torch.long)
-            best_obj = torch.full((n_problems,), float("inf"), dtype=x.dtype)
-            best_x = x.clone()
-            start_step = 0
-        else:
-            x, u = state["x"], state["u"]
-            best_rec, best_ids = state["best_rec"], state["best_ids"]
-            best_obj, best_x = state["best_obj"], state["best_x"]
-            start_step = state["step"]
-        x.requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr)
-        if state is not None:
-            opt.load_state_dict(state["adam"])
+        if self.sequential:
+            parts = [self._solve(problems[p : p + 1], None, checkpoint_every, progress)
+                     for p in range(len(problems))]  # fmt: skip
+            return Solution(
+                ids=torch.cat([s.ids for s in parts]),
+                rec=torch.cat([s.rec for s in parts]),
+                timings=dict(self.timings),
+            )
+        return self._solve(problems, checkpoint, checkpoint_every, progress)
 
-        bar = tqdm(
-            range(start_step, cfg.steps),
-            desc="generate: ADMM",
-            unit="iter",
-            initial=start_step,
-            total=cfg.steps,
-            disable=not progress,
-        )
+    def _solve(self, problems, checkpoint, checkpoint_every, progress) -> Solution:
+        cfg, started = self.cfg, time.perf_counter()
+        if checkpoint is not None and checkpoint.exists():
+            state = SolverState.load(checkpoint, self.device)
+        else:
+            state = self.initial_state(problems)
+        elapsed = state.history[-1][0] if state.history else 0.0
+        state.x.requires_grad_(True)
+        opt = torch.optim.Adam([state.x], lr=cfg.lr)
+        if state.adam is not None:
+            opt.load_state_dict(state.adam)
+
+        bar = tqdm(range(state.step, cfg.steps), desc="generate: ADMM", unit="iter",
+                   initial=state.step, total=cfg.steps, disable=not progress)  # fmt: skip
         for step in bar:
             with torch.no_grad():
-                self._with_template(x, problems.classes)
-            z_ids = self._timed_project(x.detach() + u, problems)
+                self._with_template(state.x, problems.classes)
+            z_ids = self.project(state.x.detach() + state.u, problems)
+            self.selection.observe_projection(self, state, problems, z_ids)
             z = self.embed(z_ids, problems)
-            if cfg.select == "projected":
-                best_rec, best_ids = self._keep_best(problems, z_ids, z, best_rec, best_ids)
-
-            started = time.perf_counter()
-            for _ in range(cfg.inner_steps):
-                opt.zero_grad(set_to_none=True)
-                obj = self.rec(x, problems) + 0.5 * cfg.rho * (x - z + u).pow(2).sum((1, 2, 3))
-                # autograd.grad, not backward: nothing accumulates into the model's parameters
-                extra = self._inner_extra(x, z_ids, problems)
-                (x.grad,) = torch.autograd.grad(obj.sum() + extra, x)
-                self._condition_gradient(x.grad)
-                opt.step()
-                last_obj = obj.detach()
-            self.timings["x_steps"] += time.perf_counter() - started
-
-            self._log_iteration(step, x.detach(), problems)
+            objective = self.x_update(state, opt, z, z_ids, problems)
+            self.hooks.after_iteration(self, step, state.x.detach(), problems)
             with torch.no_grad():
-                u += x - z
-                self._with_template(x, problems.classes)
-                if cfg.select == "augmented":  # the authors' rule; ties go to the later iterate
-                    better = last_obj <= best_obj
-                    best_obj = torch.where(better, last_obj, best_obj)
-                    best_x[better] = x[better]
+                state.u += state.x - z
+                self._with_template(state.x, problems.classes)
+            self.selection.observe_iterate(state, objective)
+            state.step, state.stalled = step + 1, state.stalled + 1
+            state.history.append((elapsed + time.perf_counter() - started,
+                                  float(state.best_rec.mean())))  # fmt: skip
             if cfg.select == "projected":
-                bar.set_postfix(rec=f"{float(best_rec.mean()):.4f}")
-            last = step + 1 == cfg.steps
-            if checkpoint is not None and (step + 1) % checkpoint_every == 0 and not last:
-                _save_atomic(
-                    {
-                        "x": x.detach(),
-                        "u": u,
-                        "adam": opt.state_dict(),
-                        "best_rec": best_rec,
-                        "best_ids": best_ids,
-                        "best_obj": best_obj,
-                        "best_x": best_x,
-                        "step": step + 1,
-                    },
-                    checkpoint,
-                )
-
-        x = x.detach()
-        if cfg.select == "projected":
-            final_ids = self._timed_project(x + u, problems)
-            best_rec, best_ids = self._keep_best(
-                problems, final_ids, self.embed(final_ids, problems), best_rec, best_ids
-            )
-        else:
-            best_ids = self._timed_project(best_x, problems)
-            with torch.no_grad():
-                best_rec = self.rec(self.embed(best_ids, problems), problems)
-        return Solution(ids=best_ids, rec=best_rec, timings=dict(self.timings))
-
-    @torch.no_grad()
-    def _keep_best(self, problems, ids, emb, best_rec, best_ids):
-        started = time.perf_counter()
-        rec = self.rec(emb, problems)
-        self.timings["selection"] += time.perf_counter() - started
-        better = rec < best_rec
-        best_ids = best_ids.clone()
-        best_ids[better] = ids[better]
-        return torch.where(better, rec, best_rec), best_ids
+                bar.set_postfix(rec=f"{state.history[-1][1]:.4f}")
+            if cfg.patience is not None and state.stalled >= cfg.patience:
+                break
+            due = state.step % checkpoint_every == 0 and state.step < cfg.steps
+            if checkpoint is not None and due:
+                state.adam = opt.state_dict()
+                state.save(checkpoint)
+        bar.close()
+        state.x = state.x.detach()
+        self.selection.finish(self, state, problems)
+        return Solution(ids=state.best_ids, rec=state.best_rec, timings=dict(self.timings),
+                        history=state.history)  # fmt: skip
 
     @torch.no_grad()
     def _condition_gradient(self, grad: Tensor) -> None:
@@ -340,62 +459,29 @@ class ADMMSolver:
             grad.mul_(scale[:, None, None, None])
 
 
-class ReferenceSolver(ADMMSolver):
-    """The authors' computation (REFERENCE.md §8), kept as the oracle of the fast engine.
+class AuthorsOverhead(SolverHooks):
+    """The work the authors' code does only for logging (REFERENCE.md §8): a zero-weight
+    perplexity term in every inner step, an extra projection and two loss evaluations per outer
+    iteration, a third projection every 10. Part of the reference engine, never of ours."""
 
-    Same algorithm and random draws as :class:`ADMMSolver`, computed the slow way: ``rec`` by
-    ``autograd.grad(create_graph=True)`` w.r.t. the matched parameters and a second backward; the
-    projection re-encodes the whole prefix at every position; problems and init candidates one at
-    a time; and the work the authors do only for logging (a zero-weight perplexity term in every
-    inner step, an extra projection + loss evaluation per outer iteration, a third projection
-    every 10). No checkpointing.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.projector.use_cache = False
-        if isinstance(self.loss, MatchingLoss):
-            out = self.loss.output
-            params = {"weight": out.weight, "bias": out.bias}
-            targets = {"weight": self.loss.tw, "bias": self.loss.tb}
-            keep = [k for k in params if params[k] is not None]
-            self.loss = AutogradMatchingLoss(
-                {k: params[k] for k in keep}, {k: targets[k] for k in keep}, self.loss.labels
-            )
-
-    def _score_candidates(self, cand: Tensor, single: Problems) -> Tensor:
-        return torch.cat([self.rec(c[None], single) for c in cand])
-
-    def _inner_extra(self, x: Tensor, z_ids: Tensor, problems: Problems) -> Tensor:
+    def inner_extra(self, solver, x, z_ids, problems):
         n_problems, batch, length, dim = x.shape
-        logits = self.model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, :-1]
-        targets = self.layout.full_ids(z_ids, problems.classes).reshape(-1, length)[:, 1:]
+        embeds = x.reshape(-1, length, dim).to(solver.model.dtype)
+        logits = solver.model(inputs_embeds=embeds).logits[:, :-1].float()
+        targets = solver.layout.full_ids(z_ids, problems.classes).reshape(-1, length)[:, 1:]
         ppl = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets)
         return 0.0 * ppl
 
     @torch.no_grad()
-    def _log_iteration(self, step: int, x: Tensor, problems: Problems) -> None:
-        started = time.perf_counter()
-        ids = self.project(x, problems)
-        self.rec(x, problems)
-        self.rec(self.embed(ids, problems), problems)
-        self.model(input_ids=self.layout.full_ids(ids, problems.classes).flatten(0, 1))
-        if step % 10 == 0:
-            self.project(x, problems)
-        self.timings["logging"] += time.perf_counter() - started
-
-    def solve(self, problems: Problems, checkpoint=None, checkpoint_every=5, progress=True):
-        solutions = []
-        for p in range(len(problems)):
-            solutions.append(super().solve(problems[p : p + 1], None, checkpoint_every, progress))
-        return Solution(
-            ids=torch.cat([s.ids for s in solutions]),
-            rec=torch.cat([s.rec for s in solutions]),
-            timings=dict(self.timings),
-        )
-
-
-def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    def after_iteration(self, solver, step, x, problems):
+        with solver.timed("logging"):
+            ids = solver.projector(
+                x[:, :, solver.layout.free].flatten(0, 1),
+                problems.classes.repeat_interleave(x.shape[1]),
+            ).reshape(x.shape[0], x.shape[1], -1)
+            solver.rec(x, problems)
+            solver.rec(solver.embed(ids, problems), problems)
+            solver.model(input_ids=solver.layout.full_ids(ids, problems.classes).flatten(0, 1))
+            if step % 10 == 0:
+                solver.projector(x[:, :, solver.layout.free].flatten(0, 1),
+                                 problems.classes.repeat_interleave(x.shape[1]))  # fmt: skip

@@ -26,6 +26,20 @@ PresetOpt = Annotated[
     str | None, typer.Option(help="'default' (fixed) or 'paper' (the authors' behaviour).")
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="'auto' (the GPU if there is one), 'cpu', 'cuda[:N]' [auto].")
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(help="float32, bfloat16 or float16 for the transformer passes [float32]."),
+]
+
+
+def runtime_of(device: str | None, dtype: str | None = None):
+    """The :class:`gradmm.models.Runtime` of ``--device``/``--dtype``."""
+    from gradmm.models import Runtime
+
+    return build_config(Runtime, dict(device=device, dtype=dtype))
 
 
 def command(
@@ -94,8 +108,9 @@ def release(
     ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
-    """Stage 1: sample private examples and release their per-class target gradients."""
+    """Stage 1: sample private examples and release their per-class target gradients (fp32)."""
     from gradmm.release import ReleaseConfig, release_targets
 
     cfg = build_config(
@@ -107,7 +122,7 @@ def release(
              noise_seed=noise_seed),
         config,
     )  # fmt: skip
-    result = release_targets(cfg, out, overwrite=overwrite)
+    result = release_targets(cfg, out, overwrite=overwrite, runtime=runtime_of(device))
     counts = ", ".join(
         f"{n} {name}" for n, name in zip(result.meta.counts, result.task.label_names, strict=True)
     )
@@ -151,8 +166,10 @@ def generate(
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     nproc: Annotated[
-        int, typer.Option(min=1, help="Local processes to shard problems over (gloo).")
+        int, typer.Option(min=1, help="Local processes to shard problems over (one GPU each).")
     ] = 1,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Stage 2: generate synthetic text by ADMM gradient matching against a release."""
@@ -176,7 +193,8 @@ def generate(
         preset=preset,
     )
     cfg = resolve_config(options, config)
-    path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc)
+    path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc,
+                        runtime=runtime_of(device, dtype))  # fmt: skip
     from gradmm.distributed import rank_and_world
 
     if rank_and_world()[0] == 0:
@@ -194,6 +212,8 @@ def filter_cmd(
     ] = True,
     balance: Annotated[bool, typer.Option(help="Balance the classes' mean loss.")] = True,
     dedupe: Annotated[bool, typer.Option(help="Keep identical texts once.")] = True,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Filter a run's synthetic text into RUN/filtered.jsonl (+ filter_report.json)."""
     from gradmm.filtering import FilterConfig, filter_run
@@ -202,7 +222,7 @@ def filter_cmd(
         FilterConfig,
         dict(keep_per_class=keep_per_class, classifier=classifier, balance=balance, dedupe=dedupe),
     )
-    report = filter_run(run, cfg)
+    report = filter_run(run, cfg, runtime=runtime_of(device, dtype))
     steps = ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith(("input", "after")))
     typer.echo(f"{steps}; wrote {run / 'filtered.jsonl'}")
 
@@ -236,9 +256,10 @@ def finetune(
     ] = False,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Fine-tune on a JSONL file; the test score is read at the selected step only."""
+    """Fine-tune (fp32) on a JSONL file; the test score is read at the selected step only."""
     from gradmm.finetune import FinetuneConfig
     from gradmm.finetune import finetune as run_finetune
 
@@ -250,7 +271,8 @@ def finetune(
              save_model=save_model or None),
         config,
     )  # fmt: skip
-    result = run_finetune(cfg, out, progress=not quiet, overwrite=overwrite)
+    result = run_finetune(cfg, out, progress=not quiet, overwrite=overwrite,
+                          runtime=runtime_of(device))  # fmt: skip
     dev = result["dev_accuracy"]
     chosen = "last step" if dev is None else f"best dev {dev:.4f}"
     typer.echo(
@@ -274,6 +296,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of demonstrations / test sample.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Zero- or k-shot verbalizer accuracy on the task's test split."""
     from gradmm.evaluate import evaluate_task
@@ -281,7 +305,8 @@ def evaluate(
 
     if out is not None:
         check_result_file(out, "evaluate", overwrite)
-    result = evaluate_task(model, task, few_shot, data_dir, max_test, seed, dev_file)
+    result = evaluate_task(model, task, few_shot, data_dir, max_test, seed, dev_file,
+                           runtime=runtime_of(device, dtype))  # fmt: skip
     if out is not None:
         write_json(out, result)
     per_class = ", ".join(

@@ -9,9 +9,11 @@ single-process run's (README, "Several processes").
 
 Two ways in:
 
-* ``gradmm generate --nproc N``: spawns N local processes (gloo backend).
+* ``gradmm generate --nproc N``: spawns N local processes.
 * ``torchrun --nproc-per-node N -m gradmm.cli generate ...`` (or ``--nnodes``/``--rdzv-*`` for
   several machines): the environment variables torchrun sets are honoured as they are.
+
+On CUDA each rank uses one GPU (``cuda:LOCAL_RANK``) and the group uses NCCL; on the CPU, gloo.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from gradmm.models import Runtime
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -53,11 +57,28 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_from_env() -> bool:
+def backend(device_type: str) -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
+def rank_runtime(runtime: Runtime) -> Runtime:
+    """``runtime`` for this rank: on CUDA with several ranks, this node's GPU ``LOCAL_RANK``."""
+    if rank_and_world()[1] == 1 or runtime.torch_device().type != "cuda":
+        return runtime
+    return runtime.model_copy(update={"device": f"cuda:{local_rank()}"})
+
+
+def init_from_env(device_type: str = "cpu") -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1); True if we did."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # gloo: the solver runs on the CPU for now, and only Python objects are exchanged
-        dist.init_process_group("gloo")
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank())  # NCCL's object collectives use this GPU
+        dist.init_process_group(backend(device_type))
         return True
     return False
 
@@ -68,12 +89,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, threads: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
-    )
+def _worker(
+    rank: int, world: int, port: int, fn: Callable, args: tuple, threads: int, device_type: str
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend(device_type), rank=rank, world_size=world)
     try:
         fn(*args)
         dist.barrier()  # no rank tears the group down while another still talks (gloo aborts)
@@ -81,12 +105,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, threads
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, args: tuple, nproc: int) -> None:
-    """Run ``fn(*args)`` in ``nproc`` local processes joined in one gloo process group.
-
-    The machine's threads are divided among the processes.
-    """
+def spawn(fn: Callable, args: tuple, nproc: int, device_type: str = "cpu") -> None:
+    """Run ``fn(*args)`` in ``nproc`` local processes joined in one process group (one GPU each
+    on CUDA). The machine's CPU threads are divided among the processes."""
     threads = max(1, torch.get_num_threads() // nproc)
     torch.multiprocessing.spawn(
-        _worker, args=(nproc, _free_port(), fn, args, threads), nprocs=nproc, join=True
-    )
+        _worker, args=(nproc, _free_port(), fn, args, threads, device_type), nprocs=nproc,
+        join=True,
+    )  # fmt: skip

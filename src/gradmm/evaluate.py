@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gradmm.errors import UserError
 from gradmm.files import read_jsonl_numbered
-from gradmm.models import LoadedModel, right_padded
+from gradmm.models import LoadedModel, Runtime, right_padded
 from gradmm.tasks import (
     Examples,
     PromptTokens,
@@ -35,8 +35,9 @@ def label_log_probs(
     prefix: list[int] | None = None,
     batch_size: int = 32,
 ) -> Tensor:
-    """(N, C) mean over the tokens of the label word of class c of their log-probabilities
-    after ``prefix + template(text)`` (teacher-forced); differentiable.
+    """(N, C) log-probability of the label word of class c after ``prefix + template(text)``:
+    its tokens' log-probabilities (teacher-forced), summed or averaged as ``prompt.label_score``
+    says; differentiable.
 
     Label words that share all but their last token share one forward pass (all one-token words
     share the plain prompt's). Sequences are right-padded and masked; scores are read at real
@@ -50,16 +51,18 @@ def label_log_probs(
     out = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
-        rows = torch.arange(len(batch))[:, None]
+        rows = torch.arange(len(batch), device=lm.device)[:, None]
         scores: dict[int, Tensor] = {}
         for feed, classes in groups.items():
-            ids, mask, last = right_padded([s + list(feed) for s in batch])
+            ids, mask, last = right_padded([s + list(feed) for s in batch], lm.device)
             logits = lm.model(input_ids=ids, attention_mask=mask).logits
-            pos = last[:, None] - len(feed) + torch.arange(len(feed) + 1)  # (n, K)
-            logp = torch.log_softmax(logits[rows, pos], dim=-1)  # (n, K, V)
+            pos = last[:, None] - len(feed) + torch.arange(len(feed) + 1, device=lm.device)
+            logp = torch.log_softmax(logits[rows, pos].float(), dim=-1)  # (n, K, V)
             for c in classes:
-                word = torch.tensor(prompt.label_ids[c])
-                scores[c] = logp[:, torch.arange(len(word)), word].mean(1)
+                word = torch.tensor(prompt.label_ids[c], device=lm.device)
+                token_logp = logp[:, torch.arange(len(word)), word]  # (n, K_c)
+                mean = prompt.label_score == "mean"
+                scores[c] = token_logp.mean(1) if mean else token_logp.sum(1)
         out.append(torch.stack([scores[c] for c in range(len(prompt.label_ids))], 1))
     return torch.cat(out)
 
@@ -87,7 +90,7 @@ def accuracy(
     prefix: list[int] | None = None,
 ) -> dict:
     """Accuracy and per-class accuracy of the verbalizer classifier on ``examples``."""
-    pred = label_log_probs(lm, prompt, examples.texts, prefix).argmax(1)
+    pred = label_log_probs(lm, prompt, examples.texts, prefix).argmax(1).cpu()
     gold = torch.tensor(examples.labels)
     per_class = {
         name: float((pred[gold == c] == c).float().mean()) if (gold == c).any() else None
@@ -149,10 +152,11 @@ def evaluate_task(
     max_test: int | None = None,
     seed: int = 0,
     dev_file: str | None = None,
+    runtime: Runtime | None = None,
 ) -> dict:
     """``gradmm evaluate``: zero- or ``few_shot``-shot accuracy on the task's test split, with
     demonstrations from ``dev_file`` (public) or the dev slice of the private split."""
-    from gradmm.models import load_model
+    from gradmm.models import load_model, place
     from gradmm.tasks import load_task, tokenize_prompt
 
     task = load_task(task_name)
@@ -162,7 +166,7 @@ def evaluate_task(
     if few_shot:
         dev = dev_set(task, data_dir, dev_file)
         data_read.append(dev_data_read(task, dev_file, "few-shot demonstrations"))
-    lm = load_model(model)
+    lm = place(load_model(model), runtime)
     prompt = tokenize_prompt(task, lm.tokenizer)
     prefix = demonstrations(lm, prompt, dev, few_shot, seed) if dev is not None else []
     result = accuracy(lm, prompt, test, task.label_names, prefix)
@@ -184,11 +188,11 @@ def text_perplexities(lm: LoadedModel, texts: list[str], batch_size: int = 16) -
     seqs = [[start] + encode_text(lm.tokenizer, t)[:longest] for t in texts]
     out = []
     for first in range(0, len(seqs), batch_size):
-        ids, mask, _ = right_padded(seqs[first : first + batch_size])
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ids, mask, _ = right_padded(seqs[first : first + batch_size], lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), ids[:, 1:], reduction="none"
         )
         valid = mask[:, 1:].to(nll.dtype)
-        out += ((nll * valid).sum(1) / valid.sum(1).clamp(min=1)).exp().tolist()
+        out += ((nll * valid).sum(1) / valid.sum(1).clamp(min=1)).exp().cpu().tolist()
     return out

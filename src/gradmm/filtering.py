@@ -24,7 +24,7 @@ from gradmm.evaluate import label_log_probs
 from gradmm.files import read_jsonl, write_json, write_jsonl
 from gradmm.generate import data_read_entry, load_run_release
 from gradmm.matching import LabelTokens, MatchingLoss
-from gradmm.models import LoadedModel, final_hidden
+from gradmm.models import LoadedModel, Runtime, final_hidden
 from gradmm.release import Release, load_release_model
 
 
@@ -43,16 +43,18 @@ def per_example_rec(
     """(N,) matching loss of each example alone (a problem of ``B = 1``) against its class's
     released target."""
     prompt = release.prompt
-    label_tokens = LabelTokens.of(prompt.label_ids)
-    loss = MatchingLoss(release.target_weight, release.target_bias, lm.output, label_tokens)
+    label_tokens = LabelTokens.of(prompt.label_ids, prompt.label_score)
+    tb = None if release.target_bias is None else release.target_bias.to(lm.device)
+    loss = MatchingLoss(release.target_weight.to(lm.device), tb, lm.output, label_tokens)
     seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     out = []
     for start in range(0, len(seqs), batch_size):
         classes = labels[start : start + batch_size]
-        ids, mask, pos = label_tokens.batch(seqs[start : start + batch_size], classes)
+        batch = label_tokens.batch(seqs[start : start + batch_size], classes)
+        ids, mask, pos = (t.to(lm.device) for t in batch)
         hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
-        h = hidden[torch.arange(len(classes))[:, None], pos]  # (n, K, d)
-        out.append(loss(h[:, None], torch.tensor(classes)))
+        h = hidden[torch.arange(len(classes), device=lm.device)[:, None], pos]  # (n, K, d)
+        out.append(loss(h[:, None], torch.tensor(classes, device=lm.device)).cpu())
     return torch.cat(out)
 
 
@@ -71,7 +73,12 @@ def balance_by_mean(rows_by_class: dict[int, list[dict]], key: str) -> dict[int,
     return out
 
 
-def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = None) -> dict:
+def filter_run(
+    run_dir: Path,
+    config: FilterConfig,
+    lm: LoadedModel | None = None,
+    runtime: Runtime | None = None,
+) -> dict:
     """Filter ``run_dir/synthetic.jsonl``; returns the report (also written)."""
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "synthetic.jsonl")
@@ -79,7 +86,7 @@ def filter_run(run_dir: Path, config: FilterConfig, lm: LoadedModel | None = Non
         raise UserError(f"{run_dir}/synthetic.jsonl holds no examples")
     release = load_run_release(run_dir)
     task = release.task
-    lm = lm or load_release_model(release)
+    lm = lm or load_release_model(release, runtime)
     report: dict = {"input": len(rows)}
 
     recs = per_example_rec(lm, release, [r["text"] for r in rows], [r["label"] for r in rows])

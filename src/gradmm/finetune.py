@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gradmm.errors import UserError
 from gradmm.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
 from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
-from gradmm.models import load_model
+from gradmm.models import Runtime, load_model, place
 from gradmm.tasks import (
     examples_from_rows,
     load_task,
@@ -63,7 +63,11 @@ class FinetuneConfig(BaseModel):
 
 
 def finetune(
-    config: FinetuneConfig, out: Path | None = None, progress: bool = True, overwrite: bool = False
+    config: FinetuneConfig,
+    out: Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    runtime: Runtime | None = None,
 ) -> dict:
     """Train on ``config.train``, select the step on dev, report test; writes ``out``
     (``results.json``, and ``model/`` with ``save_model``)."""
@@ -81,7 +85,8 @@ def finetune(
     ]
     if use_dev:
         data_read.append(dev_data_read(task, config.dev_file, "checkpoint selection"))
-    lm = load_model(config.model)
+    # trained in fp32 (AdamW on lower-precision weights loses updates), on the runtime's device
+    lm = place(load_model(config.model), Runtime(device=(runtime or Runtime()).device))
     prompt = tokenize_prompt(task, lm.tokenizer)
     torch.manual_seed(config.seed)
     if config.method == "lora":
@@ -109,7 +114,7 @@ def finetune(
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(train.texts))
     cursor = 0
-    labels = torch.tensor(train.labels)
+    labels = torch.tensor(train.labels, device=lm.device)
     for step in tqdm(range(1, config.steps + 1), desc="finetune", disable=not progress):
         if cursor + config.batch_size > len(order):
             order, cursor = rng.permutation(len(train.texts)), 0

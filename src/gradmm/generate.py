@@ -15,20 +15,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
-from gradmm import __version__
+from gradmm import __version__, paper
 from gradmm.admm import (
     ADMMSolver,
+    AuthorsOverhead,
     Layout,
     Problems,
-    ReferenceSolver,
+    SelectRule,
     SolverConfig,
     problem_seed,
 )
 from gradmm.config import build_config, read_options_file
-from gradmm.distributed import barrier, gather_to_zero, init_from_env, rank_and_world, shard, spawn
+from gradmm.distributed import (
+    barrier,
+    gather_to_zero,
+    init_from_env,
+    rank_and_world,
+    rank_runtime,
+    shard,
+    spawn,
+)
 from gradmm.errors import UserError
 from gradmm.files import (
     OutputKind,
@@ -40,11 +49,11 @@ from gradmm.files import (
     write_jsonl,
 )
 from gradmm.matching import AutogradMatchingLoss, LabelTokens, MatchingLoss
-from gradmm.models import LoadedModel, matched_parameters
+from gradmm.models import LoadedModel, Runtime, matched_parameters
 from gradmm.privacy import report as privacy_report
 from gradmm.projection import ProjectionOrder, Projector, TokenFilter, allowed_tokens
 from gradmm.release import Release, load_release, load_release_model
-from gradmm.tasks import PAPER_FREEZES_TEMPLATE, PAPER_LM_PREFIX, encode_text
+from gradmm.tasks import encode_text
 
 # A run folder: generate's outputs, then filter's (and audit reports of older versions).
 RUN_DIR = OutputKind(
@@ -55,42 +64,36 @@ RUN_DIR = OutputKind(
 )  # fmt: skip
 
 
-class GenerateConfig(BaseModel):
-    """Settings of ``gradmm generate``. Defaults are the authors' (REFERENCE.md §7) with the
-    fixes of ``docs/deviations.md``; ``preset: paper`` restores the authors' behaviour."""
+class GenerateConfig(SolverConfig):
+    """Settings of ``gradmm generate``: the solver's (:class:`SolverConfig`) and these. Defaults
+    are the authors' (REFERENCE.md §7) with the fixes of ``docs/deviations.md``; ``preset: paper``
+    restores the authors' behaviour (:mod:`gradmm.paper`)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    preset: Literal["default", "paper"] = "default"
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
+    preset: Literal["default", "paper"] = Field("default", description="'paper': the authors' way")
     per_class: int = Field(100, ge=1, description="synthetic examples per class")
     batch: int = Field(10, ge=1, description="B: sequences matched together (one ADMM problem)")
     length: int = Field(24, ge=1, description="free (text) tokens per sequence, template excluded")
-    steps: int = Field(30, ge=1, description="T: outer ADMM iterations")
-    inner_steps: int = Field(50, ge=1, description="I: Adam steps per x-update")
-    rho: float = Field(1.0, gt=0, description="ADMM penalty ρ")
-    lr: float = Field(0.008, gt=0, description="Adam learning rate on x")
-    grad_clip: float | None = Field(1.0, gt=0, description="x-gradient norm clip per problem")
     topk: int = Field(200, ge=1, description="k: candidate set of the projection")
     projection: ProjectionOrder = Field(
         "cosine-first", description="cosine-first (the authors' code) or lm-first candidates"
     )
-    init_candidates: int = Field(500, ge=1, description="K: random init batches, best kept")
-    init_scale: float | None = Field(
-        None, gt=0, description="per-position init norm (default: mean token embedding norm)"
-    )
-    seed: int = 0
+    seed: int = Field(0, description="random seed")
     target: Literal["release", "none"] = Field(
         "release", description="'none': no-matching control, the projection of the random init"
     )
     engine: Literal["fast", "reference"] = Field(
         "fast", description="fast (exact reformulation) or reference (the authors' computation)"
     )
-    # Set by the preset unless given explicitly.
-    select: Literal["projected", "augmented"] | None = None
-    token_filter: TokenFilter | None = None
-    freeze_template: bool | None = None
-    score_init_scaled: bool | None = None
     lm_prefix: str | None = Field(None, description="LM context of the projection ({label} ok)")
     checkpoint_every: int = Field(5, ge=1, description="outer iterations between checkpoints")
+    # Set by the preset unless given explicitly (None: not given).
+    token_filter: TokenFilter | None = None
+    select: SelectRule | None = None
+    score_init_scaled: bool | None = None
+    freeze_template: bool | None = Field(
+        None, description="zero the template positions' x-gradient [preset's]"
+    )
 
 
 # Values a preset gives to the options left unset. `default` holds our fixes, `paper` the authors'.
@@ -100,13 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "token_filter": "fixed",
         "score_init_scaled": True,
     },
-    "paper": {
-        "select": "augmented",
-        "token_filter": "paper",
-        "score_init_scaled": False,
-        "init_scale": 1.4,
-        "length": 27,  # gen_max_tokens = 30 minus the 3-token " It was " template
-    },
+    "paper": paper.GENERATE_OPTIONS,
 }
 
 
@@ -125,6 +122,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     nproc: int = 1,
+    runtime: Runtime | None = None,
 ) -> Path:
     """Run stage 2; returns the path of ``synthetic.jsonl``.
 
@@ -143,21 +141,25 @@ def generate(
     if nproc > 1 and config.engine == "reference":
         raise UserError("--engine reference runs in one process (it is the oracle)")
     release = load_release(release_dir)
-    lm = load_release_model(release)
+    runtime = runtime or Runtime()
+    device = runtime.torch_device()  # a missing GPU is an error before anything is written
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {nproc} needs one GPU per process ({torch.cuda.device_count()})")
+    lm = load_release_model(release, None if nproc > 1 else runtime)
     build_solver(lm, release, config)  # validates settings against the model before any write
     config_digest = hashlib.sha256(
         json.dumps([config.model_dump(mode="json"), release.meta.model_dump(mode="json")],
                    sort_keys=True).encode()
     ).hexdigest()  # fmt: skip
-    init_from_env()
+    init_from_env(device.type)
     if rank_and_world()[0] == 0:
         _prepare_run_dir(out, config_digest, overwrite)  # only now: bad input leaves no folder
     barrier()
-    args = (release, out, config, progress, time.perf_counter() - t0)
+    args = (release, out, config, progress, time.perf_counter() - t0, runtime)
     if nproc > 1:
-        spawn(_solve_and_write, args, nproc)
+        spawn(_solve_and_write, args, nproc, device.type)
     else:
-        _solve_and_write(*args, lm=lm)
+        _solve_and_write(*args, lm=lm if rank_and_world()[1] == 1 else None)
         barrier()  # under torchrun: keep every rank alive until rank 0 has gathered and written
     return out / "synthetic.jsonl"
 
@@ -168,18 +170,19 @@ def _solve_and_write(
     config: GenerateConfig,
     progress: bool,
     load_seconds: float,
+    runtime: Runtime,
     lm: LoadedModel | None = None,
 ) -> None:
     """Solve this rank's block of problems; rank 0 gathers all blocks and writes the files."""
     t0 = time.perf_counter()
-    lm = lm or load_release_model(release)
-    solver, problems, contexts = build_solver(lm, release, config)
     rank, world = rank_and_world()
+    lm = lm or load_release_model(release, rank_runtime(runtime))
+    solver, problems, contexts = build_solver(lm, release, config)
     mine = shard(len(problems), rank, world)
     block = problems[mine.start : mine.stop]
     checkpoint = out / ("checkpoint.pt" if world == 1 else f"checkpoint.rank{rank}.pt")
     solution = solver.solve(block, checkpoint, config.checkpoint_every, progress and rank == 0)
-    parts = gather_to_zero((solution.ids, solution.rec, solution.timings))
+    parts = gather_to_zero((solution.ids.cpu(), solution.rec.cpu(), solution.timings))
     if parts is None:
         return
     ids = torch.cat([p[0] for p in parts])
@@ -192,7 +195,7 @@ def _solve_and_write(
 
     t_write = time.perf_counter()
     task, classes = release.task, problems.classes
-    ppl = per_token_perplexity(lm, ids, classes, contexts, release.prompt.head)
+    ppl = per_token_perplexity(lm, ids, classes, contexts, release.prompt.head).cpu()
     rows = []
     for p in range(len(problems)):
         c = int(classes[p])
@@ -224,8 +227,8 @@ def build_solver(
     """The solver, the run's problems (``per_class / batch`` per class, class-major) and the LM
     prefix ids per class, as :func:`generate` uses them."""
     task, prompt = release.task, release.prompt
-    paper = config.preset == "paper"
-    prefix = config.lm_prefix or (PAPER_LM_PREFIX.get(task.name) if paper else None)
+    as_paper = config.preset == "paper"
+    prefix = config.lm_prefix or (paper.lm_prefix(task) if as_paper else None)
     contexts = [
         _context_ids(
             lm, (prefix or task.lm_prefix).replace("{label}", w.strip()), task.chat_template
@@ -234,37 +237,37 @@ def build_solver(
     ]
     freeze = config.freeze_template
     if freeze is None:
-        freeze = task.name in PAPER_FREEZES_TEMPLATE if paper else True
-    labels = LabelTokens.of(prompt.label_ids)
+        freeze = paper.freezes_template(task) if as_paper else True
+    labels = LabelTokens.of(prompt.label_ids, prompt.label_score)
     layout = Layout(prompt.head, config.length, prompt.tail,
                     [labels.feed(c) for c in range(task.num_classes)])  # fmt: skip
     longest = layout.length + max(map(len, contexts))
     if lm.context_length is not None and longest > lm.context_length:
         raise UserError(f"--length {config.length} plus template exceeds the model's context")
     allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0], config.token_filter)
+    reference = config.engine == "reference"
     projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts,
-                          order=config.projection)  # fmt: skip
+                          order=config.projection, use_cache=not reference)  # fmt: skip
     no_matching = config.target == "none"  # one random draw, projected; the target is unused
     solver_cfg = SolverConfig(
-        steps=0 if no_matching else config.steps,
-        inner_steps=config.inner_steps,
-        rho=config.rho,
-        lr=config.lr,
-        grad_clip=config.grad_clip,
-        init_candidates=1 if no_matching else config.init_candidates,
-        init_scale=config.init_scale,
-        score_init_scaled=config.score_init_scaled,
-        freeze_template=freeze,
-        select=config.select,
+        **{
+            **{name: getattr(config, name) for name in SolverConfig.model_fields},
+            "freeze_template": freeze,
+            "steps": 0 if no_matching else config.steps,
+            "init_candidates": 1 if no_matching else config.init_candidates,
+        }
     )
-    if release.meta.match_params == "output":
-        loss = MatchingLoss(release.target_weight, release.target_bias, lm.output, labels)
-    else:  # no closed form beyond the output layer: differentiate the gradient
+    targets = {n: t.to(lm.device) for n, t in release.targets.items()}
+    if release.meta.match_params == "output" and not reference:
+        out = release.meta.output_params
+        loss = MatchingLoss(targets[out.weight], targets.get(out.bias), lm.output, labels)
+    else:  # the authors' computation, and the only one beyond the output layer: double backward
         params = matched_parameters(lm.model, release.meta.match_params)
-        targets = {n: t.to(lm.embeddings.dtype) for n, t in release.targets.items()}
         loss = AutogradMatchingLoss(params, targets, labels)
-    engine = ADMMSolver if config.engine == "fast" else ReferenceSolver
-    solver = engine(lm.model, loss, projector, layout, config.batch, solver_cfg, lm.embeddings)
+    solver = ADMMSolver(
+        lm.model, loss, projector, layout, config.batch, solver_cfg, lm.embeddings,
+        hooks=AuthorsOverhead() if reference else None, sequential=reference,
+    )  # fmt: skip
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
     problems = Problems(classes, [problem_seed(config.seed, p) for p in range(len(classes))])
     return solver, problems, contexts
@@ -332,17 +335,20 @@ def load_run_release(run_dir: Path) -> Release:
 def per_token_perplexity(
     lm: LoadedModel, ids: Tensor, classes: Tensor, contexts: list[list[int]], head: list[int]
 ) -> Tensor:
-    """(P, B, G) free ids -> (P, B) exp(mean NLL of the free tokens | LM prefix + template head)."""
+    """(P, B, G) free ids -> (P, B) exp(mean NLL of the free tokens | LM prefix + template head),
+    on the CPU."""
     n_problems, batch, length = ids.shape
     out = torch.empty(n_problems, batch)
     for c in classes.unique().tolist():
         sel = (classes == c).nonzero(as_tuple=True)[0]
         prefix = torch.tensor(contexts[c] + head, dtype=torch.long)
         free = ids[sel].reshape(-1, length)
-        seq = torch.cat([prefix.expand(free.shape[0], -1), free], 1)
-        logits = lm.model(input_ids=seq).logits[:, len(prefix) - 1 : -1]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), free, reduction="none")
-        out[sel] = nll.mean(1).exp().reshape(len(sel), batch)
+        seq = torch.cat([prefix.expand(free.shape[0], -1), free], 1).to(lm.device)
+        logits = lm.model(input_ids=seq).logits[:, len(prefix) - 1 : -1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), free.to(lm.device), reduction="none"
+        )
+        out[sel] = nll.mean(1).exp().reshape(len(sel), batch).cpu()
     return out
 
 

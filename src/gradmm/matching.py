@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gradmm.models import OutputLayer, final_hidden, right_padded
+from gradmm.tasks import LabelScore
 
 
 @dataclass(frozen=True)
@@ -34,30 +35,33 @@ class LabelTokens:
 
     A sequence of class ``c`` is followed by :meth:`feed` ``(c)``, its label word but the last
     token (teacher forcing), padded to ``K − 1`` ids. Its last ``K`` positions then predict
-    ``ids[c]``, position ``k`` the word's ``k``-th token, and its loss is the mean cross-entropy
-    over the word's ``K_c`` tokens: ``weights[c, k]`` is ``1/K_c``, and 0 at padding (causal
-    attention: padding never changes an earlier position). With one-token label words (``K = 1``)
-    this is the next-token loss at the last position.
+    ``ids[c]``, position ``k`` the word's ``k``-th token, and its loss is the cross-entropy of
+    the word's ``K_c`` tokens, summed or (``score="mean"``) averaged: ``weights[c, k]`` is 1 or
+    ``1/K_c``, and 0 at padding (causal attention: padding never changes an earlier position).
+    With one-token label words (``K = 1``) both are the next-token loss at the last position.
     """
 
     ids: Tensor  # (C, K) label token ids, padded with 0
-    weights: Tensor  # (C, K) 1/K_c at the class's label positions, 0 at padding
+    weights: Tensor  # (C, K) 1 or 1/K_c at the class's label positions, 0 at padding
 
     @classmethod
-    def of(cls, label_ids: Sequence[Sequence[int]]) -> LabelTokens:
-        """From the label words' token ids (``PromptTokens.label_ids``)."""
+    def of(cls, label_ids: Sequence[Sequence[int]], score: LabelScore = "sum") -> LabelTokens:
+        """From the label words' token ids and score (``PromptTokens.label_ids/label_score``)."""
         length = max(map(len, label_ids))
         ids = torch.zeros(len(label_ids), length, dtype=torch.long)
         weights = torch.zeros(len(label_ids), length)
         for c, word in enumerate(label_ids):
             ids[c, : len(word)] = torch.tensor(list(word))
-            weights[c, : len(word)] = 1.0 / len(word)
+            weights[c, : len(word)] = 1.0 / len(word) if score == "mean" else 1.0
         return cls(ids, weights)
 
     @property
     def length(self) -> int:
         """``K``, the label positions of every sequence."""
         return self.ids.shape[1]
+
+    def to(self, device: torch.device | str) -> LabelTokens:
+        return LabelTokens(self.ids.to(device), self.weights.to(device))
 
     def feed(self, c: int) -> list[int]:
         """The ``K − 1`` ids that follow a sequence of class ``c``."""
@@ -115,7 +119,7 @@ class MatchingLoss:
         self.tw = target_weight
         self.tb = target_bias
         self.output = output
-        self.labels = labels
+        self.labels = labels.to(target_weight.device)
         self.tw_norm = target_weight.flatten(1).norm(dim=1)  # (C,)
         self.tb_norm = None if target_bias is None else target_bias.norm(dim=1)
 
@@ -136,6 +140,7 @@ class MatchingLoss:
             (P,) ``rec`` in [0, 2].
         """
         n_problems, batch, k, dim = h.shape
+        h = h.to(self.tw.dtype)  # the loss is fp32 whatever the model's dtype
         y = self.labels.ids[classes][:, None].expand(n_problems, batch, k)
         a = (self.labels.weights[classes].to(h.dtype) / batch)[:, None].expand(-1, batch, -1)
         r = residuals(self.output.logits(h), y).flatten(1, 2)  # (P, N, V), N = B·K rows
@@ -173,7 +178,7 @@ class AutogradMatchingLoss:
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.targets = [targets[n] for n in self.names]
-        self.labels = labels
+        self.labels = labels.to(self.params[0].device)
 
     def rec(self, model, x: Tensor, classes: Tensor) -> Tensor:
         """(P, B, L, d) input embeddings -> (P,) ``rec``; differentiable in ``x``."""
@@ -184,7 +189,8 @@ class AutogradMatchingLoss:
             for p in self.params:
                 p.requires_grad_(True)
             try:
-                logits = model(inputs_embeds=x.reshape(-1, length, dim)).logits[:, -k:]
+                embeds = x.reshape(-1, length, dim).to(model.dtype)
+                logits = model(inputs_embeds=embeds).logits[:, -k:].to(x.dtype)
                 logits = logits.reshape(n_problems, batch, k, -1)
                 for i in range(n_problems):
                     c = int(classes[i])

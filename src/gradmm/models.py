@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from gradmm.checkpoints import resolve_model_name
@@ -24,15 +25,54 @@ from gradmm.errors import UserError
 
 @dataclass(frozen=True)
 class OutputLayer:
-    """The output layer's parameters (views of the model's tensors, never copies)."""
+    """The output layer's parameters in fp32: views of the model's tensors for an fp32 model,
+    fp32 copies when the model runs in a lower precision (see :func:`place`)."""
 
     weight: Tensor  # (V, d)
     bias: Tensor | None  # (V,) or None
     tied: bool  # weight is the input embedding matrix
 
     def logits(self, h: Tensor) -> Tensor:
-        """(..., d) hidden states -> (..., V) logits."""
-        return torch.nn.functional.linear(h, self.weight, self.bias)
+        """(..., d) hidden states (any dtype) -> (..., V) logits in the layer's dtype (fp32)."""
+        return torch.nn.functional.linear(h.to(self.weight.dtype), self.weight, self.bias)
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses and optimiser state use beside a model of ``dtype``: fp32, or fp64 for
+    an fp64 model (the tests' exact comparisons)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Runtime(BaseModel):
+    """Where and in which precision the transformer passes run (never changes what is computed
+    beyond rounding; the matching loss, clipping and Adam state stay fp32)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: str = Field("auto", description="'auto' (the GPU if there is one), 'cpu', 'cuda[:N]'")
+    dtype: Dtype = Field("float32", description="dtype of the transformer passes")
+
+    def torch_device(self) -> torch.device:
+        """The device, checked: a GPU that is not there is a :class:`UserError`."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"device {self.device!r} asked for, but no CUDA GPU is available")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise UserError(f"device {self.device!r}: only {torch.cuda.device_count()} GPUs")
+        elif device.type != "cpu":
+            raise UserError(f"unsupported device {self.device!r} (auto, cpu, cuda or cuda:N)")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 @dataclass
@@ -47,6 +87,10 @@ class LoadedModel:
         """(V_in, d) what the model's input embedding module returns for each token id: the
         ``inputs_embeds`` equivalent of ``input_ids`` (see :func:`input_embedding_matrix`)."""
         return input_embedding_matrix(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
 
     @property
     def context_length(self) -> int | None:
@@ -90,6 +134,20 @@ def load_model(
         raise UserError(f"could not load model {name!r}: {first}") from None
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, output=output_layer(model))
+
+
+def place(lm: LoadedModel, runtime: Runtime | None) -> LoadedModel:
+    """Move ``lm`` to the runtime's device and dtype (in place; returns it). The output layer
+    stays fp32 (a copy when the model's dtype is lower)."""
+    if runtime is None:
+        return lm
+    lm.model.to(device=runtime.torch_device(), dtype=runtime.torch_dtype())
+    out = output_layer(lm.model)
+    dtype = loss_dtype(out.weight.dtype)
+    lm.output = OutputLayer(weight=out.weight.to(dtype), tied=out.tied,
+                            bias=None if out.bias is None else out.bias.to(dtype))  # fmt: skip
+    lm.__dict__.pop("embeddings", None)  # recomputed on the new device
+    return lm
 
 
 def output_layer(model: torch.nn.Module) -> OutputLayer:
@@ -150,8 +208,11 @@ def input_embedding_matrix(model: torch.nn.Module, chunk: int = 8192) -> Tensor:
     return torch.cat([module(ids) for ids in torch.arange(weight.shape[0]).split(chunk)])
 
 
-def right_padded(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, L) right-padded ids, (N, L) attention mask, (N,) last real position of each row.
+def right_padded(
+    sequences: list[list[int]], device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, L) right-padded ids, (N, L) attention mask, (N,) last real position of each row, on
+    ``device``.
 
     With causal attention the padding never influences the real positions, so batching
     sequences of different lengths this way is exact.
@@ -162,13 +223,16 @@ def right_padded(sequences: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     for i, s in enumerate(sequences):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    return ids, mask, last
+    return ids.to(device), mask.to(device), last.to(device)
 
 
 def final_hidden(
     model: torch.nn.Module, *, input_ids=None, inputs_embeds=None, attention_mask=None
 ) -> Tensor:
-    """(N, L) ids or (N, L, d) embeddings -> (N, L, d) hidden states at the output layer's input."""
+    """(N, L) ids or (N, L, d) embeddings (any float dtype: cast to the model's) -> (N, L, d)
+    hidden states at the output layer's input, in the model's dtype."""
+    if inputs_embeds is not None:
+        inputs_embeds = inputs_embeds.to(model.dtype)
     out = model.base_model(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,

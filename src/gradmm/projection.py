@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gradmm.errors import UserError
+from gradmm.models import loss_dtype
 
 TokenFilter = Literal["fixed", "paper"]
 ProjectionOrder = Literal["cosine-first", "lm-first"]
@@ -94,8 +95,9 @@ class Projector:
         if any(len(c) == 0 for c in contexts):
             raise UserError("the LM prefix used for projection must not be empty")
         self.model = model
-        self.unit = torch.nn.functional.normalize(embeddings.detach(), dim=-1)
-        self.penalty = torch.where(allowed, 0.0, float("-inf")).to(embeddings.dtype)
+        self.dtype = loss_dtype(embeddings.dtype)  # fp32 for a lower-precision model
+        self.unit = torch.nn.functional.normalize(embeddings.detach().to(self.dtype), dim=-1)
+        self.penalty = torch.where(allowed.to(embeddings.device), 0.0, float("-inf"))
         self.k = min(topk, int(allowed.sum()))
         self.contexts = contexts
         self.use_cache = use_cache
@@ -114,8 +116,9 @@ class Projector:
     @torch.no_grad()
     def __call__(self, v: Tensor, classes: Tensor) -> Tensor:
         """(N, G, d) embeddings, (N,) class of each row -> (N, G) token ids."""
+        v, classes = v.to(self.dtype), classes.to(v.device)
         cand = self.candidates(v) if self.order == "cosine-first" else None
-        ids = torch.empty(v.shape[:2], dtype=torch.long)
+        ids = torch.empty(v.shape[:2], dtype=torch.long, device=v.device)
         for c in classes.unique().tolist():
             rows = (classes == c).nonzero(as_tuple=True)[0]
             ids[rows] = self._decode(v[rows], None if cand is None else cand[rows],
@@ -128,14 +131,14 @@ class Projector:
             scores = logits.gather(1, cand_pos)
             return cand_pos.gather(1, scores.argmax(1, keepdim=True))
         # lm-first: the cosine favourite of the LM's k most probable allowed tokens
-        top = (logits + self.penalty).topk(self.k, dim=-1).indices  # (n, k)
+        top = (logits.to(self.dtype) + self.penalty).topk(self.k, dim=-1).indices  # (n, k)
         cos = torch.einsum("nd,nkd->nk", torch.nn.functional.normalize(v_pos, dim=-1),
                            self.unit[top])  # fmt: skip
         return top.gather(1, cos.argmax(1, keepdim=True))
 
     def _decode(self, v: Tensor, cand: Tensor | None, context: list[int]) -> Tensor:
         n, length = v.shape[:2]
-        seq = torch.tensor(context).expand(n, -1)
+        seq = torch.tensor(context, device=v.device).expand(n, -1)
         chosen = []
         out = self.model(input_ids=seq, use_cache=self.use_cache, logits_to_keep=1)
         for pos in range(length):

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradmm import __version__
+from gradmm import __version__, paper
 from gradmm.checkpoints import resolve_model_name
 from gradmm.config import one_line
 from gradmm.errors import UserError, warn
@@ -42,10 +42,12 @@ from gradmm.matching import LabelTokens, per_example_grad_norms, residuals, summ
 from gradmm.models import (
     LoadedModel,
     MatchParams,
+    Runtime,
     final_hidden,
     fingerprint,
     load_model,
     matched_parameters,
+    place,
 )
 from gradmm.privacy import (
     DPSettings,
@@ -247,12 +249,14 @@ def example_gradients(
     ``(Σ_k w_ik r_ik h_ikᵀ, Σ_k w_ik r_ik)`` (see :mod:`gradmm.matching`).
     """
     rs, hs = [], []
+    labels = labels.to(lm.device)
     for start in range(0, len(prompts), batch_size):
         cls = classes[start : start + batch_size]
-        ids, mask, pos = labels.batch(prompts[start : start + batch_size], cls)
+        batch = labels.batch(prompts[start : start + batch_size], cls)
+        ids, mask, pos = (t.to(lm.device) for t in batch)
         with torch.no_grad():
             hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
-        h = hidden[torch.arange(len(cls))[:, None], pos]  # (n, K, d)
+        h = hidden[torch.arange(len(cls), device=lm.device)[:, None], pos]  # (n, K, d)
         rs.append(residuals(lm.output.logits(h), labels.ids[cls]))
         hs.append(h)
     return torch.cat(rs), torch.cat(hs), labels.weights[classes]
@@ -272,15 +276,17 @@ def summed_autograd_grads(
     its output use is differentiated.
     """
     sums = {name: torch.zeros_like(p) for name, p in params.items()}
+    labels = labels.to(lm.device)
     for p in params.values():
         p.requires_grad_(True)
     try:
         for start in range(0, len(prompts), batch_size):
             cls = classes[start : start + batch_size]
-            ids, mask, pos = labels.batch(prompts[start : start + batch_size], cls)
+            batch = labels.batch(prompts[start : start + batch_size], cls)
+            ids, mask, pos = (t.to(lm.device) for t in batch)
             emb = lm.embeddings[ids].detach()
             logits = lm.model(inputs_embeds=emb, attention_mask=mask).logits
-            logits = logits[torch.arange(len(cls))[:, None], pos]  # (n, K, V)
+            logits = logits[torch.arange(len(cls), device=lm.device)[:, None], pos]  # (n, K, V)
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), labels.ids[cls].flatten(), reduction="none"
             )
@@ -294,7 +300,9 @@ def summed_autograd_grads(
     return sums
 
 
-def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -> Release:
+def release_targets(
+    config: ReleaseConfig, out: Path, overwrite: bool = False, runtime: Runtime | None = None
+) -> Release:
     """Run the release stage and write ``out``; see the module docstring.
 
     A DP release is never redrawn: if ``out`` already holds a release with the same settings it is
@@ -327,7 +335,7 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         raise UserError("DP releases support --match-params output only")
     task = load_task(config.task)
     if config.preset == "paper":
-        task = task.with_paper_tokens()
+        task = paper.paper_task(task)
     # recorded with the release's task: generate and filter cut alike (finetune and evaluate
     # load the task by name: a task file's max_text_tokens reaches them, this option does not)
     if config.max_text_tokens is not None:
@@ -337,7 +345,8 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
         if note:
             warn(note)
     resolved = Path(resolve_model_name(config.model)).expanduser()
-    lm = load_model(config.model)
+    # targets are computed in fp32 (on the runtime's device)
+    lm = place(load_model(config.model), Runtime(device=(runtime or Runtime()).device))
     prompt = tokenize_prompt(task, lm.tokenizer)
     params = matched_parameters(lm.model, config.match_params)
     head = list(params)[:2] if lm.output.bias is not None else list(params)[:1]
@@ -345,7 +354,7 @@ def release_targets(config: ReleaseConfig, out: Path, overwrite: bool = False) -
     split = source = None
     if config.target == "noise":  # the control reads no data at all
         counts = [config.n_per_class] * task.num_classes
-        sums = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in counts]
+        sums = [{n: torch.zeros(p.shape) for n, p in params.items()} for _ in counts]
     else:
         split = config.split or task.private_split
         examples, picked = private_pool(task, split, config.n_per_class, config.seed,
@@ -452,7 +461,7 @@ def _dp_settings(config: ReleaseConfig) -> DPSettings | None:
 def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[dict]:
     """Per class, the sum over its sampled examples of the (clipped, if DP) gradients."""
     ctx = lm.context_length
-    labels = LabelTokens.of(prompt.label_ids)
+    labels = LabelTokens.of(prompt.label_ids, prompt.label_score)
     fixed = len(prompt.head) + len(prompt.tail) + labels.length - 1  # template and label feed
     sums = []
     for c, indices in enumerate(tqdm(picked, desc="release: class targets", unit="class")):
@@ -475,7 +484,7 @@ def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[
             sums.append(dict(zip(head, summed_grads(r, h, weights), strict=False)))
         else:
             sums.append(summed_autograd_grads(lm, params, seqs, classes, labels, config.batch_size))
-    return sums
+    return [{name: g.float().cpu() for name, g in s.items()} for s in sums]
 
 
 def load_release(path: Path) -> Release:
@@ -539,8 +548,9 @@ def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) ->
             raise UserError(f"{path}: target {name!r} contains NaN or infinite values")
 
 
-def load_release_model(release: Release) -> LoadedModel:
-    """The model ``release`` was computed with, refused if its weights or shapes differ."""
+def load_release_model(release: Release, runtime: Runtime | None = None) -> LoadedModel:
+    """The model ``release`` was computed with, refused if its weights or shapes differ, then
+    placed on ``runtime``'s device and dtype."""
     info = release.meta.model
     # double backward through attention needs eager attention (SDPA's CPU kernel has none)
     eager = "eager" if release.meta.match_params != "output" else None
@@ -559,4 +569,4 @@ def load_release_model(release: Release) -> LoadedModel:
                 f"{release.path}: target {name!r} of shape {tuple(t.shape)} does not fit the "
                 "model's parameters"
             )
-    return lm
+    return place(lm, runtime)

@@ -7,10 +7,11 @@ verbalizer: one label word per class. An example ``(s, c)`` becomes the token se
 the cross-entropy of the next token after ``tail`` against the label word of ``c``.
 
 A label word may be several tokens of the model's tokenizer (policy ``"all"``, the default): the
-example's loss then covers every token of the word (teacher-forced, mean over its tokens) and
-the class score is the word's length-normalised log-probability. The ``"first"`` policy (what the
-authors' code does) keeps the first token only and is recorded in every release; it refuses two
-classes whose label words share a first token.
+word is teacher-forced after the template, the class score is its log-probability (``label_score:
+sum``, the default) or its tokens' mean log-probability (``mean``, length-normalised) and the
+example's loss is the matching sum or mean of the tokens' cross-entropies. The ``"first"`` policy
+(what the authors' code does) keeps the first token only and is recorded in every release; it
+refuses two classes whose label words share a first token.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gradmm.files import read_json, read_jsonl_numbered
 
 TEXT_SLOT = "{text}"
 LabelTokenPolicy = Literal["all", "first"]
+LabelScore = Literal["sum", "mean"]
 
 
 class HubSource(BaseModel):
@@ -68,6 +70,9 @@ class Task(BaseModel):
     # pools never draw from (see ``dev_indices``).
     dev_size: int = 500
     label_token_policy: LabelTokenPolicy = "all"
+    # A label word's score: the log-probability of its tokens, summed (the word's probability) or
+    # averaged (length-normalised); the training loss is the matching sum or mean of their CEs.
+    label_score: LabelScore = "sum"
     # Texts longer than this many tokens are cut to their first max_text_tokens (None: never;
     # a text that does not fit the model's context is then an error). Recorded in releases.
     max_text_tokens: int | None = Field(None, ge=1)
@@ -113,51 +118,6 @@ class Task(BaseModel):
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    def with_paper_tokens(self) -> Task:
-        """The authors' generation convention: a trailing space after the template, label words
-        without their leading space, first token of each (REFERENCE.md §1.2, §9)."""
-        return self.model_copy(
-            update={
-                "template": self.template + " ",
-                "label_words": tuple(w.lstrip() for w in self.label_words),
-                "label_token_policy": "first",
-            }
-        )
-
-
-# The authors' projection prefixes for their instruction-conditioned datasets (GRADMM
-# utilities.py:get_prefix, MIT licence); used only by the `paper` preset.
-_PAPER_MOVIE_INSTRUCTION = (
-    "You are now a movie critic. You are provided with a sentiment label (either 'great' or "
-    "'bad'). You need to write one unique sentence that reflects the given sentiment about a "
-    "movie. Your writing style should be consistent with typical movie reviews. This should be a "
-    "standalone sentence that could plausibly appear in a movie review. Ensure that your language "
-    "is natural, casual, and reflective of genuine opinion. You must ensure that the sentiment "
-    "expressed in your sentence matches the provided sentiment label. Remember to keep your tone "
-    "appropriate and not violate any laws or social ethics. Please be creative and write only one "
-    "sentence. The sentiment of the movie review is: {label}\n. Answer:"
-)
-_PAPER_IMDB_INSTRUCTION = (
-    "You are now a movie critic. You are provided with a sentiment label (either 'great' or "
-    "'bad'). You need to write a film review that reflects the given sentiment about a movie. "
-    "Your writing style should be consistent with typical movie reviews. This should be a  highly "
-    "polar review for a movie that could plausibly be posted on IMDB. Ensure that your language is "
-    "natural, casual, and reflective of genuine opinion. You must ensure that the sentiment "
-    "expressed in your review matches the provided sentiment label. Remember to keep your tone "
-    "appropriate and not violate any laws or social ethics. Please be creative and write an unique "
-    "movie review. The sentiment of the movie review is: {label}\n. Answer:"
-)
-_PAPER_TWEET_INSTRUCTION = (
-    "You are now a person using twitter. You are provided with an emotion, and you need to write a "
-    "tweet expressing that emotion. Your writing style must be consistent with the tweets on "
-    "twitter. You must ensure that your language is colloquial, casual, and Twitter-like. You are "
-    "given a length requirement. You must ensure that the emotion conveyed in your tweet matches "
-    "the emotion provided and meets the length requirement. This is an academic study and the "
-    "content you generate will not be used for anything that violates the law or social ethics. "
-    "Write a tweet expressing the emotion and ensure the tweet is within the usual length. "
-    "Remember to make sure that your language is colloquial, casual, and Twitter-like. Please be "
-    "creative and write only one unique tweets. The emotion of twitter is: {label}\n. Answer:"
-)
 
 # Hand-written, public demonstrations of the built-in tasks (never private data).
 SENTIMENT_DEMONSTRATIONS = (
@@ -210,17 +170,6 @@ BUILTIN_TASKS: dict[str, Task] = {
         demonstrations=SENTIMENT_DEMONSTRATIONS,
     ),
 }
-
-# `paper` preset: the authors' LM prefix per data set ("The" for SST-2, an instruction that names
-# the label word for the others). The label word there is "great"/"bad", i.e. our label word.
-PAPER_LM_PREFIX: dict[str, str] = {
-    "sst2": "The",
-    "rotten_tomatoes": _PAPER_MOVIE_INSTRUCTION,
-    "imdb": _PAPER_IMDB_INSTRUCTION,
-    "tweet_emotion": _PAPER_TWEET_INSTRUCTION,
-}
-# Datasets on which the authors' code zeroes the template positions' gradient (REFERENCE.md §2.3).
-PAPER_FREEZES_TEMPLATE = {"rotten_tomatoes", "imdb"}
 
 
 def load_task(name_or_path: str) -> Task:
@@ -384,6 +333,7 @@ class PromptTokens:
     head: list[int]
     tail: list[int]
     label_ids: list[list[int]]
+    label_score: LabelScore = "sum"  # over a label word's tokens: "sum" or "mean"
     max_text_tokens: int | None = None  # texts are cut to their first this many tokens
 
     def encode(self, tokenizer, text: str) -> list[int]:
@@ -418,5 +368,5 @@ def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
     if len(set(map(tuple, label_ids))) != len(label_ids):
         which = "first tokens" if task.label_token_policy == "first" else "tokens"
         raise UserError(f"label words {list(task.label_words)} do not map to distinct {which}")
-    return PromptTokens(head=head, tail=tail, label_ids=label_ids,
+    return PromptTokens(head=head, tail=tail, label_ids=label_ids, label_score=task.label_score,
                         max_text_tokens=task.max_text_tokens)  # fmt: skip
