@@ -401,6 +401,7 @@ class ADMMSolver:
                 ids=torch.cat([s.ids for s in parts]),
                 rec=torch.cat([s.rec for s in parts]),
                 timings=dict(self.timings),
+                history=_sequential_history([s.history for s in parts]),
             )
         return self._solve(problems, checkpoint, checkpoint_every, progress)
 
@@ -457,6 +458,16 @@ class ADMMSolver:
                 norm > self.cfg.grad_clip, self.cfg.grad_clip / (norm + 1e-6), torch.ones_like(norm)
             )
             grad.mul_(scale[:, None, None, None])
+
+
+def _sequential_history(histories: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Histories of problems solved one after another, as one run's: after iteration t, the time
+    all problems together needed to get there and their mean best rec."""
+    steps = min(map(len, histories), default=0)
+    return [
+        (sum(h[t][0] for h in histories), sum(h[t][1] for h in histories) / len(histories))
+        for t in range(steps)
+    ]
 
 
 class AuthorsOverhead(SolverHooks):

@@ -182,7 +182,9 @@ def _solve_and_write(
     block = problems[mine.start : mine.stop]
     checkpoint = out / ("checkpoint.pt" if world == 1 else f"checkpoint.rank{rank}.pt")
     solution = solver.solve(block, checkpoint, config.checkpoint_every, progress and rank == 0)
-    parts = gather_to_zero((solution.ids.cpu(), solution.rec.cpu(), solution.timings))
+    parts = gather_to_zero(
+        (solution.ids.cpu(), solution.rec.cpu(), solution.timings, solution.history)
+    )
     if parts is None:
         return
     ids = torch.cat([p[0] for p in parts])
@@ -215,6 +217,8 @@ def _solve_and_write(
     timings["total"] = load_seconds + time.perf_counter() - t0
     manifest = _manifest(config, release, solver.cfg, problems, timings, rows)
     manifest["processes"] = world
+    # per rank, per outer iteration: seconds since its solve started, mean best rec of its block
+    manifest["history"] = [[[round(t, 3), round(r, 6)] for t, r in part[3]] for part in parts]
     write_jsonl(out / "synthetic.jsonl", rows)
     write_json(out / "manifest.json", manifest)
     for leftover in [*out.glob("checkpoint*.pt"), out / "run.lock.json"]:
