@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = {
     "reference": lambda args: {"engine": "reference"},
     "fast": lambda args: {"engine": "fast"},
-    "fast-K/10": lambda args: {"engine": "fast", "init_candidates": args.init_candidates // 10 or 1},
+    "fast-K/10": lambda args: {"engine": "fast", "init_candidates": args.init_candidates // 10},
     "fast-I/5-K/10": lambda args: {
         "engine": "fast",
         "inner_steps": args.inner_steps // 5 or 1,
@@ -54,7 +54,8 @@ def child(args: argparse.Namespace) -> None:
     """Run one engine in this process and print its figures as JSON."""
     import statistics
 
-    from gradmm.generate import generate, resolve_config
+    from gradmm.generate import generate
+    from gradmm.settings import resolve_config
 
     cfg = resolve_config(
         {

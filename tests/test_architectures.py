@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, build_model, cli, tiny_run
 
-from gradmm.generate import build_solver, resolve_config
+from gradmm.generate import build_solver
 from gradmm.models import final_hidden, fingerprint, load_model
 from gradmm.release import load_release, load_release_model
+from gradmm.settings import resolve_config
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)

@@ -210,8 +210,9 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     that --nproc 2 equals --nproc 1: rounding in differently shaped batched kernels may change
     a token; README, "Several processes".)"""
     from gradmm.distributed import shard
-    from gradmm.generate import build_solver, resolve_config
+    from gradmm.generate import build_solver
     from gradmm.release import load_release, load_release_model
+    from gradmm.settings import resolve_config
 
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
@@ -250,8 +251,9 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
 
 def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, data_dir,
                                                                      tmp_path):  # fmt: skip
-    from gradmm.generate import build_solver, resolve_config
+    from gradmm.generate import build_solver
     from gradmm.release import load_release, load_release_model
+    from gradmm.settings import resolve_config
 
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
@@ -264,3 +266,31 @@ def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, 
     for p in range(len(problems)):
         alone = solver.initialise(problems[p : p + 1])
         assert torch.equal(alone[0], together[p])
+
+
+def test_generate_options_come_from_the_settings_fields(monkeypatch):
+    """Each generate option is defined once (gradmm.settings): the CLI's flags, help and
+    defaults are generated from the fields, and a flag reaches the config."""
+    from gradmm import cli as cli_module
+    from gradmm.settings import PRESETS, GenerateConfig
+
+    out = invoke("generate", "--help").output
+    for name in cli_module.GENERATE_OPTIONS:
+        field = GenerateConfig.model_fields[name]
+        assert f"--{name.replace('_', '-')}" in out and field.description.split()[0] in out
+    assert "[24; paper: 27]" in out and "[cosine-first]" in out  # defaults, and the preset's
+    assert PRESETS["paper"]["length"] == 27 and GenerateConfig().length == 24
+
+    seen = {}
+
+    def fake_generate(release, out, cfg, **kwargs):
+        seen["cfg"] = cfg
+        return out / "synthetic.jsonl"
+
+    monkeypatch.setattr("gradmm.generate.generate", fake_generate)
+    r = invoke("generate", "--release", "r", "--out", "o", "--patience", 3, "--topk", 7)
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.patience, cfg.topk, cfg.length, cfg.select) == (3, 7, 24, "projected")
+    assert invoke("generate", "--release", "r", "--out", "o", "--preset", "paper").exit_code == 0
+    assert (seen["cfg"].length, seen["cfg"].select) == (27, "augmented")

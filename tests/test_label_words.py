@@ -11,7 +11,7 @@ from conftest import NEGATIVE, POSITIVE, build_model, cli, sentence, write_split
 
 from gradmm.evaluate import label_log_probs
 from gradmm.filtering import per_example_rec
-from gradmm.generate import build_solver, resolve_config
+from gradmm.generate import build_solver
 from gradmm.matching import LabelTokens, MatchingLoss, per_example_grad_norms
 from gradmm.models import final_hidden, load_model
 from gradmm.release import (
@@ -22,6 +22,7 @@ from gradmm.release import (
     release_targets,
     sample_per_class,
 )
+from gradmm.settings import resolve_config
 from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 EMOTION_WORDS = {"anger": NEGATIVE, "joy": POSITIVE, "optimism": POSITIVE, "sadness": NEGATIVE}

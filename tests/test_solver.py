@@ -5,10 +5,11 @@ import torch
 
 from gradmm.admm import Problems
 from gradmm.errors import UserError
-from gradmm.generate import GenerateConfig, build_solver, resolve_config
+from gradmm.generate import build_solver
 from gradmm.models import load_model
 from gradmm.projection import Projector, allowed_tokens
 from gradmm.release import ReleaseConfig, load_release, release_targets
+from gradmm.settings import GenerateConfig, resolve_config
 from gradmm.tasks import encode_text
 
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 
 from gradmm.config import build_config
 from gradmm.errors import UserError
+from gradmm.settings import PRESETS, GenerateConfig, resolve_config
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # help texts show defaults in [brackets]: not markup
     no_args_is_help=True,
     help="GRADMM: synthetic training text whose gradient matches a release of real examples.",
 )
@@ -40,6 +45,54 @@ def runtime_of(device: str | None, dtype: str | None = None):
     from gradmm.models import Runtime
 
     return build_config(Runtime, dict(device=device, dtype=dtype))
+
+
+# generate's options on the command line (the rest: --config); each defined in gradmm.settings
+GENERATE_OPTIONS = ("per_class", "batch", "length", "steps", "inner_steps", "rho", "topk",
+                    "projection", "lr", "init_candidates", "patience", "seed", "engine", "target",
+                    "preset")  # fmt: skip
+
+
+def config_options(
+    model: type[BaseModel], names: tuple[str, ...], presets: dict[str, dict] | None = None
+) -> Callable[[Callable], Callable]:
+    """Give a command one ``--name`` option per field of ``model`` in ``names``, typed and
+    documented from the field (description, choices, default and any preset's value). The command
+    receives them as its ``options`` argument, None where not given (so that a config file and
+    the preset apply): each option is defined once, in ``model``."""
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "options"]
+        for name in names:
+            annotation = _option_annotation(name, model.model_fields[name], presets or {})
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=annotation))  # fmt: skip
+
+        def run(**kwargs):
+            return fn(options={n: kwargs.pop(n) for n in names}, **kwargs)
+
+        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+        run.__signature__ = signature.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate
+
+
+def _option_annotation(name: str, field, presets: dict[str, dict]):
+    """``Annotated[T | None, typer.Option(help=...)]`` for a pydantic field."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, UnionType):  # X | None -> X
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    choices = ""
+    if get_origin(kind) is Literal:
+        choices = " (" + " | ".join(map(str, get_args(kind))) + ")"
+        kind = str
+    default = "none" if field.default is None else field.default
+    by_preset = "".join(f"; {p}: {v[name]}" for p, v in presets.items() if name in v)
+    help_text = f"{field.description}{choices} [{default}{by_preset}]"
+    return Annotated[kind | None, typer.Option(help=help_text)]
 
 
 def command(
@@ -133,36 +186,11 @@ def release(
 
 
 @command(app, "the last checkpoint in the run folder was kept: rerun the same command to resume")
+@config_options(GenerateConfig, GENERATE_OPTIONS, presets=PRESETS)
 def generate(
+    options: dict,
     release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
-    per_class: Annotated[
-        int | None, typer.Option(help="Synthetic examples per class [100].")
-    ] = None,
-    batch: Annotated[int | None, typer.Option(help="B: sequences per ADMM problem [10].")] = None,
-    length: Annotated[int | None, typer.Option(help="Free tokens per sequence [24].")] = None,
-    steps: Annotated[int | None, typer.Option(help="T: outer ADMM iterations [30].")] = None,
-    inner_steps: Annotated[
-        int | None, typer.Option(help="I: Adam steps per x-update [50].")
-    ] = None,
-    rho: Annotated[float | None, typer.Option(help="ADMM penalty ρ [1.0].")] = None,
-    topk: Annotated[int | None, typer.Option(help="k: projection candidates [200].")] = None,
-    projection: Annotated[
-        str | None,
-        typer.Option(help="'cosine-first' (the authors') or 'lm-first' candidates [cosine-first]."),
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate on x [0.008].")] = None,
-    init_candidates: Annotated[
-        int | None, typer.Option(help="K: random init batches scored [500].")
-    ] = None,
-    seed: SeedOpt = None,
-    engine: Annotated[
-        str | None, typer.Option(help="'fast' or 'reference' (the authors' computation) [fast].")
-    ] = None,
-    target: Annotated[
-        str | None, typer.Option(help="'release', or 'none': no-matching control [release].")
-    ] = None,
-    preset: PresetOpt = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     nproc: Annotated[
@@ -174,24 +202,7 @@ def generate(
 ) -> None:
     """Stage 2: generate synthetic text by ADMM gradient matching against a release."""
     from gradmm.generate import generate as run_generate
-    from gradmm.generate import resolve_config
 
-    options = dict(
-        per_class=per_class,
-        batch=batch,
-        length=length,
-        steps=steps,
-        inner_steps=inner_steps,
-        rho=rho,
-        topk=topk,
-        projection=projection,
-        lr=lr,
-        init_candidates=init_candidates,
-        seed=seed,
-        engine=engine,
-        target=target,
-        preset=preset,
-    )
     cfg = resolve_config(options, config)
     path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc,
                         runtime=runtime_of(device, dtype))  # fmt: skip

@@ -23,10 +23,10 @@ from gradmm.errors import UserError
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
 from gradmm.filtering import FilterConfig
 from gradmm.finetune import FinetuneConfig
-from gradmm.generate import resolve_config
 from gradmm.methods import METHODS, Cell
-from gradmm.models import fingerprint, load_model
+from gradmm.models import Runtime, fingerprint, load_model
 from gradmm.report import plot, write_tables
+from gradmm.settings import resolve_config
 from gradmm.tasks import load_task
 
 EXPERIMENT_DIR = OutputKind(
@@ -54,6 +54,8 @@ class ExperimentConfig(BaseModel):
     generate: dict[str, Any] = {}
     filter: dict[str, Any] = {}
     finetune: dict[str, Any] = {}
+    # device and dtype of every stage (release and fine-tuning always compute in fp32)
+    runtime: Runtime = Field(default_factory=Runtime)
 
 
 def load_experiment(path: Path) -> ExperimentConfig:

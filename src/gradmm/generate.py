@@ -12,10 +12,8 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field
 from torch import Tensor
 
 from gradmm import __version__, paper
@@ -24,11 +22,8 @@ from gradmm.admm import (
     AuthorsOverhead,
     Layout,
     Problems,
-    SelectRule,
-    SolverConfig,
     problem_seed,
 )
-from gradmm.config import build_config, read_options_file
 from gradmm.distributed import (
     barrier,
     gather_to_zero,
@@ -51,8 +46,9 @@ from gradmm.files import (
 from gradmm.matching import AutogradMatchingLoss, LabelTokens, MatchingLoss
 from gradmm.models import LoadedModel, Runtime, matched_parameters
 from gradmm.privacy import report as privacy_report
-from gradmm.projection import ProjectionOrder, Projector, TokenFilter, allowed_tokens
+from gradmm.projection import Projector, allowed_tokens
 from gradmm.release import Release, load_release, load_release_model
+from gradmm.settings import GenerateConfig, SolverConfig
 from gradmm.tasks import encode_text
 
 # A run folder: generate's outputs, then filter's (and audit reports of older versions).
@@ -62,57 +58,6 @@ RUN_DIR = OutputKind(
     ("synthetic.jsonl", "manifest.json", "run.lock.json", "checkpoint*.pt", "checkpoint*.pt.tmp",
      "filtered.jsonl", "filter_report.json", "audit.json"),
 )  # fmt: skip
-
-
-class GenerateConfig(SolverConfig):
-    """Settings of ``gradmm generate``: the solver's (:class:`SolverConfig`) and these. Defaults
-    are the authors' (REFERENCE.md §7) with the fixes of ``docs/deviations.md``; ``preset: paper``
-    restores the authors' behaviour (:mod:`gradmm.paper`)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
-    preset: Literal["default", "paper"] = Field("default", description="'paper': the authors' way")
-    per_class: int = Field(100, ge=1, description="synthetic examples per class")
-    batch: int = Field(10, ge=1, description="B: sequences matched together (one ADMM problem)")
-    length: int = Field(24, ge=1, description="free (text) tokens per sequence, template excluded")
-    topk: int = Field(200, ge=1, description="k: candidate set of the projection")
-    projection: ProjectionOrder = Field(
-        "cosine-first", description="cosine-first (the authors' code) or lm-first candidates"
-    )
-    seed: int = Field(0, description="random seed")
-    target: Literal["release", "none"] = Field(
-        "release", description="'none': no-matching control, the projection of the random init"
-    )
-    engine: Literal["fast", "reference"] = Field(
-        "fast", description="fast (exact reformulation) or reference (the authors' computation)"
-    )
-    lm_prefix: str | None = Field(None, description="LM context of the projection ({label} ok)")
-    checkpoint_every: int = Field(5, ge=1, description="outer iterations between checkpoints")
-    # Set by the preset unless given explicitly (None: not given).
-    token_filter: TokenFilter | None = None
-    select: SelectRule | None = None
-    score_init_scaled: bool | None = None
-    freeze_template: bool | None = Field(
-        None, description="zero the template positions' x-gradient [preset's]"
-    )
-
-
-# Values a preset gives to the options left unset. `default` holds our fixes, `paper` the authors'.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {
-        "select": "projected",
-        "token_filter": "fixed",
-        "score_init_scaled": True,
-    },
-    "paper": paper.GENERATE_OPTIONS,
-}
-
-
-def resolve_config(options: dict[str, Any], config_file: Path | None = None) -> GenerateConfig:
-    """Merge (lowest first) the preset's values, a YAML/JSON config file and explicit options."""
-    preset = options.get("preset") or read_options_file(config_file).get("preset", "default")
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    return build_config(GenerateConfig, options, config_file, defaults=PRESETS[preset])
 
 
 def generate(

@@ -34,9 +34,10 @@ from gradmm.evaluate import evaluate_task, text_perplexities
 from gradmm.files import read_json, read_jsonl, write_jsonl
 from gradmm.filtering import FilterConfig, filter_run
 from gradmm.finetune import FinetuneConfig, finetune
-from gradmm.generate import generate, resolve_config
-from gradmm.models import load_model
+from gradmm.generate import generate
+from gradmm.models import Runtime, load_model, place
 from gradmm.release import ReleaseConfig, load_release, private_pool, release_targets
+from gradmm.settings import resolve_config
 from gradmm.tasks import Task, load_task, tokenize_prompt
 
 
@@ -99,7 +100,7 @@ def _release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
         # A simulation on public data: seeded noise so that the table reproduces (recorded as
         # seeded: no guarantee). A real private release draws from the OS CSPRNG (the default).
         rc["noise_seed"] = simulation_noise_seed(task, seed, name)
-    release_targets(ReleaseConfig(**rc), path)
+    release_targets(ReleaseConfig(**rc), path, runtime=cfg.runtime)
     return path
 
 
@@ -114,9 +115,9 @@ def _synthetic(cell: Cell, release: Path, **extra) -> Path:
     run = cell.folder / "run"
     if not (run / "synthetic.jsonl").exists():
         options = {**cfg.generate, "per_class": cfg.synthetic_per_class, "seed": seed, **extra}
-        generate(release, run, resolve_config(options), progress=False)
+        generate(release, run, resolve_config(options), progress=False, runtime=cfg.runtime)
     if not (run / "filtered.jsonl").exists():
-        filter_run(run, build_config(FilterConfig, cfg.filter))
+        filter_run(run, build_config(FilterConfig, cfg.filter), runtime=cfg.runtime)
     return run / "filtered.jsonl"
 
 
@@ -126,13 +127,14 @@ def _finetune(cfg, task, seed, train: Path, samples: bool = True) -> dict:
     (never for real text), the first three texts of each class."""
     ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": task, "train": str(train),
                            "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
-    result = finetune(ft, progress=False)
+    result = finetune(ft, progress=False, runtime=cfg.runtime)
     keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
             "test_per_class_accuracy", "train_loss")  # fmt: skip
     out = {k: result[k] for k in keep}
     rows = read_jsonl(train)
     out["train_perplexity"] = round(statistics.median(
-        text_perplexities(load_model(cfg.model), [r["text"] for r in rows])), 2)  # fmt: skip
+        text_perplexities(place(load_model(cfg.model), cfg.runtime),
+                          [r["text"] for r in rows])), 2)  # fmt: skip
     if samples:
         names = load_task(task).label_names
         out["samples"] = {
@@ -152,9 +154,11 @@ def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
 
 
 @torch.no_grad()
-def lm_prompted_examples(model: str, task: Task, per_class: int, seed: int) -> list[dict]:
+def lm_prompted_examples(
+    model: str, task: Task, per_class: int, seed: int, runtime: Runtime | None = None
+) -> list[dict]:
     """Label-conditioned sampling: public demonstrations of one class, then a new example."""
-    lm = load_model(model)
+    lm = place(load_model(model), runtime)
     prompt = tokenize_prompt(task, lm.tokenizer)
     tail = lm.tokenizer.decode(prompt.tail).strip()
     torch.manual_seed(seed)
@@ -165,7 +169,7 @@ def lm_prompted_examples(model: str, task: Task, per_class: int, seed: int) -> l
         got, attempts = [], 0
         while len(got) < per_class and attempts < 20:
             attempts += 1
-            batch = torch.tensor([ids]).repeat(per_class, 1)
+            batch = torch.tensor([ids], device=lm.device).repeat(per_class, 1)
             gen = lm.model.generate(
                 batch, attention_mask=torch.ones_like(batch), max_new_tokens=40,
                 do_sample=True, top_k=50, temperature=0.9,
@@ -185,7 +189,8 @@ def lm_prompted_examples(model: str, task: Task, per_class: int, seed: int) -> l
 
 def _evaluate(cell: Cell, k: int) -> dict:
     res = evaluate_task(cell.cfg.model, cell.task, k, cell.cfg.data_dir,
-                        cell.cfg.finetune.get("max_test"), cell.seed)  # fmt: skip
+                        cell.cfg.finetune.get("max_test"), cell.seed,
+                        runtime=cell.cfg.runtime)  # fmt: skip
     return {"test_accuracy": res["accuracy"], "test_per_class_accuracy": res["per_class_accuracy"],
             "dev_accuracy": None}  # fmt: skip
 
@@ -217,7 +222,8 @@ def lm_prompted(cell: Cell) -> dict:
     train = cell.folder / "synthetic.jsonl"
     if not train.exists():
         rows = lm_prompted_examples(cell.cfg.model, load_task(cell.task),
-                                    cell.cfg.synthetic_per_class, cell.seed)  # fmt: skip
+                                    cell.cfg.synthetic_per_class, cell.seed,
+                                    cell.cfg.runtime)  # fmt: skip
         write_jsonl(train, rows)
     return _finetune(cell.cfg, cell.task, cell.seed, train)
 

@@ -17,16 +17,13 @@ same tokens.
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from gradmm.errors import UserError
 from gradmm.models import loss_dtype
-
-TokenFilter = Literal["fixed", "paper"]
-ProjectionOrder = Literal["cosine-first", "lm-first"]
+from gradmm.settings import ProjectionOrder, TokenFilter
 
 # The authors' effective rule (REFERENCE.md §4.2): alphabetic word pieces only.
 _BANNED_CHARS = set("*;:_\n-'<>{}[]()/\\|=+%@~`^#$&")

@@ -1,0 +1,104 @@
+"""Settings of the generation stage, defined once: the solver's (:class:`SolverConfig`), the
+stage's (:class:`GenerateConfig`) and the presets. The CLI's options, their help and defaults
+are generated from these fields. Kept free of torch so that the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gradmm import paper
+from gradmm.config import build_config, read_options_file
+from gradmm.errors import UserError
+
+SelectRule = Literal["projected", "augmented"]
+TokenFilter = Literal["fixed", "paper"]
+ProjectionOrder = Literal["cosine-first", "lm-first"]
+
+
+class SolverConfig(BaseModel):
+    """Settings of the ADMM solver (``gradmm generate`` adds its own on top of these)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    steps: int = Field(30, ge=0, description="T: outer ADMM iterations")
+    inner_steps: int = Field(50, ge=1, description="I: Adam steps per x-update")
+    rho: float = Field(1.0, gt=0, description="ADMM penalty ρ")
+    lr: float = Field(0.008, gt=0, description="Adam learning rate on x")
+    grad_clip: float | None = Field(1.0, gt=0, description="x-gradient norm clip per problem")
+    init_candidates: int = Field(500, ge=1, description="K: random init batches, best kept")
+    init_scale: float | None = Field(
+        None, gt=0, description="per-position init norm (default: mean token embedding norm)"
+    )
+    score_init_scaled: bool = Field(
+        True, description="score init candidates at the scale they are used at"
+    )
+    freeze_template: bool = Field(True, description="zero the template positions' x-gradient")
+    select: SelectRule = Field(
+        "projected", description="'projected': best tokens seen; 'augmented': the authors' rule"
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop once no problem's best loss improved for this many outer iterations "
+        "(select: projected)",
+    )
+
+    @model_validator(mode="after")
+    def _patience_needs_projected(self) -> SolverConfig:
+        if self.patience is not None and self.select != "projected":
+            raise ValueError("patience needs select: projected (the rule that tracks the loss)")
+        return self
+
+
+class GenerateConfig(SolverConfig):
+    """Settings of ``gradmm generate``: the solver's (:class:`SolverConfig`) and these. Defaults
+    are the authors' (REFERENCE.md §7) with the fixes of ``docs/deviations.md``; ``preset: paper``
+    restores the authors' behaviour (:mod:`gradmm.paper`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
+    preset: Literal["default", "paper"] = Field("default", description="'paper': the authors' way")
+    per_class: int = Field(100, ge=1, description="synthetic examples per class")
+    batch: int = Field(10, ge=1, description="B: sequences matched together (one ADMM problem)")
+    length: int = Field(24, ge=1, description="free (text) tokens per sequence, template excluded")
+    topk: int = Field(200, ge=1, description="k: candidate set of the projection")
+    projection: ProjectionOrder = Field(
+        "cosine-first", description="cosine-first (the authors' code) or lm-first candidates"
+    )
+    seed: int = Field(0, description="random seed")
+    target: Literal["release", "none"] = Field(
+        "release", description="'none': no-matching control, the projection of the random init"
+    )
+    engine: Literal["fast", "reference"] = Field(
+        "fast", description="fast (exact reformulation) or reference (the authors' computation)"
+    )
+    lm_prefix: str | None = Field(None, description="LM context of the projection ({label} ok)")
+    checkpoint_every: int = Field(5, ge=1, description="outer iterations between checkpoints")
+    # Set by the preset unless given explicitly (None: not given).
+    token_filter: TokenFilter | None = None
+    select: SelectRule | None = None
+    score_init_scaled: bool | None = None
+    freeze_template: bool | None = Field(
+        None, description="zero the template positions' x-gradient [preset's]"
+    )
+
+
+# Values a preset gives to the options left unset. `default` holds our fixes, `paper` the authors'.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "select": "projected",
+        "token_filter": "fixed",
+        "score_init_scaled": True,
+    },
+    "paper": paper.GENERATE_OPTIONS,
+}
+
+
+def resolve_config(options: dict[str, Any], config_file: Path | None = None) -> GenerateConfig:
+    """Merge (lowest first) the preset's values, a YAML/JSON config file and explicit options."""
+    preset = options.get("preset") or read_options_file(config_file).get("preset", "default")
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    return build_config(GenerateConfig, options, config_file, defaults=PRESETS[preset])
