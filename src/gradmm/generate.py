@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -90,7 +91,9 @@ def generate(
     device = runtime.torch_device()  # a missing GPU is an error before anything is written
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise UserError(f"--nproc {nproc} needs one GPU per process ({torch.cuda.device_count()})")
-    lm = load_release_model(release, None if nproc > 1 else runtime)
+    # several ranks each load their own copy on their own GPU: validate on the CPU here
+    several = nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    lm = load_release_model(release, None if several else runtime)
     build_solver(lm, release, config)  # validates settings against the model before any write
     config_digest = hashlib.sha256(
         json.dumps([config.model_dump(mode="json"), release.meta.model_dump(mode="json")],
