@@ -6,7 +6,8 @@ Fine-tunes on the ``real_random`` training set of one (task, seed) of the experi
 examples of the private split outside the pool and the dev slice) at each learning rate, with
 the experiment's other fine-tuning settings, and records dev accuracy at every checkpoint. The
 learning rate with the best dev accuracy is the one to put in the experiment file. Test accuracy
-is not recorded here, so it cannot influence the choice.
+is not recorded here, so it cannot influence the choice. The file is written after every
+learning rate, and a rerun with the same settings skips those already done.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from gradmm import experiment, methods
-from gradmm.files import write_json, write_jsonl
+from gradmm.files import read_json, write_json, write_jsonl
 from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.tasks import load_task
 
@@ -35,34 +37,43 @@ def main() -> None:
     cfg = experiment.load_experiment(Path(args.config))
     cfg.data_dir = args.data_dir
     rows = methods.real_training_rows(cfg, load_task(args.task), args.seed, "real_random")
-    curves = {}
+    out = Path(args.out)
+    # resumable: learning rates already in the file (same task, seed, settings) are kept
+    previous = read_json(out) if out.exists() else {}
+    same = {k: previous.get(k) for k in ("task", "seed", "finetune")} == {
+        "task": args.task, "seed": args.seed, "finetune": cfg.finetune}  # fmt: skip
+    curves = previous.get("curves", {}) if same else {}
     with tempfile.TemporaryDirectory() as tmp:  # real text never lands in the repo
         train = Path(tmp) / "train.jsonl"
         write_jsonl(train, rows)
         for lr in args.lrs:
+            if f"{lr:g}" in curves:
+                continue
             ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": args.task,
                                    "train": str(train), "data_dir": args.data_dir,
                                    "seed": args.seed, "lr": lr})  # fmt: skip
+            started = time.perf_counter()
             result = finetune(ft, progress=False)
             curves[f"{lr:g}"] = {
                 "dev_accuracy": {h["step"]: h["dev"]["accuracy"] for h in result["history"]},
                 "best_dev_accuracy": result["dev_accuracy"],
                 "train_loss": result["train_loss"],
+                "seconds": round(time.perf_counter() - started, 1),
             }
             print(f"lr {lr:g}: best dev accuracy {result['dev_accuracy']:.3f}", flush=True)
-    write_json(
-        Path(args.out),
-        {
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "task": args.task,
-            "seed": args.seed,
-            "train_examples": len(rows),
-            "finetune": cfg.finetune,
-            "best_lr": max(curves, key=lambda k: curves[k]["best_dev_accuracy"]),
-            "curves": curves,
-        },
-    )
+            write_json(  # after every learning rate: an interrupted sweep resumes
+                out,
+                {
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "task": args.task,
+                    "seed": args.seed,
+                    "train_examples": len(rows),
+                    "finetune": cfg.finetune,
+                    "best_lr": max(curves, key=lambda k: curves[k]["best_dev_accuracy"]),
+                    "curves": curves,
+                },
+            )
 
 
 if __name__ == "__main__":
