@@ -213,18 +213,23 @@ def plain_admm(solver, problem, cfg):
         free = solver.projector(v[0][:, layout.free], classes.repeat(v.shape[1]))
         return free[None], solver.emb[layout.full_ids(free[None], classes)]
 
+    best = [float("inf"), None]  # rec, ids: the lowest-loss projection so far
+
+    def project_and_keep(v):
+        z_ids, z = tokens_of(v)
+        with torch.no_grad():
+            rec_z = float(solver.loss.rec(solver.model, z, classes))
+        if rec_z < best[0]:
+            best[:] = [rec_z, z_ids]
+        return z
+
     x = solver.initialise(problem).clone().requires_grad_(True)
     u = torch.zeros_like(x)
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    best_rec, best_ids = float("inf"), None
     for _ in range(cfg.steps):
         with torch.no_grad():
             x[:, :, fixed] = template
-        z_ids, z = tokens_of(x.detach() + u)
-        with torch.no_grad():
-            rec_z = float(solver.loss.rec(solver.model, z, classes))
-        if rec_z < best_rec:
-            best_rec, best_ids = rec_z, z_ids
+        z = project_and_keep(x.detach() + u)
         for _ in range(cfg.inner_steps):  # x = argmin rec(x) + ρ/2 ‖x − z + u‖², by Adam
             objective = (
                 solver.loss.rec(solver.model, x, classes) + cfg.rho / 2 * ((x - z + u) ** 2).sum()
@@ -239,12 +244,8 @@ def plain_admm(solver, problem, cfg):
         with torch.no_grad():
             u = u + x - z  # scaled dual ascent
             x[:, :, fixed] = template
-    z_ids, z = tokens_of(x.detach() + u)
-    with torch.no_grad():
-        rec_z = float(solver.loss.rec(solver.model, z, classes))
-    if rec_z < best_rec:
-        best_rec, best_ids = rec_z, z_ids
-    return best_ids, best_rec
+    project_and_keep(x.detach() + u)
+    return best[1], best[0]
 
 
 def test_solver_equals_a_plain_admm_loop(model_dirs, release_dir):
