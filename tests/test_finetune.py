@@ -174,3 +174,32 @@ def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, 
     assert chosen["dev_examples"] == 2 and chosen["history"][0]["dev"]["n"] == 2
     assert any("public dev file" in d["data"] for d in chosen["data_read"])
     assert gradmm.finetune.dev_set is gradmm.evaluate.dev_set  # one definition of the dev set
+
+
+def test_untrained_dev_accuracy_is_computed_once(model_dirs, data_dir, train_file, monkeypatch):
+    """Step 0 is the untrained model for every run on the same dev set: an experiment computes it
+    once. The cached figure equals an independent scoring of the loaded model on that dev set."""
+    import gradmm.finetune
+    from gradmm.evaluate import dev_set
+
+    monkeypatch.setattr(gradmm.finetune, "_UNTRAINED_DEV", {})
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(gradmm.finetune, "accuracy", counted)
+    base = dict(model=str(model_dirs["llama"]), task="sst2", train=str(train_file),
+                data_dir=str(data_dir), method="lora", lr=1e-2, steps=2, batch_size=4,
+                eval_every=2, max_dev=40)  # fmt: skip
+    first = finetune(FinetuneConfig(**base), progress=False)
+    scored_first = len(calls)  # step 0, step 2, test
+    second = finetune(FinetuneConfig(**base, seed=1), progress=False)
+    assert scored_first == 3 and len(calls) - scored_first == 2
+    dev = dev_set(TASK, str(data_dir), None, 40)
+    full = dev_set(TASK, str(data_dir))
+    assert first["dev_examples"] == 40 and set(dev.texts) <= set(full.texts)
+    lm = load_model(str(model_dirs["llama"]))
+    untrained = accuracy(lm, tokenize_prompt(TASK, lm.tokenizer), dev, TASK.label_names)
+    assert second["history"][0]["dev"] == first["history"][0]["dev"] == untrained

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from gradmm.config import build_config
 from gradmm.errors import UserError
-from gradmm.settings import PRESETS, GenerateConfig, resolve_config
+from gradmm.settings import PRESETS, FinetuneConfig, GenerateConfig, resolve_config
 
 app = typer.Typer(
     add_completion=False,
@@ -51,6 +51,9 @@ def runtime_of(device: str | None, dtype: str | None = None):
 GENERATE_OPTIONS = ("per_class", "batch", "length", "steps", "inner_steps", "rho", "topk",
                     "projection", "lr", "init_candidates", "patience", "seed", "engine", "target",
                     "preset")  # fmt: skip
+# finetune's options on the command line, each defined in gradmm.settings.FinetuneConfig
+FINETUNE_OPTIONS = ("method", "lr", "steps", "batch_size", "eval_every", "selection", "dev_file",
+                    "max_dev", "lora_rank", "max_test", "seed")  # fmt: skip
 
 
 def config_options(
@@ -239,7 +242,9 @@ def filter_cmd(
 
 
 @command(app, NOTHING_WRITTEN + "; rerun the command")
+@config_options(FinetuneConfig, FINETUNE_OPTIONS)
 def finetune(
+    options: dict,
     model: Annotated[
         str, typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id.")
     ] = ...,
@@ -247,21 +252,6 @@ def finetune(
     train: Annotated[Path, typer.Option(help="JSONL with text and label.")] = ...,
     out: Annotated[Path, typer.Option(help="Folder for results.json (and the model).")] = ...,
     data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
-    method: Annotated[str | None, typer.Option(help="'full' or 'lora' [full].")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate [1e-4].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps [200].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Examples per step [16].")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations [50].")] = None,
-    max_test: Annotated[int | None, typer.Option(help="Cap on test examples.")] = None,
-    selection: Annotated[
-        str | None,
-        typer.Option(help="'dev' (best dev step) or 'last' (reads no dev data) [dev]."),
-    ] = None,
-    dev_file: Annotated[
-        str | None,
-        typer.Option(help="Public JSONL dev set [the dev slice of the private split]."),
-    ] = None,
-    seed: SeedOpt = None,
     save_model: Annotated[
         bool, typer.Option("--save-model", help="Also write the dev-selected weights.")
     ] = False,
@@ -271,15 +261,12 @@ def finetune(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune (fp32) on a JSONL file; the test score is read at the selected step only."""
-    from gradmm.finetune import FinetuneConfig
     from gradmm.finetune import finetune as run_finetune
 
     cfg = build_config(
         FinetuneConfig,
-        dict(model=model, task=task, train=str(train), data_dir=data_dir, method=method,
-             lr=lr, steps=steps, batch_size=batch_size, eval_every=eval_every,
-             max_test=max_test, selection=selection, dev_file=dev_file, seed=seed,
-             save_model=save_model or None),
+        dict(model=model, task=task, train=str(train), data_dir=data_dir,
+             save_model=save_model or None, **options),
         config,
     )  # fmt: skip
     result = run_finetune(cfg, out, progress=not quiet, overwrite=overwrite,

@@ -19,6 +19,7 @@ from gradmm.errors import UserError
 from gradmm.files import read_jsonl_numbered
 from gradmm.models import LoadedModel, Runtime, right_padded
 from gradmm.tasks import (
+    DEV_SEED,
     Examples,
     PromptTokens,
     dev_indices,
@@ -111,14 +112,20 @@ def eval_sets(
     return dev_set(task, data_dir, dev_file), test_set(task, data_dir, max_test, seed)
 
 
-def dev_set(task, data_dir, dev_file: str | None = None) -> Examples:
-    """``dev_file`` (public) if given, else the dev slice of the private split (private)."""
+def dev_set(task, data_dir, dev_file: str | None = None, max_size: int | None = None) -> Examples:
+    """``dev_file`` (public) if given, else the dev slice of the private split (private); at most
+    ``max_size`` of its examples, a fixed sample that no user seed moves."""
     if dev_file is not None:
-        return examples_from_rows(task, read_jsonl_numbered(Path(dev_file)), dev_file)
-    private = load_examples(task, task.private_split, data_dir)
-    dev_ix = dev_indices(len(private.texts), task.dev_size)
-    return Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
-                    f"{private.source} (dev slice)")  # fmt: skip
+        dev = examples_from_rows(task, read_jsonl_numbered(Path(dev_file)), dev_file)
+    else:
+        private = load_examples(task, task.private_split, data_dir)
+        dev_ix = dev_indices(len(private.texts), task.dev_size)
+        dev = Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
+                       f"{private.source} (dev slice)")  # fmt: skip
+    if max_size is not None and max_size < len(dev.texts):
+        ix = sorted(np.random.default_rng(DEV_SEED).choice(len(dev.texts), max_size, replace=False))
+        dev = Examples([dev.texts[i] for i in ix], [dev.labels[i] for i in ix], dev.source)
+    return dev
 
 
 def test_set(task, data_dir, max_test: int | None, seed: int) -> Examples:

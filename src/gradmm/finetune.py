@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
 from gradmm.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
 from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
 from gradmm.models import Runtime, load_model, place
+from gradmm.settings import FinetuneConfig
 from gradmm.tasks import (
     examples_from_rows,
     load_task,
@@ -37,29 +36,9 @@ from gradmm.tasks import (
 FINETUNE_DIR = OutputKind("finetune", "results.json", ("results.json", "model"))
 
 
-class FinetuneConfig(BaseModel):
-    """Settings of ``gradmm finetune``."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: str
-    task: str
-    train: str = Field(description="JSONL with text and label (synthetic or real)")
-    data_dir: str | None = None
-    method: Literal["full", "lora"] = "full"
-    lr: float = Field(1e-4, gt=0)
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
-    eval_every: int = Field(50, ge=1)
-    selection: Literal["dev", "last"] = Field(
-        "dev", description="'dev': best dev step; 'last': the last step (reads no dev data)"
-    )
-    dev_file: str | None = Field(
-        None, description="public JSONL dev set (default: the dev slice of the private split)"
-    )
-    lora_rank: int = Field(8, ge=1)
-    max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
-    seed: int = 0
-    save_model: bool = False
+# Dev accuracy of the untrained model per (model, task, dev set, device), computed once per
+# process: an experiment fine-tunes the same model on the same dev set dozens of times.
+_UNTRAINED_DEV: dict[tuple, dict] = {}
 
 
 def finetune(
@@ -77,7 +56,7 @@ def finetune(
         raise UserError(f"{out} already holds fine-tuning results (pass --overwrite to replace)")
     train = examples_from_rows(task, read_jsonl_numbered(Path(config.train)), config.train)
     use_dev = config.selection == "dev"
-    dev = dev_set(task, config.data_dir, config.dev_file) if use_dev else None
+    dev = dev_set(task, config.data_dir, config.dev_file, config.max_dev) if use_dev else None
     test = test_set(task, config.data_dir, config.max_test, config.seed)
     data_read = [
         {"data": f"training file {config.train}", "private": "as the file's origin"},
@@ -104,7 +83,14 @@ def finetune(
 
     def dev_accuracy(step: int) -> dict:
         lm.model.eval()
-        row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names)}
+        if step == 0:  # the loaded model's (LoRA adapters start at zero): the same for every run
+            key = (config.model, config.task, config.data_dir, config.dev_file, config.max_dev,
+                   str(lm.device))  # fmt: skip
+            if key not in _UNTRAINED_DEV:
+                _UNTRAINED_DEV[key] = accuracy(lm, prompt, dev, task.label_names)
+            row = {"step": 0, "dev": _UNTRAINED_DEV[key]}
+        else:
+            row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names)}
         lm.model.train()
         return row
 

@@ -1,6 +1,7 @@
-"""Settings of the generation stage, defined once: the solver's (:class:`SolverConfig`), the
-stage's (:class:`GenerateConfig`) and the presets. The CLI's options, their help and defaults
-are generated from these fields. Kept free of torch so that the CLI starts fast.
+"""Settings of the generation and fine-tuning stages, defined once: the solver's
+(:class:`SolverConfig`), generation's (:class:`GenerateConfig`) and its presets, fine-tuning's
+(:class:`FinetuneConfig`). The CLI's options, their help and defaults are generated from these
+fields. Kept free of torch so that the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -102,3 +103,31 @@ def resolve_config(options: dict[str, Any], config_file: Path | None = None) -> 
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     return build_config(GenerateConfig, options, config_file, defaults=PRESETS[preset])
+
+
+class FinetuneConfig(BaseModel):
+    """Settings of ``gradmm finetune`` (see :mod:`gradmm.finetune`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str
+    task: str
+    train: str = Field(description="JSONL with text and label (synthetic or real)")
+    data_dir: str | None = None
+    method: Literal["full", "lora"] = Field("full", description="all weights or LoRA adapters")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (linear decay to 0)")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    eval_every: int = Field(50, ge=1, description="steps between dev evaluations")
+    selection: Literal["dev", "last"] = Field(
+        "dev", description="'dev': best dev step; 'last': the last step (reads no dev data)"
+    )
+    dev_file: str | None = Field(
+        None, description="public JSONL dev set (default: the dev slice of the private split)"
+    )
+    max_dev: int | None = Field(
+        None, ge=1, description="cap on dev examples (a fixed sample, the same for every seed)"
+    )
+    lora_rank: int = Field(8, ge=1, description="rank of the LoRA adapters")
+    max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
+    seed: int = Field(0, description="random seed (batch order, test sample)")
+    save_model: bool = False
