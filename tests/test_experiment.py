@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradmm import experiment, report
+from gradmm import experiment, methods, report
 from gradmm.errors import UserError
 from gradmm.privacy import report as privacy_report
 from gradmm.release import load_release
@@ -38,11 +38,27 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
         "dp_gradmm@eps2",
         "dp_noise@eps2",
         "dp_none",
+        "real_private_size_matched",
+        "real_random_size_matched",
+        "lm_prompted_size_matched",
     }
     with (out / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(rows) == 20
+        assert len(list(csv.DictReader(f))) == len(rows) == 26
     accuracy_table = (out / "results.md").read_text().split("## ")[0]
-    assert accuracy_table.count("±") == 1 + 10  # header + one per method
+    assert accuracy_table.count("±") == 1 + 13  # header + one per method
+    # equal budgets: each baseline cut, per class, to the filtered gradmm set of its seed
+    for seed in (0, 1):
+        got = {r["method"]: r for r in rows if r["seed"] == seed}
+        kept = got["gradmm"]["train_per_class"]
+        assert got["real_random"]["train_per_class"] == [4, 4] and max(kept) <= 3
+        for base in ("real_private", "real_random", "lm_prompted"):
+            sized = got[f"{base}_size_matched"]
+            full = got[base]["train_per_class"]
+            assert sized["train_per_class"] == [min(a, b) for a, b in zip(kept, full, strict=True)]
+            if full == sized["train_per_class"]:  # nothing cut: the same run, reused
+                assert sized["same_as"] == base
+                assert sized["test_accuracy"] == got[base]["test_accuracy"]
+    assert "| gradmm − real_random_size_matched |" in results_md_text(out)
     assert (out / "accuracy.png").stat().st_size > 0
     # every training set's perplexity, under the same scoring; samples of synthetic sets only
     assert "## Training texts: perplexity" in results_md_text(out)
@@ -68,9 +84,9 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     original = experiment.run_cell
     experiment.run_cell = boom
     try:
-        assert len(experiment.run_experiment(spec, out, progress=False)) == 20
+        assert len(experiment.run_experiment(spec, out, progress=False)) == 26
         spec.write_text(spec.read_text().replace("seeds: [0, 1]", "seeds: [1]"))
-        assert len(experiment.run_experiment(spec, out, progress=False)) == 10  # a subset
+        assert len(experiment.run_experiment(spec, out, progress=False)) == 13  # a subset
     finally:
         experiment.run_cell = original
 
@@ -83,6 +99,23 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
         if path.is_file() and path.suffix in (".json", ".jsonl", ".csv", ".md"):
             content = path.read_text()
             assert not any(f'"{t}"' in content for t in real), path
+
+
+def test_cut_per_class_keeps_a_seeded_subset_in_order():
+    rows = [{"text": f"t{i}", "label": i % 3} for i in range(30)]
+    cut = methods.cut_per_class(rows, [4, 10, 20], seed=0)
+    assert [sum(r["label"] == c for r in cut) for c in range(3)] == [4, 10, 10]
+    assert cut == [r for r in rows if r in cut]  # rows' order
+    assert cut == methods.cut_per_class(rows, [4, 10, 20], seed=0)
+    assert cut != methods.cut_per_class(rows, [4, 10, 20], seed=1)
+    assert methods.cut_per_class(rows, [10, 10, 10], seed=0) == rows  # nothing to cut
+
+
+def test_size_matched_methods_must_follow_gradmm(tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("tasks: [sst2]\nmethods: [real_random_size_matched, gradmm]\n")
+    with pytest.raises(UserError, match="list gradmm before it"):
+        experiment.load_experiment(spec)
 
 
 def _row(task, method, seed, acc, eps=None, n=20, step=5):

@@ -74,6 +74,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
                                   "train": "-"})  # fmt: skip
     # methods that need a task's public demonstrations: refused now, not an hour into the run
     chosen = [METHODS[m] for m in cfg.methods]
+    for i, m in enumerate(chosen):
+        if m.after is not None and m.after not in cfg.methods[:i]:
+            raise UserError(f"method {m.name} reads the {m.after} cells: list {m.after} before it")
     for name in cfg.tasks:
         task = load_task(name)
         for m in chosen:

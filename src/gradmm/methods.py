@@ -10,7 +10,10 @@ real-data baselines are written only to a temporary folder, never under the expe
 * ``lm_prompted``: label-conditioned sampling from the same LM, prompted with the task's public
   demonstrations;
 * ``gradmm_paper``, ``gradmm``; per ε ``dp_gradmm`` and ``dp_noise`` (a noise-only release of the
-  same σ); ``dp_none`` (no matching: the projection of random embeddings).
+  same σ); ``dp_none`` (no matching: the projection of random embeddings);
+* ``real_private_size_matched``, ``real_random_size_matched``, ``lm_prompted_size_matched``: the
+  baseline's training set cut, per class, to the filtered ``gradmm`` set of the same task and
+  seed, so that no method wins by training on more examples.
 
 The DP releases of an experiment are *simulations*: their noise is seeded from (task, seed, kind,
 ε), so that the table reproduces, and is recorded as seeded (no guarantee). Every release draws
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradmm.config import build_config
@@ -66,6 +70,7 @@ class Method:
     per_epsilon: bool = False  # one cell per ε of the experiment
     demonstrations: bool = False  # needs the task's public demonstrations
     synthetic: bool = False  # trains on generated text (filtered: the classifier needs demos)
+    after: str | None = None  # reads this method's cell of the same task and seed
 
 
 METHODS: dict[str, Method] = {}
@@ -132,9 +137,12 @@ def _finetune(cfg, task, seed, train: Path, samples: bool = True) -> dict:
             "test_per_class_accuracy", "train_loss")  # fmt: skip
     out = {k: result[k] for k in keep}
     rows = read_jsonl(train)
-    out["train_perplexity"] = round(statistics.median(
-        text_perplexities(place(load_model(cfg.model), cfg.runtime),
-                          [r["text"] for r in rows])), 2)  # fmt: skip
+    num_classes = load_task(task).num_classes
+    out["train_per_class"] = [sum(r["label"] == c for r in rows) for c in range(num_classes)]
+    perplexities = text_perplexities(place(load_model(cfg.model), cfg.runtime),
+                                     [r["text"] for r in rows])  # fmt: skip
+    out["train_perplexity"] = round(statistics.median(perplexities), 2)
+    out["train_perplexity_mean"] = round(statistics.mean(perplexities), 2)
     if samples:
         names = load_task(task).label_names
         out["samples"] = {
@@ -217,15 +225,21 @@ method("real_private")(_real)
 method("real_random")(_real)
 
 
-@method("lm_prompted", demonstrations=True)
-def lm_prompted(cell: Cell) -> dict:
-    train = cell.folder / "synthetic.jsonl"
+def _lm_prompted_set(cell: Cell) -> Path:
+    """The ``lm_prompted`` cell's training set (sampled once, kept in that cell's folder)."""
+    train = Cell(cell.cfg, cell.out, cell.task, "lm_prompted", cell.seed, None).folder
+    train = train / "synthetic.jsonl"
     if not train.exists():
         rows = lm_prompted_examples(cell.cfg.model, load_task(cell.task),
                                     cell.cfg.synthetic_per_class, cell.seed,
                                     cell.cfg.runtime)  # fmt: skip
         write_jsonl(train, rows)
-    return _finetune(cell.cfg, cell.task, cell.seed, train)
+    return train
+
+
+@method("lm_prompted", demonstrations=True)
+def lm_prompted(cell: Cell) -> dict:
+    return _finetune(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell))
 
 
 def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
@@ -250,3 +264,49 @@ method("gradmm", synthetic=True)(_gradmm("default"))
 method("dp_gradmm", synthetic=True, per_epsilon=True)(_gradmm("dp"))
 method("dp_noise", synthetic=True, per_epsilon=True)(_gradmm("noise"))
 method("dp_none", synthetic=True)(_gradmm("dp", target="none"))
+
+
+# ------------------------------------------------------------------------- equal-size baselines
+
+
+def cut_per_class(rows: list[dict], counts: list[int], seed: int) -> list[dict]:
+    """At most ``counts[c]`` rows of each class c: a seeded random subset, in ``rows``' order
+    (all of a class's rows, in order, where it has no more than ``counts[c]``)."""
+    rng = np.random.default_rng(seed)
+    keep = set()
+    for c, n in enumerate(counts):
+        ix = [i for i, r in enumerate(rows) if r["label"] == c]
+        keep.update(ix if len(ix) <= n else rng.choice(ix, n, replace=False).tolist())
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def _size_matched(base: str) -> Callable[[Cell], dict]:
+    """``base``'s training set cut to the per-class counts of the filtered ``gradmm`` set of the
+    same task and seed. Where nothing is cut, the run would repeat ``base``'s exactly (same rows,
+    order and seed), so ``base``'s finished cell is reused."""
+
+    def run(cell: Cell) -> dict:
+        cfg, seed = cell.cfg, cell.seed
+        gradmm_cell = Cell(cfg, cell.out, cell.task, "gradmm", seed, None).folder / "result.json"
+        counts = read_json(gradmm_cell)["train_per_class"]
+        with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
+            if base == "lm_prompted":
+                rows = read_jsonl(_lm_prompted_set(cell))
+            else:
+                rows = real_training_rows(cfg, load_task(cell.task), seed, base)
+            cut = cut_per_class(rows, counts, seed)
+            done = Cell(cfg, cell.out, cell.task, base, seed, None).folder / "result.json"
+            if len(cut) == len(rows) and done.exists():
+                return {**{k: v for k, v in read_json(done).items() if k != "samples"},
+                        "same_as": base}  # fmt: skip
+            train = Path(tmp) / "train.jsonl"
+            write_jsonl(train, cut)
+            return _finetune(cfg, cell.task, seed, train, samples=False)
+
+    return run
+
+
+for _base in ("real_private", "real_random", "lm_prompted"):
+    method(f"{_base}_size_matched", after="gradmm", demonstrations=_base == "lm_prompted")(
+        _size_matched(_base)
+    )

@@ -19,7 +19,14 @@ def method_label(row: dict) -> str:
 # Baselines each synthetic-data method is compared with, paired by task and seed; a DP method
 # meets the controls of its own epsilon.
 COMPARISONS = {
-    "gradmm": ("zero_shot", "lm_prompted", "real_private"),
+    "gradmm": (
+        "zero_shot",
+        "lm_prompted",
+        "real_private",
+        "lm_prompted_size_matched",
+        "real_private_size_matched",
+        "real_random_size_matched",
+    ),
     "gradmm_paper": ("zero_shot", "lm_prompted", "real_private"),
     "dp_gradmm": ("zero_shot", "dp_noise", "dp_none", "gradmm"),
 }
