@@ -89,7 +89,7 @@ def method(name: str, **flags) -> Callable[[Callable[[Cell], dict]], Callable[[C
 # ------------------------------------------------------------------------------------ stages
 
 
-def _release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
+def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
     """A release shared by the cells of (task, seed): default, paper, dp or noise."""
     name = kind if eps is None else f"{kind}_eps{eps:g}"
     path = out / "releases" / task / f"seed{seed}" / name
@@ -115,7 +115,9 @@ def simulation_noise_seed(task: str, seed: int, release_name: str) -> int:
     return int.from_bytes(digest[:16], "big")
 
 
-def _synthetic(cell: Cell, release: Path, **extra) -> Path:
+def synthetic_set(cell: Cell, release: Path, **extra) -> Path:
+    """Generate (the experiment's ``generate`` options, overridden by ``extra``) and filter in
+    ``cell``'s folder; each step is skipped when its output exists. Returns the filtered set."""
     cfg, seed = cell.cfg, cell.seed
     run = cell.folder / "run"
     if not (run / "synthetic.jsonl").exists():
@@ -126,10 +128,10 @@ def _synthetic(cell: Cell, release: Path, **extra) -> Path:
     return run / "filtered.jsonl"
 
 
-def _finetune(cfg, task, seed, train: Path, samples: bool = True) -> dict:
-    """Fine-tune on ``train`` and describe the training texts: the median of their perplexities
-    under the experiment's model (the same scoring for every method) and, when ``samples``
-    (never for real text), the first three texts of each class."""
+def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> dict:
+    """Fine-tune on ``train`` and describe the training texts: per-class counts, the median and
+    mean of their perplexities under the experiment's model (the same scoring for every method)
+    and, when ``samples`` (never for real text), the first three texts of each class."""
     ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": task, "train": str(train),
                            "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
     result = finetune(ft, progress=False, runtime=cfg.runtime)
@@ -218,7 +220,7 @@ def _real(cell: Cell) -> dict:
         train = Path(tmp) / "train.jsonl"
         write_jsonl(train, real_training_rows(cell.cfg, load_task(cell.task), cell.seed,
                                               cell.method))  # fmt: skip
-        return _finetune(cell.cfg, cell.task, cell.seed, train, samples=False)
+        return train_and_describe(cell.cfg, cell.task, cell.seed, train, samples=False)
 
 
 method("real_private")(_real)
@@ -239,7 +241,7 @@ def _lm_prompted_set(cell: Cell) -> Path:
 
 @method("lm_prompted", demonstrations=True)
 def lm_prompted(cell: Cell) -> dict:
-    return _finetune(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell))
+    return train_and_describe(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell))
 
 
 def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
@@ -249,9 +251,9 @@ def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
         eps = cell.epsilon if kind in ("dp", "noise") else None
         if cell.method == "dp_none":  # no matching, so any DP release serves; the first ε's
             eps = cell.cfg.dp_epsilons[0]
-        rel = _release(cell.cfg, cell.out, cell.task, cell.seed, kind, eps)
-        train = _synthetic(cell, rel, **generate_options)
-        result = _finetune(cell.cfg, cell.task, cell.seed, train)
+        rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, kind, eps)
+        train = synthetic_set(cell, rel, **generate_options)
+        result = train_and_describe(cell.cfg, cell.task, cell.seed, train)
         result["mean_rec_loss"] = read_json(train.parent / "manifest.json")["mean_rec_loss"]
         result["privacy"] = load_release(rel).meta.mechanism.model_dump(mode="json")
         return result
@@ -301,7 +303,7 @@ def _size_matched(base: str) -> Callable[[Cell], dict]:
                         "same_as": base}  # fmt: skip
             train = Path(tmp) / "train.jsonl"
             write_jsonl(train, cut)
-            return _finetune(cfg, cell.task, seed, train, samples=False)
+            return train_and_describe(cfg, cell.task, seed, train, samples=False)
 
     return run
 

@@ -37,7 +37,7 @@ def write_tables(rows: list[dict], out: Path) -> None:
     paired differences)."""
     fields = ["task", "method", "epsilon", "seed", "test_accuracy", "dev_accuracy",
               "selected_step", "train_examples", "mean_rec_loss", "train_perplexity",
-              "seconds"]  # fmt: skip
+              "train_perplexity_mean", "seconds"]  # fmt: skip
     lines = [",".join(fields)]
     for r in rows:
         lines.append(",".join("" if r.get(f) is None else str(r.get(f)) for f in fields))
@@ -63,18 +63,22 @@ def write_tables(rows: list[dict], out: Path) -> None:
 
 def texts_section(rows: list[dict]) -> str:
     """What the training texts look like: their perplexity under the experiment's model (median
-    per training set, mean over seeds; the same scoring for real and synthetic text) and three
-    texts per class of each synthetic method (first seed; real text is never shown)."""
+    and mean per training set, each averaged over seeds; the same scoring for real and synthetic
+    text) and three texts per class of each synthetic method (first seed; real text is never
+    shown)."""
     scored = [r for r in rows if r.get("train_perplexity") is not None]
     if not scored:
         return ""
 
     def cell(group: list[dict]) -> str:
-        return f"{statistics.mean(r['train_perplexity'] for r in group):.1f}"
+        median = f"{statistics.mean(r['train_perplexity'] for r in group):.1f}"
+        if any(r.get("train_perplexity_mean") is None for r in group):
+            return median
+        return f"{median} / {statistics.mean(r['train_perplexity_mean'] for r in group):.1f}"
 
     lines = [
         "",
-        "## Training texts: perplexity under the model (median per set, mean over seeds)",
+        "## Training texts: perplexity under the model (median / mean per set, over seeds)",
         "",
         "Each text scored alone after one BOS token, for every method alike.",
         "",
