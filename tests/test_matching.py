@@ -7,6 +7,7 @@ from conftest import build_model
 
 from gradmm.matching import (
     AutogradMatchingLoss,
+    GradientSpace,
     LabelTokens,
     MatchingLoss,
     per_example_grad_norms,
@@ -19,11 +20,12 @@ from gradmm.models import matched_parameters, output_layer
 WORDS = [[5], [7, 2, 9]]
 
 
-def autograd_rec(model, prompts, word, tw, tb, score):
+def autograd_rec(model, prompts, word, tw, tb, score, space=None):
     """The authors' rec, for a label word of any length, written out with no padding: each
     (B, Lp, d) prompt continued by the embeddings of ``word[:-1]``; the loss is the batch mean of
     each sequence's summed (or mean) cross-entropy over the word's tokens; autograd.grad w.r.t.
-    (W, b) with create_graph=True, then cosine with the targets."""
+    (W, b) with create_graph=True, mapped by ``space`` (explicitly: rows ``G[rows]``, sketch
+    ``A G Bᵀ``), then cosine with the targets."""
     head = model.get_output_embeddings()
     params = [head.weight] + ([head.bias] if head.bias is not None else [])
     for p in params:
@@ -40,6 +42,11 @@ def autograd_rec(model, prompts, word, tw, tb, score):
     grads = torch.autograd.grad(ce, params, create_graph=True)
     for p in params:
         p.requires_grad_(False)
+    if space is not None and space.rows is not None:
+        grads = [g[space.rows] for g in grads]
+    elif space is not None and space.a is not None:
+        a, b = space.a.double(), space.b.double()
+        grads = [a @ grads[0] @ b.T] + [a @ g for g in grads[1:]]
     targets = [tw] + ([tb] if tb is not None else [])
     cos = [
         torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0)
@@ -157,3 +164,68 @@ def test_label_tokens_pad_and_feed():
     assert ids[0].tolist() == [1, 2, 3, 7, 2] and pos[0].tolist() == [2, 3, 4]
     assert ids[1, :3].tolist() == [4, 5, 0] and pos[1].tolist() == [0, 1, 2]
     assert mask.sum(1).tolist() == [5, 3]
+
+
+@pytest.mark.parametrize("kind, space_kind", [("phi", "label-rows"), ("llama", "label-rows"),
+                                              ("phi", "sketch"), ("gpt2", "sketch")])  # fmt: skip
+def test_closed_form_in_a_released_space_equals_autograd(kind, space_kind):
+    """The matched loss and its x-gradient in the label-rows and sketch spaces: closed form on
+    (A r, B h) vs autograd's full gradient mapped explicitly, and the generic autograd loss."""
+    model = build_model(kind, vocab=50).double()
+    out = output_layer(model)
+    vocab, dim = out.weight.shape
+    space = GradientSpace.of(space_kind, WORDS, vocab, dim, sketch_dim=6, sketch_seed=4)
+    r1, r2 = space.shape(vocab, dim)
+    assert (r1, r2) == ((4, dim) if space_kind == "label-rows" else (6, 6))
+    gen = torch.Generator().manual_seed(5)
+    tw = torch.randn(2, r1, r2, generator=gen, dtype=torch.float64)
+    tb = torch.randn(2, r1, generator=gen, dtype=torch.float64) if out.bias is not None else None
+    labels = LabelTokens.of(WORDS, "sum")
+    loss = MatchingLoss(tw, tb, out, labels, space)
+    classes = torch.tensor([1, 0])
+    prompts = torch.randn(2, 3, 5, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = with_feeds(model, prompts, labels, classes)
+    ours = loss.rec(model, x, classes)
+    (g_ours,) = torch.autograd.grad(ours.sum(), prompts)
+    for p, c in enumerate(classes.tolist()):
+        ref = autograd_rec(model, prompts[p], WORDS[c], tw[c], None if tb is None else tb[c],
+                           "sum", space)  # fmt: skip
+        (g_ref,) = torch.autograd.grad(ref, prompts)
+        torch.testing.assert_close(ours[p], ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_ours[p], g_ref[p], rtol=1e-8, atol=1e-12)
+    params = matched_parameters(model, "output")
+    names = list(params)
+    targets = dict(zip(names, [tw] + ([tb] if tb is not None else []), strict=True))
+    generic = AutogradMatchingLoss(params, targets, labels, space,
+                                   (names[0], names[1] if len(names) > 1 else None))  # fmt: skip
+    torch.testing.assert_close(generic.rec(model, x, classes), ours, rtol=1e-10, atol=1e-12)
+
+
+def test_sketch_is_public_seeded_and_norm_preserving():
+    a = GradientSpace.of("sketch", WORDS, 500, 40, sketch_dim=64, sketch_seed=9)
+    b = GradientSpace.of("sketch", WORDS, 500, 40, sketch_dim=64, sketch_seed=9)
+    c = GradientSpace.of("sketch", WORDS, 500, 40, sketch_dim=64, sketch_seed=10)
+    assert torch.equal(a.a, b.a) and torch.equal(a.b, b.b) and not torch.equal(a.a, c.a)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(500, 40, generator=gen)
+    ratio = a.map_weight_grad(g).norm() / g.norm()  # E‖A G Bᵀ‖² = ‖G‖²
+    assert 0.8 < float(ratio) < 1.2
+
+
+def test_per_example_norms_in_a_space_equal_mapped_gradients():
+    gen = torch.Generator().manual_seed(6)
+    labels = LabelTokens.of(WORDS, "mean")
+    classes = [0, 1, 1]
+    h = torch.randn(3, 3, 8, generator=gen, dtype=torch.float64)
+    logits = torch.randn(3, 3, 11, generator=gen, dtype=torch.float64)
+    r = residuals(logits, labels.ids[classes])
+    w = labels.weights[classes].double()
+    for kind in ("label-rows", "sketch"):
+        space = GradientSpace.of(kind, WORDS, 11, 8, sketch_dim=5, sketch_seed=1).to(
+            "cpu", torch.float64
+        )
+        norms = per_example_grad_norms(space.map_r(r), space.map_h(h), w, has_bias=True)
+        for i in range(3):
+            g_w, g_b = summed_grads(r[i : i + 1], h[i : i + 1], w[i : i + 1])
+            mapped = torch.cat([space.map_weight_grad(g_w).flatten(), space.map_bias_grad(g_b)])
+            torch.testing.assert_close(norms[i], mapped.norm())

@@ -75,6 +75,81 @@ class LabelTokens:
         return ids, mask, last[:, None] - (self.length - 1) + torch.arange(self.length)
 
 
+@dataclass(frozen=True)
+class GradientSpace:
+    """The space output-layer gradients are released and matched in: a linear map
+    ``(g_W, g_b) ↦ (A g_W Bᵀ, A g_b)`` that acts on the residuals and hidden states separately
+    (``g_W = Σ r hᵀ`` becomes ``Σ (A r)(B h)ᵀ``), so the closed forms of this module hold with
+    ``r ↦ A r`` and ``h ↦ B h`` and no V×d gradient is ever formed.
+
+    * ``output`` (the paper's): ``A = I_V``, ``B = I_d``;
+    * ``label-rows``: ``A`` selects the rows of the label words' tokens (``R``), ``B = I_d``;
+    * ``sketch``: ``A`` (R × V) and ``B`` (R × d) with i.i.d. ``N(0, 1/R)`` entries from a public
+      seed (norms are preserved in expectation, so a clip bound keeps its meaning).
+    """
+
+    kind: str
+    rows: Tensor | None = None  # (R,) token ids (label-rows)
+    a: Tensor | None = None  # (R, V) (sketch)
+    b: Tensor | None = None  # (R, d) (sketch)
+
+    @classmethod
+    def of(cls, kind: str, label_ids: Sequence[Sequence[int]], vocab_rows: int, hidden: int,
+           sketch_dim: int | None = None, sketch_seed: int = 0) -> GradientSpace:  # fmt: skip
+        """The space of ``kind`` (``output``, ``last-block``: the identity)."""
+        if kind == "label-rows":
+            return cls(kind, rows=torch.tensor(sorted({t for word in label_ids for t in word})))
+        if kind == "sketch":
+            if sketch_dim is None:
+                raise ValueError("a sketch needs its dimension")
+            gen = torch.Generator().manual_seed(sketch_seed)
+            scale = sketch_dim**-0.5
+            a = torch.randn(sketch_dim, vocab_rows, generator=gen) * scale
+            b = torch.randn(sketch_dim, hidden, generator=gen) * scale
+            return cls(kind, a=a, b=b)
+        return cls(kind)
+
+    @property
+    def identity(self) -> bool:
+        return self.rows is None and self.a is None
+
+    def shape(self, vocab_rows: int, hidden: int) -> tuple[int, int]:
+        """(R1, R2) of the released weight gradient (the bias gradient has R1 entries)."""
+        if self.rows is not None:
+            return len(self.rows), hidden
+        if self.a is not None:
+            return self.a.shape[0], self.b.shape[0]
+        return vocab_rows, hidden
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> GradientSpace:
+        def move(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.to(device) if t.dtype == torch.long else t.to(device, dtype or t.dtype)
+
+        return GradientSpace(self.kind, move(self.rows), move(self.a), move(self.b))
+
+    def map_r(self, r: Tensor) -> Tensor:
+        """(..., V) residuals -> (..., R1)."""
+        if self.rows is not None:
+            return r[..., self.rows]
+        return r if self.a is None else r @ self.a.T.to(r.dtype)
+
+    def map_h(self, h: Tensor) -> Tensor:
+        """(..., d) hidden states -> (..., R2)."""
+        return h if self.b is None else h @ self.b.T.to(h.dtype)
+
+    def map_weight_grad(self, g: Tensor) -> Tensor:
+        """(V, d) full weight gradient -> (R1, R2) (for autograd paths and tests)."""
+        if self.rows is not None:
+            return g[self.rows]
+        return g if self.a is None else self.a.to(g.dtype) @ g @ self.b.T.to(g.dtype)
+
+    def map_bias_grad(self, g: Tensor) -> Tensor:
+        """(V,) full bias gradient -> (R1,)."""
+        return self.map_r(g)
+
+
 def residuals(logits: Tensor, label_ids: Tensor) -> Tensor:
     """(..., V) logits, (...) label token ids -> (..., V) ``r = softmax(logits) − onehot(y)``."""
     r = torch.softmax(logits, dim=-1)
@@ -101,10 +176,12 @@ class MatchingLoss:
     """``rec`` of batches of synthetic sequences against per-class targets.
 
     Args:
-        target_weight: (C, V, d) per-class target gradient of the output weight.
-        target_bias: (C, V) per-class target gradient of the bias, or None for bias-free heads.
+        target_weight: (C, R1, R2) per-class target gradient of the output weight in ``space``
+            ((C, V, d) in the paper's space).
+        target_bias: (C, R1) per-class target gradient of the bias, or None for bias-free heads.
         output: the model's output layer.
         labels: the label words (every sequence ends with its class's ``feed``).
+        space: where the targets live (default: the full output layer).
     """
 
     def __init__(
@@ -113,6 +190,7 @@ class MatchingLoss:
         target_bias: Tensor | None,
         output: OutputLayer,
         labels: LabelTokens,
+        space: GradientSpace | None = None,
     ):
         if (target_bias is None) != (output.bias is None):
             raise ValueError("target bias must be given exactly when the output layer has a bias")
@@ -120,6 +198,8 @@ class MatchingLoss:
         self.tb = target_bias
         self.output = output
         self.labels = labels.to(target_weight.device)
+        space = space or GradientSpace("output")
+        self.space = space.to(target_weight.device, target_weight.dtype)
         self.tw_norm = target_weight.flatten(1).norm(dim=1)  # (C,)
         self.tb_norm = None if target_bias is None else target_bias.norm(dim=1)
 
@@ -144,13 +224,14 @@ class MatchingLoss:
         y = self.labels.ids[classes][:, None].expand(n_problems, batch, k)
         a = (self.labels.weights[classes].to(h.dtype) / batch)[:, None].expand(-1, batch, -1)
         r = residuals(self.output.logits(h), y).flatten(1, 2)  # (P, N, V), N = B·K rows
+        r = self.space.map_r(r)  # (P, N, R1)
         ra = r * a.reshape(n_problems, -1, 1)
-        h = h.reshape(n_problems, -1, dim)  # (P, N, d)
-        # ⟨T_W, G_W⟩: one (N, d) x (d, V) product per problem, grouped by class.
+        h = self.space.map_h(h.reshape(n_problems, -1, dim))  # (P, N, R2)
+        # ⟨T_W, G_W⟩: one (N, R2) x (R2, R1) product per problem, grouped by class.
         dot_w = torch.empty(n_problems, dtype=h.dtype, device=h.device)
         for c in classes.unique().tolist():
             sel = (classes == c).nonzero(as_tuple=True)[0]
-            t_h = h[sel] @ self.tw[c].T  # (p, N, V)
+            t_h = h[sel] @ self.tw[c].T  # (p, N, R1)
             dot_w[sel] = (ra[sel] * t_h).sum((1, 2))
         rr = ra @ ra.transpose(1, 2)  # (P, N, N)
         hh = h @ h.transpose(1, 2)
@@ -158,7 +239,7 @@ class MatchingLoss:
         cos_w = dot_w / (self.tw_norm[classes] * g_w_norm)
         if self.tb is None:
             return 1.0 - cos_w
-        g_b = ra.sum(1)  # (P, V)
+        g_b = ra.sum(1)  # (P, R1)
         cos_b = (g_b * self.tb[classes]).sum(-1) / (self.tb_norm[classes] * g_b.norm(dim=-1))
         return 1.0 - 0.5 * (cos_w + cos_b)
 
@@ -168,17 +249,33 @@ class AutogradMatchingLoss:
 
     Args:
         params: the model's matched parameters by name (see ``models.matched_parameters``).
-        targets: per-class target gradient of each, by the same names, shape (C, *param.shape).
+        targets: per-class target gradient of each, by the same names, shape (C, *param.shape),
+            or, for the output layer's, (C, R1, R2) and (C, R1) in ``space``.
         labels: the label words (every sequence ends with its class's ``feed``).
+        space: where the output layer's targets live (default: the full layer).
+        output_names: names of the output layer's weight and bias (None: no bias) in ``params``,
+            needed with a ``space`` other than the identity.
     """
 
-    def __init__(self, params: dict[str, Tensor], targets: dict[str, Tensor], labels: LabelTokens):
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        targets: dict[str, Tensor],
+        labels: LabelTokens,
+        space: GradientSpace | None = None,
+        output_names: tuple[str, str | None] | None = None,
+    ):
         if params.keys() != targets.keys():
             raise ValueError("targets must cover exactly the matched parameters")
         self.names = list(params)
         self.params = [params[n] for n in self.names]
         self.targets = [targets[n] for n in self.names]
         self.labels = labels.to(self.params[0].device)
+        space = (space or GradientSpace("output")).to(self.params[0].device)
+        weight, bias = output_names or (None, None)
+        self.maps = [space.map_weight_grad if n == weight else
+                     space.map_bias_grad if n == bias else (lambda g: g)
+                     for n in self.names]  # fmt: skip
 
     def rec(self, model, x: Tensor, classes: Tensor) -> Tensor:
         """(P, B, L, d) input embeddings -> (P,) ``rec``; differentiable in ``x``."""
@@ -205,8 +302,8 @@ class AutogradMatchingLoss:
                         retain_graph=x.requires_grad or i + 1 < n_problems,  # shared forward
                     )
                     cos = [
-                        torch.nn.functional.cosine_similarity(g.flatten(), t[c].flatten(), dim=0)
-                        for g, t in zip(grads, self.targets, strict=True)
+                        torch.nn.functional.cosine_similarity(m(g).flatten(), t[c].flatten(), dim=0)
+                        for g, t, m in zip(grads, self.targets, self.maps, strict=True)
                     ]
                     recs.append(1 - torch.stack(cos).mean())
             finally:
