@@ -128,20 +128,70 @@ def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs,
         torch.testing.assert_close(ours, torch.stack(norms), rtol=1e-4, atol=1e-6)
 
 
-def test_solver_and_filter_losses_equal_the_release_path(split_dirs, tasks_data, tmp_path):
+@pytest.mark.parametrize("space", ["label-rows", "sketch"])
+def test_mapped_release_clips_and_sums_in_its_space(space, split_dirs, tasks_data, tmp_path):
+    """A label-rows or sketch release (DP with a tiny σ, clip binding for some examples): each
+    class's target equals the oracle loop's per-example autograd gradients mapped into the space
+    (``G[rows]`` / ``A G Bᵀ``), clipped by their norm there, averaged."""
+    sketch = {"sketch_dim": 6, "sketch_seed": 3} if space == "sketch" else {}
+    cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["phi"], n_per_class=4,
+                        data_dir=tasks_data, match_params=space, epsilon=1e6, delta=1e-5,
+                        clip=0.05, noise_seed=1, **sketch)  # fmt: skip
+    rel = release_targets(cfg, tmp_path / "rel")
+    mapped = rel.space
+    lm = load_release_model(rel)
+    task = BUILTIN_TASKS["tweet_emotion"]
+    prompt = rel.prompt
+    ex = load_examples(task, "train", tasks_data)
+    exclude = private_pool_exclusions(task, "train", len(ex.labels))
+    head = lm.model.get_output_embeddings().requires_grad_(True)
+    rows = sorted({t for word in prompt.label_ids for t in word})
+    clipped = 0
+    for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 4, 0, exclude)):
+        word = prompt.label_ids[c]
+        gw, gb = 0, 0
+        for i in ix:
+            seq = prompt.encode(lm.tokenizer, ex.texts[i])
+            emb = lm.embeddings[torch.tensor([seq + word[:-1]])].detach()
+            logits = lm.model(inputs_embeds=emb).logits[0, len(seq) - 1 :]
+            ce = torch.nn.functional.cross_entropy(logits, torch.tensor(word), reduction="sum")
+            w_i, b_i = torch.autograd.grad(ce, [head.weight, head.bias])
+            if space == "label-rows":
+                w_i, b_i = w_i[rows], b_i[rows]
+            else:
+                w_i, b_i = mapped.a @ w_i @ mapped.b.T, mapped.a @ b_i
+            norm = torch.cat([w_i.flatten(), b_i]).norm()
+            scale = min(1.0, 0.05 / float(norm))
+            clipped += scale < 1
+            gw, gb = gw + scale * w_i / len(ix), gb + scale * b_i / len(ix)
+        assert rel.target_weight[c].shape == gw.shape
+        noise = 6 * rel.meta.mechanism.sigma_target  # ~2e-5, against entries of ~2e-3
+        torch.testing.assert_close(rel.target_weight[c], gw, rtol=0, atol=noise)
+        torch.testing.assert_close(rel.target_bias[c], gb, rtol=0, atol=noise)
+    assert 0 < clipped
+    assert ("label words' tokens" if space == "label-rows" else "sketched") in rel.meta.description
+
+
+@pytest.mark.parametrize("space", ["output", "label-rows", "sketch"])
+def test_solver_and_filter_losses_equal_the_release_path(space, split_dirs, tasks_data, tmp_path):
+    sketch = {"sketch_dim": 5} if space == "sketch" else {}
     cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["llama"], n_per_class=3,
-                        data_dir=tasks_data)  # fmt: skip
+                        data_dir=tasks_data, match_params=space, **sketch)  # fmt: skip
     rel = release_targets(cfg, tmp_path / "rel")
     lm = load_release_model(rel)
     options = {"per_class": 2, "batch": 2, "length": 4, "steps": 1, "inner_steps": 2,
                "init_candidates": 3, "topk": 5}  # fmt: skip
     solver, problems, _ = build_solver(lm, rel, resolve_config(options))
     labels = LabelTokens.of(rel.prompt.label_ids, rel.prompt.label_score)
-    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output, labels)
+    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output, labels, rel.space)
     free = torch.randint(3, len(lm.tokenizer), (len(problems), 2, 4),
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     with torch.no_grad():
         via_layout = solver.rec(solver.embed(free, problems), problems)
+        # the reference engine's loss (autograd, the gradient mapped explicitly) agrees
+        authors, _, _ = build_solver(lm, rel, resolve_config({**options, "engine": "reference"}))
+        torch.testing.assert_close(authors.rec(authors.embed(free, problems), problems),
+                                   via_layout, rtol=1e-4, atol=1e-6)  # fmt: skip
         for p, c in enumerate(problems.classes.tolist()):
             # the same sequences built as the release builds real ones (prompt + feed, padded)
             prompts = [rel.prompt.head + s.tolist() + rel.prompt.tail for s in free[p]]

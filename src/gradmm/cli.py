@@ -14,7 +14,13 @@ from pydantic import BaseModel
 
 from gradmm.config import build_config
 from gradmm.errors import UserError
-from gradmm.settings import PRESETS, FinetuneConfig, GenerateConfig, resolve_config
+from gradmm.settings import (
+    PRESETS,
+    FinetuneConfig,
+    GenerateConfig,
+    ReleaseConfig,
+    resolve_config,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -51,6 +57,10 @@ def runtime_of(device: str | None, dtype: str | None = None):
 GENERATE_OPTIONS = ("per_class", "batch", "length", "steps", "inner_steps", "rho", "topk",
                     "projection", "lr", "init_candidates", "patience", "seed", "engine", "target",
                     "preset")  # fmt: skip
+# release's options on the command line, each defined in gradmm.settings.ReleaseConfig
+RELEASE_OPTIONS = ("n_per_class", "split", "seed", "preset", "match_params", "sketch_dim",
+                   "sketch_seed", "max_text_tokens", "epsilon", "delta", "clip", "neighbouring",
+                   "target", "noise_seed")  # fmt: skip
 # finetune's options on the command line, each defined in gradmm.settings.FinetuneConfig
 FINETUNE_OPTIONS = ("method", "lr", "steps", "batch_size", "eval_every", "selection", "dev_file",
                     "max_dev", "lora_rank", "max_test", "seed")  # fmt: skip
@@ -125,59 +135,27 @@ NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
 
 
 @command(app, NOTHING_WRITTEN + "; rerun the command to start again")
+@config_options(ReleaseConfig, RELEASE_OPTIONS)
 def release(
+    options: dict,
     task: Annotated[str | None, typer.Option(help="Built-in task or task YAML file.")] = None,
     model: Annotated[
         str | None,
         typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Release folder to write.")] = ...,
-    n_per_class: Annotated[
-        int | None, typer.Option(help="Private examples per class [25].")
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="Private split [task's: train].")] = None,
-    seed: SeedOpt = None,
     data_dir: Annotated[
         str | None, typer.Option(help="Local data folder [$GRADMM_DATA_DIR, else the hub].")
-    ] = None,
-    preset: PresetOpt = None,
-    match_params: Annotated[
-        str | None,
-        typer.Option(help="'output' (the paper) or 'last-block' (also the last decoder block)."),
-    ] = None,
-    max_text_tokens: Annotated[
-        int | None,
-        typer.Option(help="Cut texts to their first N tokens (recorded) [the task's: none]."),
-    ] = None,
-    epsilon: Annotated[float | None, typer.Option(help="DP ε: makes a DP release.")] = None,
-    delta: Annotated[float | None, typer.Option(help="DP δ.")] = None,
-    clip: Annotated[float | None, typer.Option(help="DP per-example norm bound C [1.0].")] = None,
-    neighbouring: Annotated[
-        str | None, typer.Option(help="DP relation: 'replace' or 'add-remove' [replace].")
-    ] = None,
-    target: Annotated[
-        str | None, typer.Option(help="'real', or 'noise': DP noise only, reads no data.")
-    ] = None,
-    noise_seed: Annotated[
-        int | None,
-        typer.Option(help="Seed the DP noise: a recorded simulation with NO privacy guarantee."),
     ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
 ) -> None:
     """Stage 1: sample private examples and release their per-class target gradients (fp32)."""
-    from gradmm.release import ReleaseConfig, release_targets
+    from gradmm.release import release_targets
 
-    cfg = build_config(
-        ReleaseConfig,
-        dict(task=task, model=model, n_per_class=n_per_class, split=split, seed=seed,
-             data_dir=data_dir, preset=preset, match_params=match_params,
-             max_text_tokens=max_text_tokens, epsilon=epsilon,
-             delta=delta, clip=clip, neighbouring=neighbouring, target=target,
-             noise_seed=noise_seed),
-        config,
-    )  # fmt: skip
+    cfg = build_config(ReleaseConfig, dict(task=task, model=model, data_dir=data_dir, **options),
+                       config)  # fmt: skip
     result = release_targets(cfg, out, overwrite=overwrite, runtime=runtime_of(device))
     counts = ", ".join(
         f"{n} {name}" for n, name in zip(result.meta.counts, result.task.label_names, strict=True)

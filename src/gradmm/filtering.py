@@ -45,7 +45,8 @@ def per_example_rec(
     prompt = release.prompt
     label_tokens = LabelTokens.of(prompt.label_ids, prompt.label_score)
     tb = None if release.target_bias is None else release.target_bias.to(lm.device)
-    loss = MatchingLoss(release.target_weight.to(lm.device), tb, lm.output, label_tokens)
+    loss = MatchingLoss(release.target_weight.to(lm.device), tb, lm.output, label_tokens,
+                        release.space)  # fmt: skip
     seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     out = []
     for start in range(0, len(seqs), batch_size):

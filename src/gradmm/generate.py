@@ -210,12 +210,13 @@ def build_solver(
         }
     )
     targets = {n: t.to(lm.device) for n, t in release.targets.items()}
-    if release.meta.match_params == "output" and not reference:
-        out = release.meta.output_params
-        loss = MatchingLoss(targets[out.weight], targets.get(out.bias), lm.output, labels)
+    out = release.meta.output_params
+    if release.meta.match_params != "last-block" and not reference:
+        loss = MatchingLoss(targets[out.weight], targets.get(out.bias), lm.output, labels,
+                            release.space)  # fmt: skip
     else:  # the authors' computation, and the only one beyond the output layer: double backward
         params = matched_parameters(lm.model, release.meta.match_params)
-        loss = AutogradMatchingLoss(params, targets, labels)
+        loss = AutogradMatchingLoss(params, targets, labels, release.space, (out.weight, out.bias))
     solver = ADMMSolver(
         lm.model, loss, projector, layout, config.batch, solver_cfg, lm.embeddings,
         hooks=AuthorsOverhead() if reference else None, sequential=reference,

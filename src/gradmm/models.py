@@ -21,6 +21,7 @@ from torch import Tensor
 
 from gradmm.checkpoints import resolve_model_name
 from gradmm.errors import UserError
+from gradmm.settings import MatchParams
 
 
 @dataclass(frozen=True)
@@ -166,14 +167,13 @@ def output_layer(model: torch.nn.Module) -> OutputLayer:
     return OutputLayer(weight=head.weight, bias=head.bias, tied=tied)
 
 
-MatchParams = Literal["output", "last-block"]
-
-
 def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") -> dict[str, Tensor]:
     """The parameters whose gradient is matched, by their names in ``model``.
 
-    ``output``: the output layer's weight (and bias), as in the paper. ``last-block``: those plus
-    every parameter of the last decoder block (the longest ``ModuleList`` of the model).
+    ``output``: the output layer's weight (and bias), as in the paper (``label-rows`` and
+    ``sketch`` release a map of their gradient: :class:`gradmm.matching.GradientSpace`).
+    ``last-block``: those plus every parameter of the last decoder block (the longest
+    ``ModuleList`` of the model).
     """
     head = model.get_output_embeddings()
     head_name = next(n for n, m in model.named_modules() if m is head)

@@ -40,8 +40,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradmm.errors import UserError
+from gradmm.settings import Neighbouring
 
-Neighbouring = Literal["replace", "add-remove"]
 ACCOUNTANT = "dp_accounting.gaussian_mechanism.get_sigma_gaussian (analytic Gaussian)"
 SECURE_SAMPLER = "Box-Muller (float64) on uniforms from the OS CSPRNG (Python secrets)"
 SEEDED_SAMPLER = "seeded simulation: Box-Muller (float64) on a numpy PCG64 stream keyed by the seed"

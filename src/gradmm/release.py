@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -38,10 +38,15 @@ from gradmm.checkpoints import resolve_model_name
 from gradmm.config import one_line
 from gradmm.errors import UserError, warn
 from gradmm.files import OutputKind, check_output_dir, read_json, staged_dir, write_json
-from gradmm.matching import LabelTokens, per_example_grad_norms, residuals, summed_grads
+from gradmm.matching import (
+    GradientSpace,
+    LabelTokens,
+    per_example_grad_norms,
+    residuals,
+    summed_grads,
+)
 from gradmm.models import (
     LoadedModel,
-    MatchParams,
     Runtime,
     final_hidden,
     fingerprint,
@@ -52,13 +57,13 @@ from gradmm.models import (
 from gradmm.privacy import (
     DPSettings,
     Mechanism,
-    Neighbouring,
     check_settings,
     delta_warning,
     gaussian_noise,
     mechanism,
     seeded_stream,
 )
+from gradmm.settings import MatchParams, ReleaseConfig
 from gradmm.tasks import (
     Examples,
     PromptTokens,
@@ -71,45 +76,6 @@ from gradmm.tasks import (
 
 RELEASE_FORMAT = 4  # 4: label words are token sequences (3: demonstrations, text cut)
 RELEASE_DIR = OutputKind("release", "release.json", ("release.json", "targets.safetensors"))
-
-
-class ReleaseConfig(BaseModel):
-    """Settings of ``gradmm release``."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    task: str = Field(description="built-in task name or a task YAML file")
-    model: str = Field(description="hub id or local folder of a causal LM")
-    n_per_class: int = Field(25, ge=1, description="private examples sampled per class")
-    split: str | None = Field(None, description="private split (default: the task's, 'train')")
-    seed: int = 0
-    data_dir: str | None = Field(None, description="folder laid out like shared/data")
-    preset: Literal["default", "paper"] = "default"
-    match_params: MatchParams = Field(
-        "output", description="output layer (the paper) or also the last decoder block"
-    )
-    batch_size: int = Field(32, ge=1, description="real examples per forward pass")
-    max_text_tokens: int | None = Field(
-        None, ge=1, description="cut texts to their first N tokens (default: the task's)"
-    )
-    epsilon: float | None = Field(None, description="DP ε (with delta: a DP release)")
-    delta: float | None = Field(None, description="DP δ")
-    clip: float = Field(1.0, gt=0, description="DP per-example gradient norm bound C")
-    neighbouring: Neighbouring = "replace"
-    target: Literal["real", "noise"] = Field(
-        "real", description="'noise': zero-signal control of the same σ; reads no data"
-    )
-    # Seed of the DP noise: a simulation without guarantee, recorded in the mechanism (whoever
-    # knows it can subtract the noise). Unset: the OS CSPRNG, nothing to replay.
-    noise_seed: int | None = Field(None, ge=0, exclude=True)
-
-    @property
-    def private(self) -> bool:
-        return self.epsilon is not None or self.delta is not None
-
-    def public_fields(self) -> dict:
-        """The settings ``release.json`` records: all but the noise seed (recorded, when set, in
-        the mechanism) and the local data folder (a path on the releaser's machine)."""
-        return self.model_dump(mode="json", exclude={"data_dir"})
 
 
 class ModelInfo(BaseModel):
@@ -201,12 +167,33 @@ class Release:
         return None if name is None else self.targets[name]
 
     @property
+    def space(self) -> GradientSpace:
+        """Where the output layer's targets live (the full layer unless label-rows or sketch)."""
+        return release_space(self.meta)
+
+    @property
     def task(self) -> Task:
         return self.meta.task
 
     @property
     def prompt(self) -> PromptTokens:
         return self.meta.prompt_tokens
+
+
+SPACE_DESCRIPTIONS = {
+    "output": "",
+    "last-block": "",
+    "label-rows": ", the output layer's rows of the label words' tokens only",
+    "sketch": ", sketched as A G Bᵀ (A: R x V, B: R x d, N(0, 1/R) entries from sketch_seed)",
+}
+
+
+def release_space(meta: ReleaseMeta) -> GradientSpace:
+    """The :class:`GradientSpace` of a release, rebuilt from its public record."""
+    return GradientSpace.of(
+        meta.match_params, meta.prompt_tokens.label_ids, meta.model.vocab_rows,
+        meta.model.hidden_size, meta.config.sketch_dim, meta.config.sketch_seed,
+    )  # fmt: skip
 
 
 def sample_per_class(
@@ -331,8 +318,9 @@ def release_targets(
             raise UserError(f"{out} already holds a release (pass --overwrite to replace it)")
     if config.target == "noise" and dp is None:
         raise UserError("--target noise is a DP control: give --epsilon and --delta")
-    if dp is not None and config.match_params != "output":
-        raise UserError("DP releases support --match-params output only")
+    if dp is not None and config.match_params == "last-block":
+        raise UserError("DP releases need closed-form clipping: --match-params output, "
+                        "label-rows or sketch")  # fmt: skip
     task = load_task(config.task)
     if config.preset == "paper":
         task = paper.paper_task(task)
@@ -350,18 +338,25 @@ def release_targets(
     prompt = tokenize_prompt(task, lm.tokenizer)
     params = matched_parameters(lm.model, config.match_params)
     head = list(params)[:2] if lm.output.bias is not None else list(params)[:1]
+    vocab_rows, hidden = lm.output.weight.shape
+    space = GradientSpace.of(config.match_params, prompt.label_ids, vocab_rows, hidden,
+                             config.sketch_dim, config.sketch_seed)  # fmt: skip
 
     split = source = None
     if config.target == "noise":  # the control reads no data at all
         counts = [config.n_per_class] * task.num_classes
-        sums = [{n: torch.zeros(p.shape) for n, p in params.items()} for _ in counts]
+        shapes = {n: p.shape for n, p in params.items()}
+        if not space.identity:
+            r1, r2 = space.shape(vocab_rows, hidden)
+            shapes = dict(zip(head, [(r1, r2), (r1,)], strict=False))
+        sums = [{n: torch.zeros(shape) for n, shape in shapes.items()} for _ in counts]
     else:
         split = config.split or task.private_split
         examples, picked = private_pool(task, split, config.n_per_class, config.seed,
                                         config.data_dir)  # fmt: skip
         source = f"{task.name}/{Path(examples.source).name}"
         counts = [len(ix) for ix in picked]
-        sums = _class_sums(lm, prompt, params, head, examples, picked, config, dp)
+        sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
 
     if dp is None:
         per_class = [{n: g / k for n, g in s.items()} for s, k in zip(sums, counts, strict=True)]
@@ -395,8 +390,9 @@ def release_targets(
         description=(
             "per-class mean over the sampled examples of the gradient of the mean CE of the "
             "label word's tokens after the template (teacher-forced) w.r.t. the matched "
-            "parameters, at the model's weights, "
-            "fp32" + ("" if dp is None else ", each example clipped to norm C, Gaussian noise")
+            "parameters, at the model's weights, fp32"
+            + SPACE_DESCRIPTIONS[config.match_params]
+            + ("" if dp is None else ", each example clipped to norm C there, Gaussian noise")
         ),
         match_params=config.match_params,
         parameters=list(params),
@@ -458,8 +454,9 @@ def _dp_settings(config: ReleaseConfig) -> DPSettings | None:
     )  # fmt: skip
 
 
-def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[dict]:
-    """Per class, the sum over its sampled examples of the (clipped, if DP) gradients."""
+def _class_sums(lm, prompt, params, head, space, examples, picked, config, dp) -> list[dict]:
+    """Per class, the sum over its sampled examples of the (clipped, if DP) gradients, in
+    ``space`` (clipped there too: the sensitivity is that of what is released)."""
     ctx = lm.context_length
     labels = LabelTokens.of(prompt.label_ids, prompt.label_score)
     fixed = len(prompt.head) + len(prompt.tail) + labels.length - 1  # template and label feed
@@ -476,8 +473,9 @@ def _class_sums(lm, prompt, params, head, examples, picked, config, dp) -> list[
                 )
             seqs.append(seq)
         classes = [c] * len(seqs)
-        if config.match_params == "output":
+        if config.match_params != "last-block":
             r, h, weights = example_gradients(lm, seqs, classes, labels, config.batch_size)
+            r, h = space.to(r.device).map_r(r), space.to(h.device).map_h(h)
             if dp is not None:  # joint clipping of (weight, bias) from closed-form norms
                 norms = per_example_grad_norms(r, h, weights, has_bias=len(head) > 1)
                 weights = weights * torch.clamp(dp.clip / norms, max=1.0)[:, None]
@@ -532,9 +530,12 @@ def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) ->
     if len(meta.counts) != classes or len(label_ids) != classes or not all(label_ids):
         raise UserError(f"{path}: counts or label ids do not match the task's {classes} classes")
     out = meta.output_params
-    expected = {out.weight: (classes, meta.model.vocab_rows, meta.model.hidden_size)}
+    if meta.match_params == "sketch" and meta.config.sketch_dim is None:
+        raise UserError(f"{path}: a sketch release without its sketch_dim")
+    r1, r2 = release_space(meta).shape(meta.model.vocab_rows, meta.model.hidden_size)
+    expected = {out.weight: (classes, r1, r2)}
     if out.bias is not None:
-        expected[out.bias] = (classes, meta.model.vocab_rows)
+        expected[out.bias] = (classes, r1)
     for name, t in targets.items():
         if t.ndim < 2 or t.shape[0] != classes:
             raise UserError(
@@ -553,7 +554,7 @@ def load_release_model(release: Release, runtime: Runtime | None = None) -> Load
     placed on ``runtime``'s device and dtype."""
     info = release.meta.model
     # double backward through attention needs eager attention (SDPA's CPU kernel has none)
-    eager = "eager" if release.meta.match_params != "output" else None
+    eager = "eager" if release.meta.match_params == "last-block" else None
     # the recorded folder, else the name (a fetched model's cache may live elsewhere here)
     source = info.path if info.path and Path(info.path).exists() else info.name
     lm = load_model(source, attn_implementation=eager)
@@ -563,6 +564,12 @@ def load_release_model(release: Release, runtime: Runtime | None = None) -> Load
             "(fingerprint mismatch)"
         )
     params = matched_parameters(lm.model, release.meta.match_params)
+    if not release.space.identity:  # mapped targets: the model must still have the head's shape
+        weight = release.meta.output_params.weight
+        if weight not in params or tuple(params[weight].shape) != (info.vocab_rows,
+                                                                   info.hidden_size):  # fmt: skip
+            raise UserError(f"{release.path}: the model's output layer does not fit the release")
+        return place(lm, runtime)
     for name, t in release.targets.items():
         if name not in params or tuple(t.shape[1:]) != tuple(params[name].shape):
             raise UserError(

@@ -1,4 +1,4 @@
-"""Settings of the generation and fine-tuning stages, defined once: the solver's
+"""Settings of the stages, defined once: the release's (:class:`ReleaseConfig`), the solver's
 (:class:`SolverConfig`), generation's (:class:`GenerateConfig`) and its presets, fine-tuning's
 (:class:`FinetuneConfig`). The CLI's options, their help and defaults are generated from these
 fields. Kept free of torch so that the CLI starts fast.
@@ -18,6 +18,65 @@ from gradmm.errors import UserError
 SelectRule = Literal["projected", "augmented"]
 TokenFilter = Literal["fixed", "paper"]
 ProjectionOrder = Literal["cosine-first", "lm-first"]
+# Which gradient is released and matched (see gradmm.matching.GradientSpace).
+MatchParams = Literal["output", "last-block", "label-rows", "sketch"]
+Neighbouring = Literal["replace", "add-remove"]
+
+
+class ReleaseConfig(BaseModel):
+    """Settings of ``gradmm release``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    task: str = Field(description="built-in task name or a task YAML file")
+    model: str = Field(description="hub id or local folder of a causal LM")
+    n_per_class: int = Field(25, ge=1, description="private examples sampled per class")
+    split: str | None = Field(None, description="private split (default: the task's, 'train')")
+    seed: int = Field(0, description="seed of the pool's sample")
+    data_dir: str | None = Field(None, description="folder laid out like shared/data")
+    preset: Literal["default", "paper"] = Field(
+        "default", description="'paper': the authors' tokenisation of template and label words"
+    )
+    match_params: MatchParams = Field(
+        "output",
+        description="released gradient: the output layer (the paper), also the last decoder "
+        "block, the label words' rows of the output layer, or a random sketch of it",
+    )
+    sketch_dim: int | None = Field(
+        None, ge=1, description="R of --match-params sketch: R x V and R x d maps, R² numbers"
+    )
+    sketch_seed: int = Field(0, ge=0, description="public seed of the sketch's maps (recorded)")
+    batch_size: int = Field(32, ge=1, description="real examples per forward pass")
+    max_text_tokens: int | None = Field(
+        None, ge=1, description="cut texts to their first N tokens (default: the task's)"
+    )
+    epsilon: float | None = Field(None, description="DP ε (with delta: a DP release)")
+    delta: float | None = Field(None, description="DP δ")
+    clip: float = Field(1.0, gt=0, description="DP per-example gradient norm bound C")
+    neighbouring: Neighbouring = Field("replace", description="DP neighbouring relation")
+    target: Literal["real", "noise"] = Field(
+        "real", description="'noise': zero-signal control of the same σ; reads no data"
+    )
+    # Seed of the DP noise: a simulation without guarantee, recorded in the mechanism (whoever
+    # knows it can subtract the noise). Unset: the OS CSPRNG, nothing to replay.
+    noise_seed: int | None = Field(
+        None, ge=0, exclude=True,
+        description="seed the DP noise: a recorded simulation with NO privacy guarantee",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _sketch_dim_with_sketch(self) -> ReleaseConfig:
+        if (self.sketch_dim is not None) != (self.match_params == "sketch"):
+            raise ValueError("sketch_dim goes with match_params: sketch, and only with it")
+        return self
+
+    @property
+    def private(self) -> bool:
+        return self.epsilon is not None or self.delta is not None
+
+    def public_fields(self) -> dict:
+        """The settings ``release.json`` records: all but the noise seed (recorded, when set, in
+        the mechanism) and the local data folder (a path on the releaser's machine)."""
+        return self.model_dump(mode="json", exclude={"data_dir"})
 
 
 class SolverConfig(BaseModel):
