@@ -163,8 +163,10 @@ def invoke(*args):
 
 def test_refused_options_in_dp_mode(model_dirs, data_dir, tmp_path):
     cases = [
-        (["--epsilon", "1", "--delta", "1e-5", "--match-params", "last-block"],
-         "need closed-form clipping"),
+        (
+            ["--epsilon", "1", "--delta", "1e-5", "--match-params", "last-block"],
+            "need closed-form clipping",
+        ),
         (["--match-params", "sketch"], "sketch_dim goes with match_params: sketch"),
         (["--sketch-dim", "8"], "sketch_dim goes with match_params: sketch"),
         (["--target", "noise"], "give --epsilon and --delta"),
