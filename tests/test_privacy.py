@@ -489,3 +489,86 @@ def test_edited_release_records_are_refused(edit, model_dirs, data_dir, tmp_path
         load_release(tmp_path / "r")
     r = invoke("privacy", tmp_path / "r")
     assert r.exit_code == 2 and "invalid release record" in r.stderr
+
+
+# ------------------------------------------------------------------------- Poisson sampling
+
+
+def test_poisson_calibration_against_independent_accountants():
+    """At rate 1 the Poisson-subsampled Gaussian is the plain one: the PLD calibration meets the
+    exact analytic value. At rate q < 1 it needs less noise, its ε sits below the RDP
+    accountant's upper bound for the same σ/Δ, and σ/Δ is the smallest that reaches ε."""
+    import dp_accounting
+
+    full = dp.poisson_noise_multiplier(1.0, 1e-5, 1.0)
+    assert full == pytest.approx(KNOWN[(1, 1e-5)], rel=5e-3)
+    z = dp.poisson_noise_multiplier(1.0, 1e-5, 0.2)
+    assert z < 0.9 * full
+    assert dp.poisson_epsilon(z, 0.2, 1e-5) <= 1.0 * 1.001
+    assert dp.poisson_epsilon(z * 0.98, 0.2, 1e-5) > 1.0  # not more noise than needed
+    rdp = dp_accounting.rdp.RdpAccountant()
+    rdp.compose(dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(z)))
+    assert 1.0 <= rdp.get_epsilon(1e-5) < 1.5  # RDP is an upper bound, and not a loose one
+
+
+def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, data_dir,
+                                                                    tmp_path):  # fmt: skip
+    from gradmm.release import load_release, poisson_pool
+
+    cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=0.5,
+                    neighbouring="add-remove", n_per_class=10)  # fmt: skip
+    rel = release_targets(cfg, tmp_path / "r")
+    m = rel.meta.mechanism
+    assert m.sampling_rate == 0.5 and m.noise_multiplier == dp.poisson_noise_multiplier(
+        2.0, 1e-5, 0.5
+    )
+    assert m.sensitivity == 0.3 and m.normaliser == 10 and rel.meta.counts == [10, 10]
+    assert m.sigma_target == pytest.approx(m.noise_multiplier * 0.3 / 10)
+    text = dp.report(rel.meta)
+    assert "Poisson sample (rate 0.5)" in text and "size is not released" in text
+    assert load_release(tmp_path / "r").meta.mechanism == m  # the recorded ε is checked on load
+    path = tmp_path / "r" / "release.json"
+    record = json.loads(path.read_text())
+    for key in ("noise_multiplier", "sigma_sum", "sigma_target"):  # consistently less noise
+        record["mechanism"][key] *= 0.5
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="does not give the recorded ε"):
+        load_release(tmp_path / "r")
+
+    task = BUILTIN_TASKS["sst2"]
+    ex = load_examples(task, "train", data_dir)
+    dev = set(private_pool_exclusions(task, "train", len(ex.labels)))
+    _, picked = poisson_pool(task, "train", 0.5, str(data_dir), None)
+    chosen = [i for ix in picked for i in ix]
+    assert not dev & set(chosen) and all(ex.labels[i] == c for c, ix in enumerate(picked)
+                                         for i in ix)  # fmt: skip
+    eligible = len(ex.labels) - len(dev)
+    assert abs(len(chosen) - 0.5 * eligible) < 4 * math.sqrt(0.25 * eligible)
+    again = [i for ix in poisson_pool(task, "train", 0.5, str(data_dir), None)[1] for i in ix]
+    assert again != chosen  # the OS CSPRNG: nothing to replay
+
+
+def test_poisson_refusals_come_before_any_data_is_read(model_dirs, tmp_path):
+    missing = tmp_path / "no-data"
+    base = ["--epsilon", "1", "--delta", "1e-5", "--sampling", "poisson"]
+    for extra, message in [
+        (["--sampling-rate", "0.1"], "pass --neighbouring add-remove"),
+        ([], "sampling_rate goes with sampling: poisson"),
+    ]:
+        r = invoke(*release_args(model_dirs["phi"], missing, tmp_path / "r"), *base, *extra)
+        assert r.exit_code == 2 and message in r.stderr, r.output
+        assert not (tmp_path / "r").exists()
+    r = invoke(*release_args(model_dirs["phi"], missing, tmp_path / "r"), "--sampling",
+               "poisson", "--sampling-rate", "0.1")  # fmt: skip
+    assert r.exit_code == 2 and "Poisson sampling is for DP releases" in r.stderr
+
+
+def test_poisson_releases_compose_with_amplification(model_dirs, data_dir, tmp_path):
+    cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=0.5,
+                    neighbouring="add-remove")  # fmt: skip
+    a = release_targets(cfg, tmp_path / "a")
+    b = release_targets(cfg.model_copy(update={"noise_seed": 8}), tmp_path / "b")
+    lines = dp.composition([a.meta, b.meta], ["a", "b"])
+    z = a.meta.mechanism.noise_multiplier
+    amplified = dp.composed_epsilon([z, z], 2e-5, [0.5, 0.5])
+    assert f"ε = {amplified:.6g}" in lines[0] and amplified < dp.composed_epsilon([z, z], 2e-5)

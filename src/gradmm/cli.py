@@ -58,9 +58,9 @@ GENERATE_OPTIONS = ("per_class", "batch", "length", "steps", "inner_steps", "rho
                     "projection", "lr", "init_candidates", "patience", "seed", "engine", "target",
                     "preset")  # fmt: skip
 # release's options on the command line, each defined in gradmm.settings.ReleaseConfig
-RELEASE_OPTIONS = ("n_per_class", "split", "seed", "preset", "match_params", "sketch_dim",
-                   "sketch_seed", "max_text_tokens", "epsilon", "delta", "clip", "neighbouring",
-                   "target", "noise_seed")  # fmt: skip
+RELEASE_OPTIONS = ("n_per_class", "sampling", "sampling_rate", "split", "seed", "preset",
+                   "match_params", "sketch_dim", "sketch_seed", "max_text_tokens", "epsilon",
+                   "delta", "clip", "neighbouring", "target", "noise_seed")  # fmt: skip
 # finetune's options on the command line, each defined in gradmm.settings.FinetuneConfig
 FINETUNE_OPTIONS = ("method", "lr", "steps", "batch_size", "eval_every", "selection", "dev_file",
                     "max_dev", "lora_rank", "max_test", "seed")  # fmt: skip

@@ -28,6 +28,7 @@ Everything after the release (generation, filtering, reports) is post-processing
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -82,6 +83,8 @@ class Mechanism(BaseModel):
     sigma_sum: float | None = None
     sigma_target: float | None = None
     normaliser: int | None = None
+    # Poisson sampling rate of the pool from the split (None: a fixed-size pool, no amplification)
+    sampling_rate: float | None = None
     accountant: str | None = None
     accountant_version: str | None = None
     sampler: str | None = None
@@ -141,14 +144,76 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
     return float(get_sigma_gaussian(epsilon, delta))
 
 
+MIN_POISSON_MULTIPLIER = 0.25  # below it the PLD accountant is slow and ε is large anyway
+POISSON_ACCOUNTANT = (
+    "dp_accounting.pld.PLDAccountant (Poisson-subsampled Gaussian, add-or-remove-one, "
+    "calibrated with dp_accounting.calibrate_dp_mechanism)"
+)
+
+
+@functools.cache
+def poisson_epsilon(multiplier: float, rate: float, delta: float) -> float:
+    """ε at ``delta`` of one Gaussian release of noise multiplier σ/Δ on a pool drawn by Poisson
+    sampling at ``rate`` from the data (PLD accountant, add-or-remove-one)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(multiplier))
+    )
+    return float(acc.get_epsilon(delta))
+
+
+@functools.cache
+def poisson_noise_multiplier(epsilon: float, delta: float, rate: float) -> float:
+    """The smallest σ/Δ (to 1e-3, at least :data:`MIN_POISSON_MULTIPLIER`) whose
+    Poisson-subsampled Gaussian release is (ε, δ)-DP for the whole data set (PLD accountant).
+    Takes seconds to a minute: the accountant is evaluated a few dozen times."""
+    check_settings(epsilon, delta)
+    if not 0 < rate <= 1:
+        raise UserError(f"the sampling rate must be in (0, 1], got {rate}")
+    if poisson_epsilon(MIN_POISSON_MULTIPLIER, rate, delta) <= epsilon:
+        return MIN_POISSON_MULTIPLIER
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    upper = 1.1 * noise_multiplier(epsilon, delta)  # no subsampling: always enough
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: pld_privacy_accountant.PLDAccountant(
+            dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
+        lambda z: dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z)),
+        epsilon, delta,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(MIN_POISSON_MULTIPLIER, upper),
+        tol=1e-3,
+    ))  # fmt: skip
+
+
 def sensitivity(clip: float, neighbouring: Neighbouring) -> float:
     """L2 sensitivity of the concatenated per-class sums of clipped gradients."""
     return 2.0 * clip if neighbouring == "replace" else clip
 
 
-def mechanism(settings: DPSettings, n_per_class: int, noise_seed: int | None = None) -> Mechanism:
-    """The Gaussian mechanism of one release, as ``release.json`` records it."""
-    z = noise_multiplier(settings.epsilon, settings.delta)
+def mechanism(
+    settings: DPSettings,
+    n_per_class: int,
+    noise_seed: int | None = None,
+    sampling_rate: float | None = None,
+    multiplier: float | None = None,
+) -> Mechanism:
+    """The Gaussian mechanism of one release, as ``release.json`` records it. With a
+    ``sampling_rate`` the pool is a Poisson sample of the split and the guarantee is for the
+    split (add-or-remove-one; PLD accountant); ``n_per_class`` is then the public normaliser.
+    ``multiplier`` skips the calibration (a recorded σ/Δ whose ε was checked)."""
+    if sampling_rate is not None and settings.neighbouring != "add-remove":
+        raise UserError("Poisson sampling is accounted for add-or-remove neighbours: "
+                        "pass --neighbouring add-remove")  # fmt: skip
+    if multiplier is not None:
+        z = multiplier
+    elif sampling_rate is None:
+        z = noise_multiplier(settings.epsilon, settings.delta)
+    else:
+        z = poisson_noise_multiplier(settings.epsilon, settings.delta, sampling_rate)
     delta_l2 = sensitivity(settings.clip, settings.neighbouring)
     return Mechanism(
         type="gaussian",
@@ -161,7 +226,8 @@ def mechanism(settings: DPSettings, n_per_class: int, noise_seed: int | None = N
         sigma_sum=z * delta_l2,
         sigma_target=z * delta_l2 / n_per_class,
         normaliser=n_per_class,
-        accountant=ACCOUNTANT,
+        sampling_rate=sampling_rate,
+        accountant=ACCOUNTANT if sampling_rate is None else POISSON_ACCOUNTANT,
         accountant_version=version("dp-accounting"),
         sampler=SECURE_SAMPLER if noise_seed is None else SEEDED_SAMPLER,
         noise_seed=noise_seed,
@@ -169,6 +235,12 @@ def mechanism(settings: DPSettings, n_per_class: int, noise_seed: int | None = N
 
 
 # -------------------------------------------------------------------------------- sampling
+
+
+def uniforms(n: int, random_bytes: Callable[[int], bytes] | None = None) -> np.ndarray:
+    """(n,) float64 uniforms in [0, 1) with 53 random bits each (default: the OS CSPRNG)."""
+    words = np.frombuffer((random_bytes or secrets.token_bytes)(8 * n), dtype=np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def standard_normal(n: int, random_bytes: Callable[[int], bytes]) -> np.ndarray:
@@ -214,14 +286,18 @@ def gaussian_noise(
 # ---------------------------------------------------------------------- reports, composition
 
 
-def composed_epsilon(noise_multipliers: list[float], delta: float) -> float:
-    """ε of several Gaussian releases on the same data (PLD accountant), at total ``delta``."""
+def composed_epsilon(
+    noise_multipliers: list[float], delta: float, rates: list[float | None] | None = None
+) -> float:
+    """ε of several Gaussian releases on the same data (PLD accountant), at total ``delta``;
+    release ``i`` Poisson-subsampled at ``rates[i]`` when given (add-or-remove-one)."""
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
-    acc = pld_privacy_accountant.PLDAccountant()
-    for z in noise_multipliers:
-        acc.compose(dp_accounting.GaussianDpEvent(z))
+    acc = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    for z, q in zip(noise_multipliers, rates or [None] * len(noise_multipliers), strict=True):
+        event = dp_accounting.GaussianDpEvent(z)
+        acc.compose(event if q is None else dp_accounting.PoissonSampledDpEvent(q, event))
     return float(acc.get_epsilon(delta))
 
 
@@ -236,11 +312,14 @@ def report(meta) -> str:
     """Human-readable privacy report of one release (a :class:`gradmm.release.ReleaseMeta`)."""
     m: Mechanism = meta.mechanism
     lines = [f"release of task {meta.task.name!r}, model {meta.model.name!r}"]
-    data = (
-        "no data (pure noise control)"
-        if meta.target == "noise"
-        else f"{sum(meta.counts)} private examples from split {meta.split!r}"
-    )
+    poisson = m.sampling_rate is not None
+    if meta.target == "noise":
+        data = "no data (pure noise control)"
+    elif poisson:
+        data = (f"a Poisson sample (rate {m.sampling_rate:g}) of split {meta.split!r} outside its "
+                "dev slice; its size is not released")  # fmt: skip
+    else:
+        data = f"{sum(meta.counts)} private examples from split {meta.split!r}"
     if m.type == "none":
         lines += [
             "NOT differentially private: the targets are exact class means of the private "
@@ -257,17 +336,30 @@ def report(meta) -> str:
     lines += [
         f"protected unit: one example; neighbouring relation: {UNITS[m.neighbouring]}",
         f"{'would guarantee' if m.seeded else 'guarantee'}: ({m.epsilon}, {m.delta})-DP for the "
-        "whole release (all classes, one Gaussian draw)",
+        "whole release (all classes, one Gaussian draw)"
+        + (
+            f", for every example of the split (amplified by Poisson sampling at rate "
+            f"{m.sampling_rate:g}; the sample is drawn from "
+            f"{'the seeded stream' if m.seeded else 'the OS CSPRNG'})"
+            if poisson
+            else ""
+        ),
         f"data read: {data}",
         f"clip C = {m.clip}, sensitivity Δ = {m.sensitivity}, noise multiplier σ/Δ = "
         f"{m.noise_multiplier:.6g}, noise std on each class sum = {m.sigma_sum:.6g}, "
         f"on each released mean = {m.sigma_target:.6g} (normaliser n = {m.normaliser})",
         f"noise sampler: {m.sampler}",
         f"accountant: {m.accountant} {m.accountant_version}",
-        "counts per class: public input, not derived from the data",
+        "counts per class: public input, not derived from the data"
+        + (" (the expected sample size per class, used as the normaliser)" if poisson else ""),
         "not covered: the choice of the pool size, seeds, template, model and hyper-parameters "
-        "(assumed public or chosen on public data); the sampling of the pool from the split "
-        "(no amplification claimed); checkpoint selection and few-shot demonstrations on the "
+        "(assumed public or chosen on public data); "
+        + (
+            ""
+            if poisson
+            else "the sampling of the pool from the split (no amplification claimed); "
+        )
+        + "checkpoint selection and few-shot demonstrations on the "
         "dev slice of the private split (gradmm finetune/evaluate/run; see docs/privacy.md); "
         "any other release on the same examples (compose them with `gradmm privacy DIR1 DIR2 "
         "...`)",
@@ -294,7 +386,10 @@ def composition(metas: list, names: list[str]) -> list[str]:
     total_delta = sum(m.delta for m in mechs)
     lines = []
     for relation in dict.fromkeys(m.neighbouring for m in mechs):
-        eps = composed_epsilon([m.multiplier_under(relation) for m in mechs], total_delta)
+        # amplification by Poisson sampling is accounted for add-or-remove; under replace-one a
+        # subsampled release is bounded by its unsampled Gaussian (sampling never hurts)
+        rates = [m.sampling_rate if relation == "add-remove" else None for m in mechs]
+        eps = composed_epsilon([m.multiplier_under(relation) for m in mechs], total_delta, rates)
         lines.append(
             f"== composition of {len(mechs)} DP releases on the same examples (PLD accountant, "
             f"relation {relation}): ε = {eps:.6g} at δ = {total_delta:.3g}"

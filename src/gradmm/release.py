@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,7 +63,9 @@ from gradmm.privacy import (
     delta_warning,
     gaussian_noise,
     mechanism,
+    poisson_epsilon,
     seeded_stream,
+    uniforms,
 )
 from gradmm.settings import MatchParams, ReleaseConfig
 from gradmm.tasks import (
@@ -130,16 +134,20 @@ class ReleaseMeta(BaseModel):
         if (m.type == "gaussian") != cfg.private:
             raise ValueError("the mechanism disagrees with config.epsilon/delta")
         if m.type == "gaussian":
-            if (m.epsilon, m.delta, m.clip, m.neighbouring, m.normaliser) != (
-                cfg.epsilon, cfg.delta, cfg.clip, cfg.neighbouring, cfg.n_per_class
+            if (m.epsilon, m.delta, m.clip, m.neighbouring, m.normaliser, m.sampling_rate) != (
+                cfg.epsilon, cfg.delta, cfg.clip, cfg.neighbouring, cfg.n_per_class,
+                cfg.sampling_rate,
             ):  # fmt: skip
                 raise ValueError("the mechanism disagrees with the recorded settings")
-            expected = mechanism(
-                DPSettings(epsilon=cfg.epsilon, delta=cfg.delta, clip=cfg.clip,
-                           neighbouring=cfg.neighbouring),
-                cfg.n_per_class, m.noise_seed,
-            )  # fmt: skip
-            for field in ("sensitivity", "noise_multiplier", "sigma_sum", "sampler"):
+            dp = DPSettings(epsilon=cfg.epsilon, delta=cfg.delta, clip=cfg.clip,
+                            neighbouring=cfg.neighbouring)  # fmt: skip
+            recorded = None
+            if cfg.sampling_rate is not None:  # calibration takes a minute: check its ε instead
+                recorded = m.noise_multiplier
+                if poisson_epsilon(recorded, cfg.sampling_rate, cfg.delta) > cfg.epsilon * 1.001:
+                    raise ValueError("mechanism.noise_multiplier does not give the recorded ε")
+            expected = mechanism(dp, cfg.n_per_class, m.noise_seed, cfg.sampling_rate, recorded)
+            for field in ("sensitivity", "noise_multiplier", "sigma_sum", "sampler", "accountant"):
                 a, b = getattr(m, field), getattr(expected, field)
                 if a != b and not (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)):
                     raise ValueError(f"mechanism.{field} is not what the settings give")
@@ -342,6 +350,9 @@ def release_targets(
     space = GradientSpace.of(config.match_params, prompt.label_ids, vocab_rows, hidden,
                              config.sketch_dim, config.sketch_seed)  # fmt: skip
 
+    # data-independent, and may refuse the settings: decided before any private data is read
+    protection = Mechanism(type="none") if dp is None else mechanism(
+        dp, config.n_per_class, config.noise_seed, config.sampling_rate)  # fmt: skip
     split = source = None
     if config.target == "noise":  # the control reads no data at all
         counts = [config.n_per_class] * task.num_classes
@@ -352,17 +363,20 @@ def release_targets(
         sums = [{n: torch.zeros(shape) for n, shape in shapes.items()} for _ in counts]
     else:
         split = config.split or task.private_split
-        examples, picked = private_pool(task, split, config.n_per_class, config.seed,
-                                        config.data_dir)  # fmt: skip
+        if config.sampling == "poisson":
+            examples, picked = poisson_pool(task, split, config.sampling_rate, config.data_dir,
+                                            _random_bytes(config, "sampling"))  # fmt: skip
+            counts = [config.n_per_class] * task.num_classes  # the sample's sizes stay private
+        else:
+            examples, picked = private_pool(task, split, config.n_per_class, config.seed,
+                                            config.data_dir)  # fmt: skip
+            counts = [len(ix) for ix in picked]
         source = f"{task.name}/{Path(examples.source).name}"
-        counts = [len(ix) for ix in picked]
         sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
 
     if dp is None:
         per_class = [{n: g / k for n, g in s.items()} for s, k in zip(sums, counts, strict=True)]
-        protection = Mechanism(type="none")
     else:
-        protection = mechanism(dp, config.n_per_class, config.noise_seed)
         per_class = _add_noise(sums, protection, config)
 
     tensors = {name: torch.stack([t[name] for t in per_class]).contiguous() for name in params}
@@ -413,17 +427,14 @@ def _add_noise(sums: list[dict[str, Tensor]], protection: Mechanism, config) -> 
     The noise is float64 from :func:`gradmm.privacy.gaussian_noise` (the OS CSPRNG, or a
     recorded seed for simulations), added in float64 and rounded once to fp32.
     """
-    stream = None
-    if config.noise_seed is not None:
-        stream = seeded_stream(config.noise_seed, config.public_fields())
     sizes = [g.numel() for s in sums for g in s.values()]
-    draws = iter(gaussian_noise(sizes, protection.sigma_sum, stream))
+    draws = iter(gaussian_noise(sizes, protection.sigma_sum, _random_bytes(config, "noise")))
     out = []
     for s in sums:
         noisy = {}
         for name, g in s.items():
             total = g.double() + torch.from_numpy(next(draws)).reshape(g.shape)
-            noisy[name] = (total / config.n_per_class).to(g.dtype)
+            noisy[name] = (total / protection.normaliser).to(g.dtype)
         out.append(noisy)
     return out
 
@@ -437,6 +448,31 @@ def private_pool(
     examples = load_examples(task, split, data_dir)
     exclude = private_pool_exclusions(task, split, len(examples.labels))
     return examples, sample_per_class(examples.labels, task.label_names, n_per_class, seed, exclude)
+
+
+def poisson_pool(
+    task: Task, split: str, rate: float, data_dir: str | None, random_bytes: Callable[[int], bytes]
+) -> tuple[Examples, list[list[int]]]:
+    """The private split and, per class, the indices of a Poisson sample: every row outside the
+    dev slice kept independently with probability ``rate``, decided by ``random_bytes`` (the OS
+    CSPRNG for a real release: the amplification needs a sample nobody can predict)."""
+    examples = load_examples(task, split, data_dir)
+    excluded = set(private_pool_exclusions(task, split, len(examples.labels)))
+    kept = uniforms(len(examples.labels), random_bytes) < rate
+    picked = [[] for _ in task.label_names]
+    for i, (label, keep) in enumerate(zip(examples.labels, kept, strict=True)):
+        if keep and i not in excluded:
+            picked[label].append(i)
+    return examples, picked
+
+
+def _random_bytes(config: ReleaseConfig, purpose: str) -> Callable[[int], bytes]:
+    """Random bytes for ``purpose`` (noise, sampling): the OS CSPRNG, or a simulation's seeded
+    stream, keyed by the purpose too (the sample and the noise never share draws)."""
+    if config.noise_seed is None:
+        return secrets.token_bytes
+    public = config.public_fields()
+    return seeded_stream(config.noise_seed, public if purpose == "noise" else [public, purpose])
 
 
 def private_pool_exclusions(task: Task, split: str, n_examples: int) -> list[int]:

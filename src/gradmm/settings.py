@@ -29,7 +29,17 @@ class ReleaseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     task: str = Field(description="built-in task name or a task YAML file")
     model: str = Field(description="hub id or local folder of a causal LM")
-    n_per_class: int = Field(25, ge=1, description="private examples sampled per class")
+    n_per_class: int = Field(
+        25, ge=1, description="private examples sampled per class (Poisson sampling: the "
+        "expected number, the public normaliser)"
+    )  # fmt: skip
+    sampling: Literal["fixed", "poisson"] = Field(
+        "fixed", description="'fixed': n_per_class per class, seeded; 'poisson': every example "
+        "of the split kept with probability sampling_rate (DP amplification)"
+    )  # fmt: skip
+    sampling_rate: float | None = Field(
+        None, gt=0, le=1, description="q of --sampling poisson"
+    )  # fmt: skip
     split: str | None = Field(None, description="private split (default: the task's, 'train')")
     seed: int = Field(0, description="seed of the pool's sample")
     data_dir: str | None = Field(None, description="folder laid out like shared/data")
@@ -64,9 +74,13 @@ class ReleaseConfig(BaseModel):
     )  # fmt: skip
 
     @model_validator(mode="after")
-    def _sketch_dim_with_sketch(self) -> ReleaseConfig:
+    def _consistent(self) -> ReleaseConfig:
         if (self.sketch_dim is not None) != (self.match_params == "sketch"):
             raise ValueError("sketch_dim goes with match_params: sketch, and only with it")
+        if (self.sampling_rate is not None) != (self.sampling == "poisson"):
+            raise ValueError("sampling_rate goes with sampling: poisson, and only with it")
+        if self.sampling == "poisson" and not self.private:
+            raise ValueError("Poisson sampling is for DP releases: give epsilon and delta")
         return self
 
     @property
