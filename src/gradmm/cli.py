@@ -378,6 +378,32 @@ def audit(
     typer.echo(f"wrote {out or default_report_path(run)} (PRIVATE: do not publish)")
 
 
+@command(app, "finished steps were kept in OUT: rerun the same command to resume",
+         name="canary-audit")  # fmt: skip
+def canary_audit(
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            help="YAML: release, generate, canaries, prefix_words, suffix_tokens, ngram, seed.",
+        ),
+    ] = ...,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the canaries, release, run and report (all PRIVATE).")
+    ] = ...,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Membership inference from the synthetic text alone: plant canaries, release, generate,
+    score them with an n-gram model of the synthetic text (Meeus et al. 2025)."""
+    from gradmm.canary import CanaryAuditConfig
+    from gradmm.canary import canary_audit as run_audit
+
+    report = run_audit(build_config(CanaryAuditConfig, {}, config), out, progress=not quiet)
+    typer.echo(f"canary membership inference: ROC AUC {report['roc_auc']}, TPR at FPR 0.1 "
+               f"{report['tpr_at_fpr_0.1']} ({report['members']} planted, "
+               f"{report['non_members']} not); wrote {out / 'report.json'} (PRIVATE)")  # fmt: skip
+
+
 model_app = typer.Typer(no_args_is_help=True, help="Real pretrained checkpoints, no hub needed.")
 app.add_typer(model_app, name="model")
 

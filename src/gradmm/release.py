@@ -39,7 +39,14 @@ from gradmm import __version__, paper
 from gradmm.checkpoints import resolve_model_name
 from gradmm.config import one_line
 from gradmm.errors import UserError, warn
-from gradmm.files import OutputKind, check_output_dir, read_json, staged_dir, write_json
+from gradmm.files import (
+    OutputKind,
+    check_output_dir,
+    read_json,
+    read_jsonl_numbered,
+    staged_dir,
+    write_json,
+)
 from gradmm.matching import (
     GradientSpace,
     LabelTokens,
@@ -73,6 +80,7 @@ from gradmm.tasks import (
     PromptTokens,
     Task,
     dev_indices,
+    examples_from_rows,
     load_examples,
     load_task,
     tokenize_prompt,
@@ -370,6 +378,8 @@ def release_targets(
         else:
             examples, picked = private_pool(task, split, config.n_per_class, config.seed,
                                             config.data_dir)  # fmt: skip
+            if config.canary_file is not None:
+                examples, picked = _planted(task, examples, picked, config.canary_file)
             counts = [len(ix) for ix in picked]
         source = f"{task.name}/{Path(examples.source).name}"
         sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
@@ -464,6 +474,19 @@ def poisson_pool(
         if keep and i not in excluded:
             picked[label].append(i)
     return examples, picked
+
+
+def _planted(task: Task, examples: Examples, picked: list[list[int]],
+             canary_file: str) -> tuple[Examples, list[list[int]]]:  # fmt: skip
+    """The pool with the rows of ``canary_file`` added to their classes (canary audits)."""
+    extra = examples_from_rows(task, read_jsonl_numbered(Path(canary_file)), canary_file)
+    start = len(examples.texts)
+    merged = Examples(examples.texts + extra.texts, examples.labels + extra.labels,
+                      examples.source)  # fmt: skip
+    picked = [list(ix) for ix in picked]
+    for j, label in enumerate(extra.labels):
+        picked[label].append(start + j)
+    return merged, picked
 
 
 def _random_bytes(config: ReleaseConfig, purpose: str) -> Callable[[int], bytes]:

@@ -42,7 +42,9 @@ class ReleaseConfig(BaseModel):
     )  # fmt: skip
     split: str | None = Field(None, description="private split (default: the task's, 'train')")
     seed: int = Field(0, description="seed of the pool's sample")
-    data_dir: str | None = Field(None, description="folder laid out like shared/data")
+    # local paths (data_dir, canary_file) are never recorded: exclude=True keeps them out of
+    # release.json
+    data_dir: str | None = Field(None, exclude=True, description="folder laid out like shared/data")
     preset: Literal["default", "paper"] = Field(
         "default", description="'paper': the authors' tokenisation of template and label words"
     )
@@ -66,6 +68,10 @@ class ReleaseConfig(BaseModel):
     target: Literal["real", "noise"] = Field(
         "real", description="'noise': zero-signal control of the same σ; reads no data"
     )
+    canary_file: str | None = Field(
+        None, exclude=True, description="audit only: JSONL of extra rows planted in the pool "
+        "(gradmm canary-audit); recorded in the counts, its path is not"
+    )  # fmt: skip
     # Seed of the DP noise: a simulation without guarantee, recorded in the mechanism (whoever
     # knows it can subtract the noise). Unset: the OS CSPRNG, nothing to replay.
     noise_seed: int | None = Field(
@@ -89,8 +95,8 @@ class ReleaseConfig(BaseModel):
 
     def public_fields(self) -> dict:
         """The settings ``release.json`` records: all but the noise seed (recorded, when set, in
-        the mechanism) and the local data folder (a path on the releaser's machine)."""
-        return self.model_dump(mode="json", exclude={"data_dir"})
+        the mechanism) and the local paths of the data folder and of any canary file."""
+        return self.model_dump(mode="json")
 
 
 class SolverConfig(BaseModel):

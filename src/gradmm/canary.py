@@ -1,0 +1,177 @@
+"""Canary audit: membership inference from the synthetic text alone (Meeus et al., ICML 2025,
+"The Canary's Echo").
+
+An auditor who sees only the synthetic data asks whether a record was in the private pool.
+Canaries make that measurable: each is an in-distribution prefix (the first words of a real
+example of the private split that no pool draws) followed by a high-perplexity suffix (tokens
+drawn uniformly from the vocabulary), with a random label. A seeded half is planted in the pool
+before the release; the other half is never seen. Generation runs as usual, then an n-gram
+language model fitted on the synthetic texts scores every canary's suffix (mean log-probability
+of its tokens after its own context): planted canaries echoed by the synthetic text score
+higher. The audit reports the ROC AUC of members vs non-members (0.5: the synthetic text says
+nothing about membership) and the TPR at low FPR.
+
+Everything here is private: the canaries carry real prefixes and the planted set is the secret
+the attack guesses. :func:`canary_audit` writes them, the release, the run and the report into
+one folder labelled private.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from gradmm.audit import roc_auc
+from gradmm.errors import UserError
+from gradmm.files import read_jsonl, write_json, write_jsonl
+from gradmm.tasks import Task, encode_text
+
+REPORT_LABEL = (
+    "PRIVATE: canaries carry prefixes of real private examples, and which were planted is the "
+    "secret the attack guesses"
+)
+
+
+class CanaryAuditConfig(BaseModel):
+    """Settings of ``gradmm canary-audit``: the release and generation it audits and the attack."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    release: dict[str, Any] = Field(description="release settings (gradmm.settings.ReleaseConfig)")
+    generate: dict[str, Any] = Field(default_factory=dict, description="generate settings")
+    canaries: int = Field(200, ge=2, description="canaries made; a seeded half is planted")
+    prefix_words: int = Field(6, ge=1, description="words of the in-distribution prefix")
+    suffix_tokens: int = Field(8, ge=1, description="uniformly random tokens of the suffix")
+    ngram: int = Field(2, ge=1, description="order of the attack's n-gram model")
+    seed: int = Field(0, description="seed of the canaries and of the planted half")
+
+
+def make_canaries(task: Task, tokenizer, examples_texts: list[str], candidates: list[int],
+                  cfg: CanaryAuditConfig) -> list[dict]:  # fmt: skip
+    """``cfg.canaries`` canaries ``{"text", "label", "suffix"}``: prefixes from distinct
+    ``candidates`` rows, suffixes of uniformly random printable vocabulary tokens."""
+    rng = np.random.default_rng(cfg.seed)
+    if len(candidates) < cfg.canaries:
+        raise UserError(f"only {len(candidates)} examples can give canary prefixes; "
+                        f"ask for fewer canaries")  # fmt: skip
+    vocab = [t for t in range(len(tokenizer)) if tokenizer.decode([t]).strip().isalpha()]
+    out = []
+    for i in rng.choice(candidates, cfg.canaries, replace=False):
+        prefix = " ".join(examples_texts[i].split()[: cfg.prefix_words])
+        suffix = tokenizer.decode(rng.choice(vocab, cfg.suffix_tokens).tolist())
+        out.append({"text": f"{prefix} {suffix.strip()}", "label": int(rng.integers(
+            task.num_classes)), "suffix": suffix.strip()})  # fmt: skip
+    return out
+
+
+class NgramModel:
+    """An order-``n`` token n-gram model with add-one smoothing, fitted on token sequences."""
+
+    def __init__(self, sequences: list[list[int]], n: int, vocab_size: int):
+        self.n, self.vocab = n, vocab_size
+        self.counts: Counter = Counter()
+        self.contexts: Counter = Counter()
+        for seq in sequences:
+            padded = [-1] * (n - 1) + seq
+            for i in range(n - 1, len(padded)):
+                context = tuple(padded[i - n + 1 : i])
+                self.counts[context + (padded[i],)] += 1
+                self.contexts[context] += 1
+
+    def log_prob(self, context: list[int], token: int) -> float:
+        """log P(token | the last n − 1 tokens of ``context``), padded at the start."""
+        ctx = tuple(([-1] * (self.n - 1) + context)[len(context) :]) if self.n > 1 else ()
+        return math.log((self.counts[ctx + (token,)] + 1) / (self.contexts[ctx] + self.vocab))
+
+    def score(self, prefix: list[int], suffix: list[int]) -> float:
+        """Mean log-probability of ``suffix``'s tokens, each after everything before it."""
+        seq = prefix + suffix
+        start = len(prefix)
+        return sum(self.log_prob(seq[:i], seq[i]) for i in range(start, len(seq))) / len(suffix)
+
+
+def tpr_at_fpr(member_scores: list[float], other_scores: list[float], fpr: float) -> float:
+    """True-positive rate at the threshold that lets at most ``fpr`` of non-members through."""
+    others = np.sort(np.asarray(other_scores))[::-1]
+    allowed = int(math.floor(fpr * len(others)))
+    threshold = others[allowed] if allowed < len(others) else -np.inf
+    return float(np.mean(np.asarray(member_scores) > threshold))
+
+
+def attack(canaries: list[dict], planted: list[bool], synthetic: list[str], tokenizer,
+           ngram: int) -> dict:  # fmt: skip
+    """Score every canary with an n-gram model of ``synthetic``; AUC and TPR at low FPR."""
+    model = NgramModel([encode_text(tokenizer, t) for t in synthetic], ngram, len(tokenizer))
+    scores = []
+    for c in canaries:
+        prefix = c["text"][: len(c["text"]) - len(c["suffix"])]
+        scores.append(model.score(encode_text(tokenizer, prefix.rstrip()),
+                                  encode_text(tokenizer, " " + c["suffix"])))  # fmt: skip
+    members = [s for s, p in zip(scores, planted, strict=True) if p]
+    others = [s for s, p in zip(scores, planted, strict=True) if not p]
+    return {
+        "members": len(members),
+        "non_members": len(others),
+        "roc_auc": round(roc_auc(members, others), 4),
+        "tpr_at_fpr_0.01": round(tpr_at_fpr(members, others, 0.01), 4),
+        "tpr_at_fpr_0.1": round(tpr_at_fpr(members, others, 0.1), 4),
+    }
+
+
+def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> dict:
+    """Make canaries, plant half in the pool, release, generate, attack; writes ``out``
+    (``canaries.jsonl``, ``release/``, ``run/``, ``report.json``, all private) and returns the
+    report. A rerun resumes: finished steps are kept."""
+    from gradmm.generate import generate
+    from gradmm.models import load_model
+    from gradmm.release import private_pool, private_pool_exclusions, release_targets
+    from gradmm.settings import ReleaseConfig, resolve_config
+    from gradmm.tasks import load_task
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rc = ReleaseConfig(**cfg.release)
+    if rc.sampling != "fixed":
+        raise UserError("the canary audit plants canaries in a fixed pool (--sampling fixed)")
+    task = load_task(rc.task)
+    split = rc.split or task.private_split
+    tokenizer = load_model(rc.model).tokenizer
+    canary_file = out / "canaries.jsonl"
+    if not canary_file.exists():
+        examples, picked = private_pool(task, split, rc.n_per_class, rc.seed, rc.data_dir)
+        taken = {i for ix in picked for i in ix}
+        taken |= set(private_pool_exclusions(task, split, len(examples.labels)))
+        candidates = [i for i in range(len(examples.labels)) if i not in taken]
+        canaries = make_canaries(task, tokenizer, examples.texts, candidates, cfg)
+        planted = (
+            np.random.default_rng(cfg.seed + 1).permutation(len(canaries)) < len(canaries) // 2
+        )
+        write_jsonl(canary_file, [{**c, "planted": bool(p)} for c, p in zip(canaries, planted,
+                                                                         strict=True)])  # fmt: skip
+    rows = read_jsonl(canary_file)
+    planted_file = out / "planted.jsonl"
+    write_jsonl(planted_file, [{"text": r["text"], "label": r["label"]} for r in rows
+                               if r["planted"]])  # fmt: skip
+    release = out / "release"
+    if not (release / "release.json").exists():
+        release_targets(rc.model_copy(update={"canary_file": str(planted_file)}), release)
+    run = out / "run"
+    if not (run / "synthetic.jsonl").exists():
+        generate(release, run, resolve_config(cfg.generate), progress=progress)
+    synthetic = [r["text"] for r in read_jsonl(run / "synthetic.jsonl")]
+    report = {
+        "stage": "canary-audit",
+        "private": True,
+        "label": REPORT_LABEL,
+        "config": cfg.model_dump(mode="json"),
+        "synthetic_examples": len(synthetic),
+        "attack": f"{cfg.ngram}-gram model (add-one) of the synthetic text; score: mean "
+        "log-probability of the canary's suffix tokens",
+        **attack(rows, [r["planted"] for r in rows], synthetic, tokenizer, cfg.ngram),
+    }
+    write_json(out / "report.json", report)
+    return report

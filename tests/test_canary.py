@@ -1,0 +1,73 @@
+"""Canary audit (membership inference from the synthetic text alone): the n-gram model against
+counts by hand, TPR at low FPR, an attack that must succeed on leaky text and fail on
+independent text, and the audit end to end with its canaries planted in the release."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import cli
+
+from gradmm.canary import CanaryAuditConfig, NgramModel, attack, make_canaries, tpr_at_fpr
+from gradmm.models import load_model
+from gradmm.tasks import BUILTIN_TASKS, load_examples
+
+
+def test_bigram_model_is_counting_with_add_one():
+    model = NgramModel([[1, 2, 3], [1, 2, 2]], n=2, vocab_size=5)
+    # P(2 | 1) = (count(1,2) + 1) / (count(1,·) + 5) = 3 / 7
+    assert model.log_prob([7, 1], 2) == pytest.approx(math.log(3 / 7))
+    assert model.log_prob([], 1) == pytest.approx(math.log(3 / 7))  # start of sequence
+    total = sum(math.exp(model.log_prob([2], t)) for t in range(5))
+    assert total == pytest.approx(1.0)  # a distribution over the vocabulary
+    # P(3 | 2) = (count(2,3) + 1) / (count(2,·) + 5) = 2 / 7
+    assert model.score([1], [2, 3]) == pytest.approx((math.log(3 / 7) + math.log(2 / 7)) / 2)
+
+
+def test_tpr_at_fpr():
+    others = list(range(100))  # non-members score 0..99
+    members = [99.5, 98.5, 50]
+    assert tpr_at_fpr(members, others, 0.0) == pytest.approx(1 / 3)  # above every non-member
+    assert tpr_at_fpr(members, others, 0.01) == pytest.approx(2 / 3)  # above all but 99
+    assert tpr_at_fpr(members, others, 0.1) == pytest.approx(2 / 3)
+    assert tpr_at_fpr(members, others, 0.5) == pytest.approx(1.0)
+
+
+def test_attack_detects_leaky_text_and_not_independent_text(model_dirs, data_dir):
+    lm = load_model(str(model_dirs["llama"]))
+    task = BUILTIN_TASKS["sst2"]
+    ex = load_examples(task, "train", data_dir)
+    cfg = CanaryAuditConfig(release={}, canaries=30, suffix_tokens=6)
+    canaries = make_canaries(task, lm.tokenizer, ex.texts, list(range(len(ex.texts))), cfg)
+    assert len({c["text"] for c in canaries}) == 30
+    planted = [i % 2 == 0 for i in range(30)]
+    leaky = [c["text"] for c, p in zip(canaries, planted, strict=True) if p] + ex.texts[:20]
+    assert attack(canaries, planted, leaky, lm.tokenizer, 2)["roc_auc"] == 1.0
+    rng = np.random.default_rng(0)
+    aucs = [attack(canaries, list(rng.permutation(planted)), ex.texts, lm.tokenizer,
+                   2)["roc_auc"] for _ in range(20)]  # fmt: skip
+    assert 0.4 < float(np.mean(aucs)) < 0.6
+
+
+def test_canary_audit_end_to_end(model_dirs, data_dir, tmp_path):
+    spec = tmp_path / "canary.yaml"
+    spec.write_text(
+        f"release: {{task: sst2, model: {model_dirs['llama']}, n_per_class: 4, "
+        f"data_dir: {data_dir}}}\n"
+        "generate: {per_class: 4, batch: 2, length: 5, steps: 1, inner_steps: 2, "
+        "init_candidates: 2, topk: 5}\ncanaries: 12\nsuffix_tokens: 4\n"
+    )
+    r = cli("canary-audit", "--config", spec, "--out", tmp_path / "audit", "--quiet")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "audit" / "report.json").read_text())
+    assert report["private"] and report["members"] == report["non_members"] == 6
+    assert 0 <= report["roc_auc"] <= 1
+    release = json.loads((tmp_path / "audit" / "release" / "release.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "audit" / "canaries.jsonl").read_text().splitlines()]
+    planted = [sum(r["planted"] and r["label"] == c for r in rows) for c in range(2)]
+    assert release["counts"] == [4 + planted[0], 4 + planted[1]]
+    assert "canary_file" not in release["config"]  # a local path is never recorded
+    r = cli("canary-audit", "--config", spec, "--out", tmp_path / "audit", "--quiet")
+    assert r.exit_code == 0
+    assert json.loads((tmp_path / "audit" / "report.json").read_text()) == report
