@@ -126,6 +126,11 @@ def audit_run(
     model = meta.model.path or resolve_model_name(meta.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model)
     assert meta.split is not None
+    if meta.config.sampling == "poisson":
+        raise UserError(
+            "the release drew a Poisson sample that nobody recorded (that is its privacy): "
+            "there is no pool to audit against; see gradmm canary-audit"
+        )
     # the release does not record where the data lives: --data-dir or $GRADMM_DATA_DIR
     examples, picked = private_pool(task, meta.split, meta.counts[0], meta.seed, data_dir)
     exclude = private_pool_exclusions(task, meta.split, len(examples.labels))
