@@ -147,11 +147,46 @@ def test_cells_expand_epsilons():
         tasks=["sst2"], seeds=[0], dp_epsilons=[1, 4], methods=["gradmm", "dp_gradmm", "dp_none"]
     )
     assert experiment.cells(cfg) == [
-        ("sst2", "gradmm", 0, None),
-        ("sst2", "dp_gradmm", 0, 1),
-        ("sst2", "dp_gradmm", 0, 4),
-        ("sst2", "dp_none", 0, None),
+        ("sst2", "gradmm", 0, None, None, None),
+        ("sst2", "dp_gradmm", 0, 1, None, None),
+        ("sst2", "dp_gradmm", 0, 4, None, None),
+        ("sst2", "dp_none", 0, None, None, None),
     ]
+
+
+def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_dir, tmp_path):
+    """Pool sizes x released gradients x ε for the DP methods, Poisson-sampled pools: every cell
+    has its own release and noise stream, its control is the noise-only release of the same
+    settings, and results.csv has the study's columns."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"model: {model_dirs['phi']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0]\n"
+        "methods: [dp_gradmm, dp_noise]\nsynthetic_per_class: 2\ndp_epsilons: [8.0]\n"
+        "dp_pool_sizes: [4, 8]\ndp_match_params: [label-rows, sketch]\ndp_sketch_dim: 4\n"
+        "dp_sampling: poisson\n"
+        "generate: {batch: 2, length: 4, steps: 1, inner_steps: 1, init_candidates: 2, topk: 5}\n"
+        "filter: {keep_per_class: 2, classifier: false}\n"
+        "finetune: {steps: 2, batch_size: 2, eval_every: 2}\n"
+    )
+    out = tmp_path / "exp"
+    rows = experiment.run_experiment(spec, out, progress=False)
+    assert len(rows) == 8
+    with (out / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    for column in ("task", "method", "seed", "epsilon", "n_per_class", "match_params",
+                   "test_accuracy", "dev_accuracy", "mean_matching_loss"):  # fmt: skip
+        assert all(row[column] != "" for row in table), column
+    seeds = set()
+    for n in (4, 8):
+        for match, shape in (("label-rows", (2, 2, 32)), ("sketch", (2, 4, 4))):
+            rel = load_release(out / f"releases/sst2/seed0/dp_eps8_n{n}_{match}")
+            m = rel.meta.mechanism
+            assert rel.meta.match_params == match and tuple(rel.target_weight.shape) == shape
+            assert m.sampling_rate == pytest.approx(2 * n / 40) and m.normaliser == n
+            seeds.add(m.noise_seed)
+    assert len(seeds) == 4  # every release its own noise
+    comparisons = report.comparison_table(rows)
+    assert "| dp_gradmm@eps8/n4/sketch − dp_noise@eps8/n4/sketch |" in comparisons
 
 
 def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_path):

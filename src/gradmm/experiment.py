@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ from gradmm.finetune import FinetuneConfig
 from gradmm.methods import METHODS, Cell
 from gradmm.models import Runtime, fingerprint, load_model
 from gradmm.report import plot, write_tables
-from gradmm.settings import resolve_config
+from gradmm.settings import MatchParams, resolve_config
 from gradmm.tasks import load_task
 
 EXPERIMENT_DIR = OutputKind(
@@ -51,6 +51,14 @@ class ExperimentConfig(BaseModel):
     dp_epsilons: list[float] = [1.0, 8.0]
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
+    # Axes of a DP study: the per-ε methods (dp_gradmm, dp_noise) also run once per pool size and
+    # per released gradient. None / ["output"]: n_per_class and the output layer only.
+    dp_pool_sizes: list[int] | None = Field(None, description="pool sizes n per class")
+    dp_match_params: list[MatchParams] = ["output"]
+    dp_sketch_dim: int | None = Field(None, ge=1, description="R of the sketch target")
+    # 'poisson': a DP pool of size n is a Poisson sample of the split at rate n·C / (split size
+    # outside the dev slice), its guarantee stated for the split (add-or-remove-one)
+    dp_sampling: Literal["fixed", "poisson"] = "fixed"
     generate: dict[str, Any] = {}
     filter: dict[str, Any] = {}
     finetune: dict[str, Any] = {}
@@ -88,21 +96,28 @@ def load_experiment(path: Path) -> ExperimentConfig:
     return cfg
 
 
-def cells(cfg: ExperimentConfig) -> list[tuple[str, str, int, float | None]]:
-    """(task, method, seed, epsilon) of every cell, in run order."""
+CellKey = tuple[str, str, int, float | None, int | None, str | None]
+
+
+def cells(cfg: ExperimentConfig) -> list[CellKey]:
+    """(task, method, seed, epsilon, pool size, released gradient) of every cell, in run order;
+    the last two are None outside a DP study's axes."""
+    sizes = cfg.dp_pool_sizes or [None]
+    matches = [None] if cfg.dp_match_params == ["output"] else cfg.dp_match_params
     out = []
     for task in cfg.tasks:
         for seed in cfg.seeds:
             for method in cfg.methods:
                 if METHODS[method].per_epsilon:
-                    out += [(task, method, seed, eps) for eps in cfg.dp_epsilons]
+                    out += [(task, method, seed, eps, n, match) for eps in cfg.dp_epsilons
+                            for n in sizes for match in matches]  # fmt: skip
                 else:
-                    out.append((task, method, seed, None))
+                    out.append((task, method, seed, None, None, None))
     return out
 
 
-def cell_dir(out: Path, task: str, method: str, seed: int, eps: float | None) -> Path:
-    return Cell(None, out, task, method, seed, eps).folder
+def cell_dir(out: Path, *key) -> Path:
+    return Cell(None, out, *key).folder
 
 
 def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[dict]:
@@ -120,13 +135,14 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     pending = [c for c in todo if not (cell_dir(out, *c) / "result.json").exists()]
     desc = f"experiment ({len(todo) - len(pending)} of {len(todo)} cells already done)"
     bar = tqdm(pending, desc=desc, unit="cell", disable=not progress)
-    for task, method, seed, eps in bar:
-        path = cell_dir(out, task, method, seed, eps) / "result.json"
-        bar.set_postfix_str(f"{task}/{method}{'' if eps is None else f'@{eps:g}'}/seed{seed}")
+    for key in bar:
+        task, method, seed, eps, n, match = key
+        path = cell_dir(out, *key) / "result.json"
+        bar.set_postfix_str(f"{task}/{Cell(None, out, *key).name}/seed{seed}")
         started = time.time()
-        result = run_cell(cfg, out, task, method, seed, eps)
-        result.update(task=task, method=method, seed=seed, epsilon=eps,
-                      seconds=round(time.time() - started, 1))  # fmt: skip
+        result = run_cell(cfg, out, *key)
+        result.update(task=task, method=method, seed=seed, epsilon=eps, n_per_class=n,
+                      match_params=match, seconds=round(time.time() - started, 1))  # fmt: skip
         write_json(path, result)
     rows = [read_json(cell_dir(out, *c) / "result.json") for c in todo]
     write_tables(rows, out)
@@ -135,7 +151,7 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
 
 
 # Fields that only select cells: a resumed run may change them (e.g. add a seed).
-CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons")
+CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons", "dp_pool_sizes", "dp_match_params")
 
 
 def _check_same_settings(settings: dict, recorded: Path) -> None:
@@ -143,9 +159,12 @@ def _check_same_settings(settings: dict, recorded: Path) -> None:
     if not recorded.exists():
         return
     before = read_json(recorded)
+    # a setting added to gradmm since, at its default, changes nothing
+    defaults = ExperimentConfig(tasks=["-"]).model_dump(mode="json")
     changed = sorted(
-        k for k, v in settings.items() if k not in CELL_SELECTION and before.get(k) != v
-    )
+        k for k, v in settings.items() if k not in CELL_SELECTION
+        and before.get(k, defaults.get(k)) != v
+    )  # fmt: skip
     if changed:
         raise UserError(
             f"{recorded.parent} holds cells run with different {', '.join(changed)}; "
@@ -156,7 +175,6 @@ def _check_same_settings(settings: dict, recorded: Path) -> None:
 # ------------------------------------------------------------------------------------ cells
 
 
-def run_cell(cfg: ExperimentConfig, out: Path, task: str, method: str, seed: int,
-             eps: float | None) -> dict:  # fmt: skip
-    """The result of one cell (see :mod:`gradmm.methods`)."""
-    return METHODS[method].run(Cell(cfg, out, task, method, seed, eps))
+def run_cell(cfg: ExperimentConfig, out: Path, *key) -> dict:
+    """The result of the cell of ``key`` (see :func:`cells` and :mod:`gradmm.methods`)."""
+    return METHODS[key[1]].run(Cell(cfg, out, *key))

@@ -40,9 +40,15 @@ from gradmm.filtering import FilterConfig, filter_run
 from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.generate import generate
 from gradmm.models import Runtime, load_model, place
-from gradmm.release import ReleaseConfig, load_release, private_pool, release_targets
+from gradmm.release import (
+    ReleaseConfig,
+    load_release,
+    private_pool,
+    private_pool_exclusions,
+    release_targets,
+)
 from gradmm.settings import resolve_config
-from gradmm.tasks import Task, load_task, tokenize_prompt
+from gradmm.tasks import Task, load_examples, load_task, tokenize_prompt
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,19 @@ class Cell:
     method: str
     seed: int
     epsilon: float | None
+    pool_size: int | None = None  # a DP study's pool size n (None: the experiment's n_per_class)
+    match_params: str | None = None  # a DP study's released gradient (None: the output layer)
+
+    @property
+    def name(self) -> str:
+        """The method and this cell's settings of the DP axes, e.g. ``dp_gradmm_eps1_n250``."""
+        name = self.method if self.epsilon is None else f"{self.method}_eps{self.epsilon:g}"
+        name += "" if self.pool_size is None else f"_n{self.pool_size}"
+        return name + ("" if self.match_params is None else f"_{self.match_params}")
 
     @property
     def folder(self) -> Path:
-        name = self.method if self.epsilon is None else f"{self.method}_eps{self.epsilon:g}"
-        return self.out / "cells" / self.task / name / f"seed{self.seed}"
+        return self.out / "cells" / self.task / self.name / f"seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -89,13 +103,15 @@ def method(name: str, **flags) -> Callable[[Callable[[Cell], dict]], Callable[[C
 # ------------------------------------------------------------------------------------ stages
 
 
-def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None) -> Path:
-    """A release shared by the cells of (task, seed): default, paper, dp or noise."""
-    name = kind if eps is None else f"{kind}_eps{eps:g}"
+def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None,
+                   n: int | None = None, match: str | None = None) -> Path:  # fmt: skip
+    """A release shared by the cells of (task, seed): default, paper, dp or noise (the DP ones
+    of pool size ``n`` and released gradient ``match`` in a DP study)."""
+    name = Cell(None, out, task, kind, seed, eps, n, match).name
     path = out / "releases" / task / f"seed{seed}" / name
     if (path / "release.json").exists():
         return path
-    rc = dict(task=task, model=cfg.model, n_per_class=cfg.n_per_class, seed=seed,
+    rc = dict(task=task, model=cfg.model, n_per_class=n or cfg.n_per_class, seed=seed,
               data_dir=cfg.data_dir)  # fmt: skip
     if kind == "paper":
         rc["preset"] = "paper"
@@ -105,8 +121,23 @@ def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None) ->
         # A simulation on public data: seeded noise so that the table reproduces (recorded as
         # seeded: no guarantee). A real private release draws from the OS CSPRNG (the default).
         rc["noise_seed"] = simulation_noise_seed(task, seed, name)
+        if match is not None:
+            rc["match_params"] = match
+            rc["sketch_dim"] = cfg.dp_sketch_dim if match == "sketch" else None
+        if cfg.dp_sampling == "poisson":
+            rc.update(sampling="poisson", neighbouring="add-remove",
+                      sampling_rate=poisson_rate(load_task(task), rc["n_per_class"],
+                                                 cfg.data_dir))  # fmt: skip
     release_targets(ReleaseConfig(**rc), path, runtime=cfg.runtime)
     return path
+
+
+def poisson_rate(task: Task, n_per_class: int, data_dir: str | None) -> float:
+    """The Poisson rate whose expected pool has ``n_per_class`` examples per class on average:
+    ``n·C`` over the private split's rows outside the dev slice (capped at 1)."""
+    rows = len(load_examples(task, task.private_split, data_dir).labels)
+    eligible = rows - len(private_pool_exclusions(task, task.private_split, rows))
+    return min(1.0, n_per_class * task.num_classes / eligible)
 
 
 def simulation_noise_seed(task: str, seed: int, release_name: str) -> int:
@@ -251,7 +282,8 @@ def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
         eps = cell.epsilon if kind in ("dp", "noise") else None
         if cell.method == "dp_none":  # no matching, so any DP release serves; the first ε's
             eps = cell.cfg.dp_epsilons[0]
-        rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, kind, eps)
+        rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, kind, eps, cell.pool_size,
+                             cell.match_params)  # fmt: skip
         train = synthetic_set(cell, rel, **generate_options)
         result = train_and_describe(cell.cfg, cell.task, cell.seed, train)
         result["mean_rec_loss"] = read_json(train.parent / "manifest.json")["mean_rec_loss"]

@@ -13,7 +13,13 @@ from gradmm.files import write_text
 
 
 def method_label(row: dict) -> str:
-    return row["method"] if row["epsilon"] is None else f"{row['method']}@eps{row['epsilon']:g}"
+    """The method and its DP settings, e.g. ``dp_gradmm@eps1/n250/label-rows``."""
+    settings = [] if row["epsilon"] is None else [f"eps{row['epsilon']:g}"]
+    if row.get("n_per_class") is not None:
+        settings.append(f"n{row['n_per_class']}")
+    if row.get("match_params") is not None:
+        settings.append(row["match_params"])
+    return row["method"] + ("@" + "/".join(settings) if settings else "")
 
 
 # Baselines each synthetic-data method is compared with, paired by task and seed; a DP method
@@ -35,11 +41,13 @@ COMPARISONS = {
 def write_tables(rows: list[dict], out: Path) -> None:
     """Write ``results.csv`` (one row per cell) and ``results.md`` (accuracy, training-set sizes,
     paired differences)."""
-    fields = ["task", "method", "epsilon", "seed", "test_accuracy", "dev_accuracy",
-              "selected_step", "train_examples", "mean_rec_loss", "train_perplexity",
-              "train_perplexity_mean", "seconds"]  # fmt: skip
+    fields = ["task", "method", "epsilon", "n_per_class", "match_params", "seed",
+              "test_accuracy", "dev_accuracy", "selected_step", "train_examples",
+              "mean_matching_loss", "train_perplexity", "train_perplexity_mean",
+              "seconds"]  # fmt: skip
     lines = [",".join(fields)]
     for r in rows:
+        r = {**r, "mean_matching_loss": r.get("mean_rec_loss")}
         lines.append(",".join("" if r.get(f) is None else str(r.get(f)) for f in fields))
     write_text(out / "results.csv", "\n".join(lines) + "\n")
     n_seeds = len({r["seed"] for r in rows})
@@ -134,10 +142,10 @@ def comparison_table(rows: list[dict]) -> str:
     acc = {(r["task"], method_label(r), r["seed"]): r["test_accuracy"] for r in rows}
     table = ["| method − baseline | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m in dict.fromkeys(method_label(r) for r in rows):
-        method, _, eps = m.partition("@")
+        method, _, settings = m.partition("@")
         for base in COMPARISONS.get(method, ()):
-            if base == "dp_noise" and eps:
-                base = f"{base}@{eps}"
+            if base == "dp_noise" and settings:  # the control of the same ε, n and gradient
+                base = f"{base}@{settings}"
             cells_ = []
             for t in tasks:
                 diffs = [100 * (a - acc[(t, base, s)]) for (t_, m_, s), a in acc.items()
