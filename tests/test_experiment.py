@@ -254,3 +254,15 @@ def test_text_perplexity_of_a_text_longer_than_the_context(model_dirs):
     long_text = " ".join(["the film was great and the music moving"] * 40)
     (ppl,) = text_perplexities(lm, [long_text])
     assert math.isfinite(ppl) and ppl > 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("dp_match_params: [last-block]", "no closed-form clipping"),
+    ("dp_match_params: [sketch]", "dp_sketch_dim goes with a sketch"),
+    ("dp_sketch_dim: 8", "dp_sketch_dim goes with a sketch"),
+])  # fmt: skip
+def test_dp_study_settings_are_checked_before_any_cell(extra, message, tmp_path):
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(f"tasks: [sst2]\nmethods: [dp_gradmm]\n{extra}\n")
+    with pytest.raises(UserError, match=message):
+        experiment.load_experiment(spec)

@@ -572,3 +572,18 @@ def test_poisson_releases_compose_with_amplification(model_dirs, data_dir, tmp_p
     z = a.meta.mechanism.noise_multiplier
     amplified = dp.composed_epsilon([z, z], 2e-5, [0.5, 0.5])
     assert f"ε = {amplified:.6g}" in lines[0] and amplified < dp.composed_epsilon([z, z], 2e-5)
+
+
+def test_poisson_sample_that_misses_a_class_releases_noise_for_it(model_dirs, data_dir,
+                                                                  tmp_path):  # fmt: skip
+    """At a tiny rate the sample is almost surely empty: the release still succeeds (a class
+    without examples has a zero sum, then noise), and says nothing about the sample."""
+    cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=1e-6,
+                    neighbouring="add-remove", epsilon=8.0)  # fmt: skip
+    rel = release_targets(cfg, tmp_path / "r")
+    sigma = rel.meta.mechanism.sigma_target
+    assert float(rel.target_weight.std()) == pytest.approx(sigma, rel=0.03)
+    assert rel.meta.counts == [5, 5]
+    with pytest.raises(ValueError, match="canaries are planted in a fixed pool"):
+        ReleaseConfig(task="sst2", model="m", epsilon=8.0, delta=1e-5, sampling="poisson",
+                      sampling_rate=0.1, neighbouring="add-remove", canary_file="c.jsonl")  # fmt: skip

@@ -80,6 +80,10 @@ def load_experiment(path: Path) -> ExperimentConfig:
             raise UserError(f"finetune: {section!r} is set by the runner, not the experiment file")
     build_config(FinetuneConfig, {**cfg.finetune, "model": cfg.model, "task": cfg.tasks[0],
                                   "train": "-"})  # fmt: skip
+    if "last-block" in cfg.dp_match_params:
+        raise UserError("dp_match_params: last-block has no closed-form clipping for DP")
+    if ("sketch" in cfg.dp_match_params) != (cfg.dp_sketch_dim is not None):
+        raise UserError("dp_sketch_dim goes with a sketch in dp_match_params, and only with it")
     # methods that need a task's public demonstrations: refused now, not an hour into the run
     chosen = [METHODS[m] for m in cfg.methods]
     for i, m in enumerate(chosen):
@@ -103,7 +107,8 @@ def cells(cfg: ExperimentConfig) -> list[CellKey]:
     """(task, method, seed, epsilon, pool size, released gradient) of every cell, in run order;
     the last two are None outside a DP study's axes."""
     sizes = cfg.dp_pool_sizes or [None]
-    matches = [None] if cfg.dp_match_params == ["output"] else cfg.dp_match_params
+    # the output layer is the default release: its cells keep the plain name
+    matches = [None if m == "output" else m for m in cfg.dp_match_params]
     out = []
     for task in cfg.tasks:
         for seed in cfg.seeds:
@@ -141,6 +146,8 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
         bar.set_postfix_str(f"{task}/{Cell(None, out, *key).name}/seed{seed}")
         started = time.time()
         result = run_cell(cfg, out, *key)
+        if match is None and eps is not None and cfg.dp_match_params != ["output"]:
+            match = "output"  # named in the table when the study varies the released gradient
         result.update(task=task, method=method, seed=seed, epsilon=eps, n_per_class=n,
                       match_params=match, seconds=round(time.time() - started, 1))  # fmt: skip
         write_json(path, result)

@@ -15,6 +15,8 @@ selections read no private data: ``dev_file`` (a public ``{"text","label"}`` JSO
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 from gradmm.errors import UserError
 from gradmm.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
 from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
-from gradmm.models import Runtime, load_model, place
+from gradmm.models import Runtime, fingerprint, load_model, place
 from gradmm.settings import FinetuneConfig
 from gradmm.tasks import (
     examples_from_rows,
@@ -36,7 +38,7 @@ from gradmm.tasks import (
 FINETUNE_DIR = OutputKind("finetune", "results.json", ("results.json", "model"))
 
 
-# Dev accuracy of the untrained model per (model, task, dev set, device), computed once per
+# Dev accuracy of the untrained model per (weights, task, dev set, device), computed once per
 # process: an experiment fine-tunes the same model on the same dev set dozens of times.
 _UNTRAINED_DEV: dict[tuple, dict] = {}
 
@@ -67,6 +69,9 @@ def finetune(
     # trained in fp32 (AdamW on lower-precision weights loses updates), on the runtime's device
     lm = place(load_model(config.model), Runtime(device=(runtime or Runtime()).device))
     prompt = tokenize_prompt(task, lm.tokenizer)
+    if use_dev:  # what the untrained model's dev accuracy depends on: weights, task, dev set
+        dev_digest = hashlib.sha256(json.dumps([dev.texts, dev.labels]).encode()).hexdigest()
+        key = (fingerprint(lm.model), task.model_dump_json(), dev_digest, str(lm.device))
     torch.manual_seed(config.seed)
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -84,8 +89,6 @@ def finetune(
     def dev_accuracy(step: int) -> dict:
         lm.model.eval()
         if step == 0:  # the loaded model's (LoRA adapters start at zero): the same for every run
-            key = (config.model, config.task, config.data_dir, config.dev_file, config.max_dev,
-                   str(lm.device))  # fmt: skip
             if key not in _UNTRAINED_DEV:
                 _UNTRAINED_DEV[key] = accuracy(lm, prompt, dev, task.label_names)
             row = {"step": 0, "dev": _UNTRAINED_DEV[key]}

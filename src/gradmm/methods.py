@@ -134,7 +134,8 @@ def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None,
 
 def poisson_rate(task: Task, n_per_class: int, data_dir: str | None) -> float:
     """The Poisson rate whose expected pool has ``n_per_class`` examples per class on average:
-    ``n·C`` over the private split's rows outside the dev slice (capped at 1)."""
+    ``n·C`` over the private split's rows outside the dev slice (capped at 1). It reads the
+    split's size, which the guarantee then assumes public (as DP-SGD's sampling rate does)."""
     rows = len(load_examples(task, task.private_split, data_dir).labels)
     eligible = rows - len(private_pool_exclusions(task, task.private_split, rows))
     return min(1.0, n_per_class * task.num_classes / eligible)
@@ -321,8 +322,11 @@ def _size_matched(base: str) -> Callable[[Cell], dict]:
 
     def run(cell: Cell) -> dict:
         cfg, seed = cell.cfg, cell.seed
-        gradmm_cell = Cell(cfg, cell.out, cell.task, "gradmm", seed, None).folder / "result.json"
-        counts = read_json(gradmm_cell)["train_per_class"]
+        gradmm_cell = Cell(cfg, cell.out, cell.task, "gradmm", seed, None).folder
+        counts = read_json(gradmm_cell / "result.json").get("train_per_class")
+        if counts is None:  # a cell finished before results recorded it: count its set
+            labels = [r["label"] for r in read_jsonl(gradmm_cell / "run" / "filtered.jsonl")]
+            counts = [labels.count(c) for c in range(load_task(cell.task).num_classes)]
         with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
             if base == "lm_prompted":
                 rows = read_jsonl(_lm_prompted_set(cell))

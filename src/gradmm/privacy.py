@@ -340,7 +340,8 @@ def report(meta) -> str:
         + (
             f", for every example of the split (amplified by Poisson sampling at rate "
             f"{m.sampling_rate:g}; the sample is drawn from "
-            f"{'the seeded stream' if m.seeded else 'the OS CSPRNG'})"
+            f"{'the seeded stream' if m.seeded else 'the OS CSPRNG'}; the split's size, which "
+            "sets the rate, is assumed public)"
             if poisson
             else ""
         ),

@@ -322,6 +322,7 @@ def release_targets(
         same = existing.meta.config.public_fields() == config.public_fields()
         # a seeded simulation is never handed out for a release asked to be private (or v.v.)
         same = same and existing.meta.mechanism.noise_seed == config.noise_seed
+        same = same and config.canary_file is None  # planted rows are not in the public fields
         if noisy and same and not overwrite:
             existing.reused = True
             return existing
@@ -345,7 +346,10 @@ def release_targets(
     if config.max_text_tokens is not None:
         task = task.model_copy(update={"max_text_tokens": config.max_text_tokens})
     if dp is not None:
-        note = delta_warning(dp.delta, config.n_per_class * task.num_classes)
+        protected = config.n_per_class * task.num_classes  # the pool, or the split it samples
+        if config.sampling_rate is not None:
+            protected = round(protected / config.sampling_rate)
+        note = delta_warning(dp.delta, protected)
         if note:
             warn(note)
     resolved = Path(resolve_model_name(config.model)).expanduser()
@@ -417,6 +421,11 @@ def release_targets(
             "parameters, at the model's weights, fp32"
             + SPACE_DESCRIPTIONS[config.match_params]
             + ("" if dp is None else ", each example clipped to norm C there, Gaussian noise")
+            + (
+                ""
+                if config.canary_file is None
+                else "; AUDIT RELEASE: canary rows were planted in the pool (see the counts)"
+            )
         ),
         match_params=config.match_params,
         parameters=list(params),
@@ -525,14 +534,23 @@ def _class_sums(lm, prompt, params, head, space, examples, picked, config, dp) -
         for i in indices:
             seq = prompt.encode(lm.tokenizer, examples.texts[i])
             if ctx is not None and len(seq) + labels.length - 1 > ctx:
+                # a Poisson sample is secret: the message must not say which row was drawn
+                which = "an example" if config.sampling == "poisson" else f"example {i}"
                 raise UserError(
-                    f"example {i} of {examples.source} is {len(seq) + labels.length - 1} tokens "
+                    f"{which} of {examples.source} is {len(seq) + labels.length - 1} tokens "
                     f"with the template and label word, longer than the model's context ({ctx}): "
                     f"pass --max-text-tokens {max(1, ctx - fixed)} to cut texts"
                 )
             seqs.append(seq)
         classes = [c] * len(seqs)
-        if config.match_params != "last-block":
+        if not seqs:  # a Poisson sample may miss a class: its sum is zero (then noise)
+            vocab_rows, hidden = lm.output.weight.shape
+            r1, r2 = space.shape(vocab_rows, hidden)
+            shapes = [(r1, r2), (r1,)] if config.match_params != "last-block" else [
+                p.shape for p in params.values()]  # fmt: skip
+            names = head if config.match_params != "last-block" else list(params)
+            sums.append({n: torch.zeros(shape) for n, shape in zip(names, shapes, strict=False)})
+        elif config.match_params != "last-block":
             r, h, weights = example_gradients(lm, seqs, classes, labels, config.batch_size)
             r, h = space.to(r.device).map_r(r), space.to(h.device).map_h(h)
             if dp is not None:  # joint clipping of (weight, bias) from closed-form norms
