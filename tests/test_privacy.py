@@ -586,4 +586,5 @@ def test_poisson_sample_that_misses_a_class_releases_noise_for_it(model_dirs, da
     assert rel.meta.counts == [5, 5]
     with pytest.raises(ValueError, match="canaries are planted in a fixed pool"):
         ReleaseConfig(task="sst2", model="m", epsilon=8.0, delta=1e-5, sampling="poisson",
-                      sampling_rate=0.1, neighbouring="add-remove", canary_file="c.jsonl")  # fmt: skip
+                      sampling_rate=0.1, neighbouring="add-remove",
+                      canary_file="c.jsonl")  # fmt: skip
