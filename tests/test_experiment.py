@@ -260,8 +260,9 @@ def test_text_perplexity_of_a_text_longer_than_the_context(model_dirs):
     ("dp_match_params: [last-block]", "no closed-form clipping"),
     ("dp_match_params: [sketch]", "dp_sketch_dim goes with a sketch"),
     ("dp_sketch_dim: 8", "dp_sketch_dim goes with a sketch"),
+    ("synthetic_per_class: 25\ngenerate: {batch: 10}", "must be a multiple of --batch"),
 ])  # fmt: skip
-def test_dp_study_settings_are_checked_before_any_cell(extra, message, tmp_path):
+def test_settings_are_checked_before_any_cell(extra, message, tmp_path):
     spec = tmp_path / "exp.yaml"
     spec.write_text(f"tasks: [sst2]\nmethods: [dp_gradmm]\n{extra}\n")
     with pytest.raises(UserError, match=message):

@@ -80,10 +80,6 @@ def generate(
     out = Path(out)
     if check_output_dir(out, RUN_DIR) and not overwrite:
         raise UserError(f"{out} already holds a finished run (pass --overwrite to replace it)")
-    if config.per_class % config.batch:
-        raise UserError(
-            f"--per-class ({config.per_class}) must be a multiple of --batch ({config.batch})"
-        )
     if nproc > 1 and config.engine == "reference":
         raise UserError("--engine reference runs in one process (it is the oracle)")
     release = load_release(release_dir)

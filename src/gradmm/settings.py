@@ -166,6 +166,13 @@ class GenerateConfig(SolverConfig):
         None, description="zero the template positions' x-gradient [preset's]"
     )
 
+    @model_validator(mode="after")
+    def _whole_problems(self) -> GenerateConfig:
+        if self.per_class % self.batch:
+            raise ValueError(f"per_class ({self.per_class}) must be a multiple of --batch "
+                             f"({self.batch}): each ADMM problem is one batch")  # fmt: skip
+        return self
+
 
 # Values a preset gives to the options left unset. `default` holds our fixes, `paper` the authors'.
 PRESETS: dict[str, dict[str, Any]] = {
