@@ -187,6 +187,7 @@ def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_d
     assert len(seeds) == 4  # every release its own noise
     comparisons = report.comparison_table(rows)
     assert "| dp_gradmm@eps8/n4/sketch − dp_noise@eps8/n4/sketch |" in comparisons
+    assert (out / "dp_accuracy_vs_epsilon.png").stat().st_size > 0
 
 
 def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_path):

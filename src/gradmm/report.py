@@ -205,6 +205,52 @@ def plot(rows: list[dict], out: Path) -> None:
     if pts:
         ax.legend(fontsize=6)
     _save(fig, out / "matching_vs_accuracy.png")
+    if any(r.get("n_per_class") is not None for r in rows):
+        plot_dp_study(rows, out / "dp_accuracy_vs_epsilon.png")
+
+
+def plot_dp_study(rows: list[dict], path: Path) -> None:
+    """A DP study: test accuracy (mean ± std over seeds) against ε, one panel per task and
+    released gradient, DP GRADMM (solid) and its noise-only control (dashed) per pool size, the
+    no-matching control and zero-shot as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    study = [r for r in rows if r["method"] in ("dp_gradmm", "dp_noise")]
+    tasks = list(dict.fromkeys(r["task"] for r in study))
+    targets = list(dict.fromkeys(r.get("match_params") or "output" for r in study))
+    sizes = sorted({r["n_per_class"] for r in study if r.get("n_per_class") is not None})
+    fig, axes = plt.subplots(len(tasks), len(targets), squeeze=False,
+                             figsize=(3.6 * len(targets), 3 * len(tasks)), sharey=True)  # fmt: skip
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(sizes), 1)))
+    for i, task in enumerate(tasks):
+        flat = {m: [100 * r["test_accuracy"] for r in rows if r["task"] == task
+                    and r["method"] == m] for m in ("dp_none", "zero_shot")}  # fmt: skip
+        for j, target in enumerate(targets):
+            ax = axes[i][j]
+            for n, color in zip(sizes, colors, strict=True):
+                for method, style in (("dp_gradmm", "-"), ("dp_noise", "--")):
+                    group = [r for r in study if r["task"] == task and r["method"] == method
+                             and (r.get("match_params") or "output") == target
+                             and r["n_per_class"] == n]  # fmt: skip
+                    eps = sorted({r["epsilon"] for r in group})
+                    if not eps:
+                        continue
+                    accs = [[100 * r["test_accuracy"] for r in group if r["epsilon"] == e]
+                            for e in eps]  # fmt: skip
+                    ax.errorbar(eps, [np.mean(a) for a in accs],
+                                yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
+                                ls=style, color=color, marker="o", ms=3, capsize=2,
+                                label=f"{method} n={n}")  # fmt: skip
+            for m, style in (("dp_none", ":"), ("zero_shot", "-.")):
+                if flat[m]:
+                    ax.axhline(np.mean(flat[m]), color="grey", ls=style, lw=1, label=m)
+            ax.set_xticks(sorted({r["epsilon"] for r in study}))
+            ax.set_title(f"{task} / {target}", fontsize=9)
+            ax.set_xlabel("ε")
+            if j == 0:
+                ax.set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=6)
+    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:
