@@ -588,3 +588,13 @@ def test_poisson_sample_that_misses_a_class_releases_noise_for_it(model_dirs, da
         ReleaseConfig(task="sst2", model="m", epsilon=8.0, delta=1e-5, sampling="poisson",
                       sampling_rate=0.1, neighbouring="add-remove",
                       canary_file="c.jsonl")  # fmt: skip
+
+
+def test_privacy_command_with_a_sampling_rate():
+    r = invoke("privacy", "--epsilon", "2", "--delta", "1e-5", "--sampling-rate", "0.5",
+               "--neighbouring", "add-remove", "--clip", "1", "--n-per-class", "10")  # fmt: skip
+    z = dp.poisson_noise_multiplier(2.0, 1e-5, 0.5)
+    assert r.exit_code == 0 and f"σ/Δ = {z:.6g}" in r.stdout and "Poisson sample" in r.stdout
+    assert f"{z / 10:.6g} on each released class mean" in r.stdout  # add-remove: Δ = C
+    r = invoke("privacy", "--epsilon", "2", "--delta", "1e-5", "--sampling-rate", "0.5")
+    assert r.exit_code == 2 and "--neighbouring add-remove" in r.stderr

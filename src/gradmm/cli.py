@@ -312,6 +312,9 @@ def privacy(
     clip: Annotated[float | None, typer.Option(help="Per-example norm bound C.")] = None,
     n_per_class: Annotated[int | None, typer.Option(help="Public examples per class.")] = None,
     neighbouring: Annotated[str, typer.Option(help="'replace' or 'add-remove'.")] = "replace",
+    sampling_rate: Annotated[
+        float | None, typer.Option(help="Poisson sampling rate q of the pool (add-remove only).")
+    ] = None,
 ) -> None:
     """Privacy report of releases (composed when several), or the noise of one (ε, δ)."""
     from gradmm import privacy as dp
@@ -332,8 +335,18 @@ def privacy(
         return
     if neighbouring not in ("replace", "add-remove"):
         raise UserError(f"--neighbouring must be 'replace' or 'add-remove', not {neighbouring!r}")
-    z = dp.noise_multiplier(epsilon, delta)
-    typer.echo(f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian release")
+    if sampling_rate is None:
+        z = dp.noise_multiplier(epsilon, delta)
+        typer.echo(f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian "
+                   "release")  # fmt: skip
+    else:
+        if neighbouring != "add-remove":
+            raise UserError("Poisson sampling is accounted for add-or-remove neighbours: "
+                            "pass --neighbouring add-remove")  # fmt: skip
+        z = dp.poisson_noise_multiplier(epsilon, delta, sampling_rate)
+        typer.echo(f"noise multiplier σ/Δ = {z:.6g} for one Gaussian release on a Poisson "
+                   f"sample at rate {sampling_rate:g}, ({epsilon}, {delta})-DP for the split "
+                   "(PLD accountant)")  # fmt: skip
     if n_per_class is not None:
         if n_per_class < 1:
             raise UserError("--n-per-class must be >= 1")
