@@ -5,7 +5,8 @@
 
 For one (task, seed) of the experiment, each variant changes one of the knobs the paper says
 matter (ρ, the projection's candidate count k, the number of ADMM steps, the projection's LM
-prefix, the projection order) from the experiment's ``generate`` settings, then runs the
+prefix, the projection order) from the experiment's ``generate`` settings, or the filter's
+few-shot classifier, then runs the
 ``gradmm`` method's stages: release (shared), generate, filter, LoRA fine-tuning with the
 experiment's settings. It records the best dev accuracy, the filtered set's size, its texts'
 perplexity under the model and the mean matching loss. Test accuracy is not recorded, so it
@@ -16,6 +17,7 @@ settings skips those already done; the generated sets stay in ``--work`` (not co
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,14 +36,31 @@ VARIANTS: dict[str, dict] = {
     "lm_first": {"projection": "lm-first"},
     # the authors' movie-review instruction naming the label word, instead of the task's "The"
     "prefix_instruction": {"lm_prefix": paper.PAPER_LM_PREFIX["rotten_tomatoes"]},
+    # the filter, not a solver knob: the base's texts without the few-shot classifier's vote
+    "no_classifier": {"filter": {"classifier": False}},
 }
 
 
 def variant_options(cfg: experiment.ExperimentConfig, name: str) -> dict:
-    options = dict(VARIANTS[name])
+    """The generate options of variant ``name`` (its ``filter`` entry excluded)."""
+    options = {k: v for k, v in VARIANTS[name].items() if k != "filter"}
     if "steps" in options:
         options["steps"] = options["steps"] * cfg.generate.get("steps", 30)
     return options
+
+
+def variant_cell(cfg, work: Path, task: str, seed: int, name: str) -> methods.Cell:
+    """The cell of variant ``name``; a filter-only variant starts from a copy of the base's
+    generated set (the same options and seed generate the same texts)."""
+    changed = VARIANTS[name].get("filter")
+    if changed:
+        cfg = cfg.model_copy(update={"filter": {**cfg.filter, **changed}})
+    cell = methods.Cell(cfg, work, task, f"sweep_{name}", seed, None)
+    base = methods.Cell(cfg, work, task, "sweep_base", seed, None).folder / "run"
+    if changed and (base / "synthetic.jsonl").exists() and not (cell.folder / "run").exists():
+        unfiltered = shutil.ignore_patterns("filtered.jsonl", "filter_report.json")
+        shutil.copytree(base, cell.folder / "run", ignore=unfiltered)
+    return cell
 
 
 def main() -> None:
@@ -70,13 +89,13 @@ def main() -> None:
         if name in done:
             continue
         options = variant_options(cfg, name)
-        cell = methods.Cell(cfg, work, args.task, f"sweep_{name}", args.seed, None)
+        cell = variant_cell(cfg, work, args.task, args.seed, name)
         started = time.perf_counter()
         train = methods.synthetic_set(cell, release, **options)
-        result = methods.train_and_describe(cfg, args.task, args.seed, train)
+        result = methods.train_and_describe(cell.cfg, args.task, args.seed, train)
         manifest = read_json(train.parent / "manifest.json")
         done[name] = {
-            "options": options,
+            "options": VARIANTS[name] if "filter" in VARIANTS[name] else options,
             "best_dev_accuracy": result["dev_accuracy"],
             "selected_step": result["selected_step"],
             "train_per_class": result["train_per_class"],
