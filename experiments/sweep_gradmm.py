@@ -16,12 +16,13 @@ settings skips those already done; the generated sets stay in ``--work`` (not co
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from sweep_lr import sweep_parser  # the sibling script: run as python experiments/...
 
 from gradmm import experiment, methods, paper
 from gradmm.files import read_json, write_json, write_text
@@ -64,11 +65,7 @@ def variant_cell(cfg, work: Path, task: str, seed: int, name: str) -> methods.Ce
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--task", default="sst2")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = sweep_parser(__doc__)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", required=True, help="the JSON of results")
     ap.add_argument("--work", default=None, help="folder of the generated sets [sweep_work/ next "

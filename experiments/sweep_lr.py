@@ -25,12 +25,18 @@ from gradmm.finetune import FinetuneConfig, finetune
 from gradmm.tasks import load_task
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every dev-only sweep takes: the experiment, the data, one (task, seed)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main() -> None:
+    ap = sweep_parser(__doc__)
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lr_sweep.json"))
     args = ap.parse_args()
