@@ -1,7 +1,7 @@
 """Try GRADMM's knobs on dev only; writes a JSON of dev accuracy, perplexity and matching loss.
 
     python experiments/sweep_gradmm.py --config experiments/cpu-smollm2.yaml \
-        --data-dir ../shared/data --out experiments/results/cpu-smollm2/gradmm_sweep_sst2.json
+        --data-dir ../shared/data --out experiments/results/cpu-smollm2-dev/gradmm_sweep_sst2.json
 
 For one (task, seed) of the experiment, each variant changes one of the knobs the paper says
 matter (ρ, the projection's candidate count k, the number of ADMM steps, the projection's LM
