@@ -154,6 +154,42 @@ def test_cells_expand_epsilons():
     ]
 
 
+def test_exclude_leaves_out_the_matching_cells_and_refuses_a_typo(tmp_path):
+    cfg = experiment.ExperimentConfig(
+        tasks=["sst2"], seeds=[0, 1], dp_epsilons=[1, 4], methods=["zero_shot", "dp_gradmm"],
+        dp_pool_sizes=[25, 250], dp_match_params=["output", "label-rows"],
+        exclude=[{"method": "dp_gradmm", "match_params": "output", "n_per_class": 25},
+                 {"seed": 1, "epsilon": 4}],
+    )  # fmt: skip
+    kept = experiment.cells(cfg)
+    full = experiment._grid(cfg)
+    assert len(full) == 2 * (1 + 2 * 2 * 2)
+    dropped = [k for k in full if k not in kept]
+    # 4 output cells at n=25 (2 seeds x 2 ε), 4 at seed 1 and ε 4 (2 n x 2 targets), one shared
+    assert len(dropped) == 4 + 4 - 1
+    assert ("sst2", "dp_gradmm", 0, 1, 25, None) in dropped  # None: the output layer
+    assert ("sst2", "dp_gradmm", 0, 1, 25, "label-rows") in kept
+    assert ("sst2", "zero_shot", 1, None, None, None) in kept  # no ε: not matched by ε 4
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("tasks: [sst2]\nmethods: [dp_gradmm]\nexclude: [{n_per_class: 25}]\n")
+    with pytest.raises(UserError, match="exclude: {'n_per_class': 25} matches no cell"):
+        experiment.load_experiment(spec)
+
+
+def test_one_noise_release_per_target_is_the_control_of_every_epsilon_and_n():
+    def dp(method, seed, acc, eps, n, match):
+        return {**_row("sst2", method, seed, acc, eps=eps), "n_per_class": n, "match_params": match}
+
+    rows = [dp("dp_gradmm", s, 0.6 + 0.1 * s, eps, n, "sketch")
+            for s in (0, 1) for eps in (1.0, 4.0) for n in (25, 250)]  # fmt: skip
+    rows += [dp("dp_gradmm", s, 0.6, 1.0, 2500, None) for s in (0, 1)]
+    rows += [dp("dp_noise", s, 0.5, 1.0, 25, "sketch") for s in (0, 1)]
+    lines = report.comparison_table(rows).splitlines()
+    assert "| dp_gradmm@eps4/n250/sketch − dp_noise@eps1/n25/sketch | +15.0 ± 7.1 (2/2) |" in lines
+    # the output-layer cells have no noise control of their own target: none is borrowed
+    assert not any(line.startswith("| dp_gradmm@eps1/n2500 −") for line in lines)
+
+
 def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_dir, tmp_path):
     """Pool sizes x released gradients x ε for the DP methods, Poisson-sampled pools: every cell
     has its own release and noise stream, its control is the noise-only release of the same

@@ -36,6 +36,30 @@ EXPERIMENT_DIR = OutputKind(
 )
 
 
+CellKey = tuple[str, str, int, float | None, int | None, str | None]
+
+
+class CellFilter(BaseModel):
+    """Cells to leave out of a grid: those whose every given field equals its value (like a CI
+    matrix's ``exclude``), e.g. ``{method: dp_gradmm, match_params: output, n_per_class: 25}``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    task: str | None = None
+    method: str | None = None
+    seed: int | None = None
+    epsilon: float | None = None
+    n_per_class: int | None = None
+    match_params: MatchParams | None = None
+
+    def matches(self, key: CellKey) -> bool:
+        task, method, seed, eps, n, match = key
+        if match is None and eps is not None:  # a per-ε cell's plain release: the output layer
+            match = "output"
+        fields = {"task": task, "method": method, "seed": seed, "epsilon": eps,
+                  "n_per_class": n, "match_params": match}  # fmt: skip
+        return all(fields[f] == v for f, v in self.model_dump(exclude_none=True).items())
+
+
 class ExperimentConfig(BaseModel):
     """An experiment file (YAML). ``generate``/``filter``/``finetune`` hold stage options."""
 
@@ -59,6 +83,8 @@ class ExperimentConfig(BaseModel):
     # 'poisson': a DP pool of size n is a Poisson sample of the split at rate n·C / (split size
     # outside the dev slice), its guarantee stated for the split (add-or-remove-one)
     dp_sampling: Literal["fixed", "poisson"] = "fixed"
+    # cells of the grid not run (say why in the file); each entry must match some cell
+    exclude: list[CellFilter] = []
     generate: dict[str, Any] = {}
     filter: dict[str, Any] = {}
     finetune: dict[str, Any] = {}
@@ -84,6 +110,10 @@ def load_experiment(path: Path) -> ExperimentConfig:
         raise UserError("dp_match_params: last-block has no closed-form clipping for DP")
     if ("sketch" in cfg.dp_match_params) != (cfg.dp_sketch_dim is not None):
         raise UserError("dp_sketch_dim goes with a sketch in dp_match_params, and only with it")
+    grid = _grid(cfg)
+    for entry in cfg.exclude:
+        if not any(entry.matches(key) for key in grid):
+            raise UserError(f"exclude: {entry.model_dump(exclude_none=True)} matches no cell")
     # methods that need a task's public demonstrations: refused now, not an hour into the run
     chosen = [METHODS[m] for m in cfg.methods]
     for i, m in enumerate(chosen):
@@ -100,12 +130,14 @@ def load_experiment(path: Path) -> ExperimentConfig:
     return cfg
 
 
-CellKey = tuple[str, str, int, float | None, int | None, str | None]
-
-
 def cells(cfg: ExperimentConfig) -> list[CellKey]:
     """(task, method, seed, epsilon, pool size, released gradient) of every cell, in run order;
-    the last two are None outside a DP study's axes."""
+    the last two are None outside a DP study's axes (the released gradient also for the output
+    layer). The cells ``exclude`` matches are left out."""
+    return [key for key in _grid(cfg) if not any(e.matches(key) for e in cfg.exclude)]
+
+
+def _grid(cfg: ExperimentConfig) -> list[CellKey]:
     sizes = cfg.dp_pool_sizes or [None]
     # the output layer is the default release: its cells keep the plain name
     matches = [None if m == "output" else m for m in cfg.dp_match_params]
