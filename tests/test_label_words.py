@@ -75,9 +75,11 @@ def word_log_probs(lm, ids: list[int], word: list[int]) -> torch.Tensor:
     return torch.stack([logp[len(ids) - 1 + k, t] for k, t in enumerate(word)])
 
 
-@pytest.mark.parametrize("score", ["sum", "mean"])
-def test_class_scores_are_whole_word_log_probs(split_dirs, score):
-    lm = load_model(split_dirs["llama"])
+@pytest.mark.parametrize("kind, score", [("llama", "sum"), ("llama", "mean"), ("phi", "mean")])
+def test_class_scores_are_whole_word_log_probs(split_dirs, kind, score):
+    """Batched, padded, the demonstrations run once and cached, the output layer applied at the
+    scored positions only: equal to the model's own logits on each unpadded sequence."""
+    lm = load_model(split_dirs[kind])
     task = BUILTIN_TASKS["tweet_emotion"].model_copy(update={"label_score": score})
     prompt = tokenize_prompt(task, lm.tokenizer)
     assert sorted(map(len, prompt.label_ids))[-1] > 1
@@ -94,6 +96,34 @@ def test_class_scores_are_whole_word_log_probs(split_dirs, score):
     # demonstrations carry the whole label word
     word = prompt.label_ids[2]
     assert prompt.demonstrations(lm.tokenizer, [("x", 2)])[-len(word) - 1 : -1] == word
+
+
+def test_class_scores_and_their_gradients_through_lora_equal_the_wrapped_models(split_dirs):
+    """Fine-tuning's loss through a LoRA-wrapped model: the decoder under the PEFT wrapper (LoRA
+    layers included) and the output layer outside it give the wrapped model's own scores and
+    LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = load_model(split_dirs["phi"])
+    lm.model = get_peft_model(lm.model, LoraConfig(r=2, target_modules="all-linear"))
+    torch.manual_seed(0)
+    lora = [p for name, p in lm.model.named_parameters() if "lora_" in name]
+    for p in lora:  # B starts at zero, which would make the adapters invisible
+        torch.nn.init.normal_(p, std=0.3)
+    prompt = tokenize_prompt(BUILTIN_TASKS["sst2"], lm.tokenizer)
+    texts = ["the movie was sad", "a great plot and a bright cast"]
+    scores = label_log_probs(lm, prompt, texts)
+    reduce = torch.mean if prompt.label_score == "mean" else torch.sum
+    expected = torch.stack([
+        torch.stack([reduce(word_log_probs(lm, prompt.encode(lm.tokenizer, t), w))
+                     for w in prompt.label_ids]) for t in texts
+    ])  # fmt: skip
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(scores[:, 1].sum(), lora)
+    oracle = torch.autograd.grad(expected[:, 1].sum(), lora)
+    for g, o in zip(grads, oracle, strict=True):
+        torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads)
 
 
 def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs, tasks_data,

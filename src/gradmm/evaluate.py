@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gradmm.errors import UserError
 from gradmm.files import read_jsonl_numbered
-from gradmm.models import LoadedModel, Runtime, right_padded
+from gradmm.models import LoadedModel, Runtime, final_hidden, prefix_cache, right_padded
 from gradmm.tasks import (
     DEV_SEED,
     Examples,
@@ -41,11 +41,13 @@ def label_log_probs(
     says; differentiable.
 
     Label words that share all but their last token share one forward pass (all one-token words
-    share the plain prompt's). Sequences are right-padded and masked; scores are read at real
-    positions only.
+    share the plain prompt's). Sequences are right-padded and masked; the output layer runs at
+    the scored positions only (logits at every position would cost more than the decoder for a
+    large vocabulary). The ``prefix`` (few-shot demonstrations: the same for every text) runs
+    once, and every batch continues from its cached keys and values.
     """
-    prefix = prefix or []
-    seqs = [prefix + prompt.encode(lm.tokenizer, t) for t in texts]
+    seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
+    cache = prefix_cache(lm.model, prefix) if prefix else None
     groups: dict[tuple[int, ...], list[int]] = {}  # label feed -> classes
     for c, word in enumerate(prompt.label_ids):
         groups.setdefault(tuple(word[:-1]), []).append(c)
@@ -56,9 +58,9 @@ def label_log_probs(
         scores: dict[int, Tensor] = {}
         for feed, classes in groups.items():
             ids, mask, last = right_padded([s + list(feed) for s in batch], lm.device)
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+            hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask, prefix=cache)
             pos = last[:, None] - len(feed) + torch.arange(len(feed) + 1, device=lm.device)
-            logp = torch.log_softmax(logits[rows, pos].float(), dim=-1)  # (n, K, V)
+            logp = torch.log_softmax(lm.output.logits(hidden[rows, pos]), dim=-1)  # (n, K, V)
             for c in classes:
                 word = torch.tensor(prompt.label_ids[c], device=lm.device)
                 token_logp = logp[:, torch.arange(len(word)), word]  # (n, K_c)

@@ -9,11 +9,12 @@ logits and closed-form gradients itself.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,9 @@ from torch import Tensor
 from gradmm.checkpoints import resolve_model_name
 from gradmm.errors import UserError
 from gradmm.settings import MatchParams
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 @dataclass(frozen=True)
@@ -227,19 +231,48 @@ def right_padded(
 
 
 def final_hidden(
-    model: torch.nn.Module, *, input_ids=None, inputs_embeds=None, attention_mask=None
+    model: torch.nn.Module,
+    *,
+    input_ids=None,
+    inputs_embeds=None,
+    attention_mask=None,
+    prefix: Cache | None = None,
 ) -> Tensor:
     """(N, L) ids or (N, L, d) embeddings (any float dtype: cast to the model's) -> (N, L, d)
-    hidden states at the output layer's input, in the model's dtype."""
+    hidden states at the output layer's input, in the model's dtype. ``prefix``: the cache of a
+    sequence every row continues (:func:`prefix_cache`; copied, not modified)."""
     if inputs_embeds is not None:
         inputs_embeds = inputs_embeds.to(model.dtype)
-    out = model.base_model(
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        rows = len(input_ids if input_ids is not None else inputs_embeds)
+        cache.batch_repeat_interleave(rows)
+        if attention_mask is not None:
+            seen = attention_mask.new_ones(rows, cache.get_seq_length())
+            attention_mask = torch.cat([seen, attention_mask], dim=1)
+    out = _transformer(model)(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        use_cache=False,
+        cache=cache,
+        use_cache=cache is not None,
     )
     return out.last_hidden_state
+
+
+def prefix_cache(model: torch.nn.Module, prefix: list[int]) -> Cache:
+    """The keys and values of one ``prefix`` (token ids), for :func:`final_hidden` to run many
+    sequences after it without recomputing it (few-shot demonstrations)."""
+    ids = torch.tensor([prefix], device=next(model.parameters()).device)
+    return _transformer(model)(input_ids=ids, use_cache=True).cache
+
+
+def _transformer(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder under the LM head (through a PEFT wrapper: LoRA layers stay in place)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
 
 
 def fingerprint(model: torch.nn.Module) -> str:
