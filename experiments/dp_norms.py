@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="the JSON of results (markdown next to it)")
     args = ap.parse_args()
     cfg = experiment.load_experiment(Path(args.config))
+    if not cfg.dp_pool_sizes:
+        ap.error(f"{args.config} has no dp_pool_sizes: it is not a DP study")
     out = Path(args.out)
     record = read_json(out) if out.exists() else {"entries": []}
     done = {(e["task"], e["n_per_class"], e["match_params"]) for e in record["entries"]}

@@ -9,8 +9,15 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, build_model, cli, tiny_run
 
+from gradmm.errors import UserError
 from gradmm.generate import build_solver
-from gradmm.models import final_hidden, fingerprint, load_model
+from gradmm.models import (
+    check_logits_are_the_output_layers,
+    final_hidden,
+    fingerprint,
+    load_model,
+    output_layer,
+)
 from gradmm.release import load_release, load_release_model
 from gradmm.settings import resolve_config
 
@@ -57,3 +64,20 @@ def test_soft_capped_logits_are_a_clear_error(tokenizer, data_dir, tmp_path):
             tmp_path / "rel")  # fmt: skip
     assert r.exit_code == 2 and "final_logit_softcapping" in r.stderr
     assert "Traceback" not in r.output
+
+
+def test_a_scaled_head_is_a_clear_error(tokenizer):
+    """Logits other than W h + b are refused: by name (Granite's logits_scaling) and, for any
+    other scaling, by comparing the model's own logits with the output layer's on a probe."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    granite = GraniteForCausalLM(GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0)).eval()  # fmt: skip
+    with pytest.raises(UserError, match="logits_scaling"):
+        output_layer(granite)
+    llama = build_model("llama", len(tokenizer))
+    check_logits_are_the_output_layers(llama, output_layer(llama))  # its logits are W h
+    llama.lm_head.register_forward_hook(lambda module, args, out: out / 8)
+    with pytest.raises(UserError, match="not W h \\+ b"):
+        check_logits_are_the_output_layers(llama, output_layer(llama))

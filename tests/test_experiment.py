@@ -174,6 +174,11 @@ def test_exclude_leaves_out_the_matching_cells_and_refuses_a_typo(tmp_path):
     spec.write_text("tasks: [sst2]\nmethods: [dp_gradmm]\nexclude: [{n_per_class: 25}]\n")
     with pytest.raises(UserError, match="exclude: {'n_per_class': 25} matches no cell"):
         experiment.load_experiment(spec)
+    spec.write_text("tasks: [sst2]\nmethods: [gradmm, real_private_size_matched]\n"
+                    "exclude: [{method: gradmm, seed: 2}]\n")  # fmt: skip
+    with pytest.raises(UserError, match="real_private_size_matched of sst2 seed 2 reads the "
+                       "gradmm cell, which is excluded"):  # fmt: skip
+        experiment.load_experiment(spec)
 
 
 def test_one_noise_release_per_target_is_the_control_of_every_epsilon_and_n():
@@ -188,6 +193,11 @@ def test_one_noise_release_per_target_is_the_control_of_every_epsilon_and_n():
     assert "| dp_gradmm@eps4/n250/sketch − dp_noise@eps1/n25/sketch | +15.0 ± 7.1 (2/2) |" in lines
     # the output-layer cells have no noise control of their own target: none is borrowed
     assert not any(line.startswith("| dp_gradmm@eps1/n2500 −") for line in lines)
+    # with a second sketch control, every cell needs its exact one
+    rows += [dp("dp_noise", s, 0.7, 4.0, 250, "sketch") for s in (0, 1)]
+    lines = report.comparison_table(rows).splitlines()
+    assert "| dp_gradmm@eps4/n250/sketch − dp_noise@eps4/n250/sketch | -5.0 ± 7.1 (0/2) |" in lines
+    assert not any(line.startswith("| dp_gradmm@eps1/n250/sketch −") for line in lines)
 
 
 def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_dir, tmp_path):

@@ -98,18 +98,24 @@ def test_class_scores_are_whole_word_log_probs(split_dirs, kind, score):
     assert prompt.demonstrations(lm.tokenizer, [("x", 2)])[-len(word) - 1 : -1] == word
 
 
-def test_class_scores_and_their_gradients_through_lora_equal_the_wrapped_models(split_dirs):
-    """Fine-tuning's loss through a LoRA-wrapped model: the decoder under the PEFT wrapper (LoRA
-    layers included) and the output layer outside it give the wrapped model's own scores and
-    LoRA gradients."""
+@pytest.mark.parametrize("kind, method", [("phi", "lora"), ("phi", "full"), ("gpt2", "full")])
+def test_class_scores_and_their_gradients_equal_the_models_own(model_dirs, kind, method):
+    """Fine-tuning's loss: the decoder (under the PEFT wrapper, LoRA layers included) and the
+    output layer applied outside it give the model's own scores and gradients, for LoRA and for
+    every parameter of full fine-tuning, the output layer's included (Phi: untied with a bias;
+    GPT-2: tied to the input embeddings)."""
     from peft import LoraConfig, get_peft_model
 
-    lm = load_model(split_dirs["phi"])
-    lm.model = get_peft_model(lm.model, LoraConfig(r=2, target_modules="all-linear"))
-    torch.manual_seed(0)
-    lora = [p for name, p in lm.model.named_parameters() if "lora_" in name]
-    for p in lora:  # B starts at zero, which would make the adapters invisible
-        torch.nn.init.normal_(p, std=0.3)
+    lm = load_model(str(model_dirs[kind]))
+    if method == "lora":
+        lm.model = get_peft_model(lm.model, LoraConfig(r=2, target_modules="all-linear"))
+        torch.manual_seed(0)
+        trained = [p for name, p in lm.model.named_parameters() if "lora_" in name]
+        for p in trained:  # B starts at zero, which would make the adapters invisible
+            torch.nn.init.normal_(p, std=0.3)
+    else:
+        trained = list(lm.model.requires_grad_(True).parameters())
+        assert any(p is lm.output.weight for p in trained)
     prompt = tokenize_prompt(BUILTIN_TASKS["sst2"], lm.tokenizer)
     texts = ["the movie was sad", "a great plot and a bright cast"]
     scores = label_log_probs(lm, prompt, texts)
@@ -119,11 +125,13 @@ def test_class_scores_and_their_gradients_through_lora_equal_the_wrapped_models(
                      for w in prompt.label_ids]) for t in texts
     ])  # fmt: skip
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
-    grads = torch.autograd.grad(scores[:, 1].sum(), lora)
-    oracle = torch.autograd.grad(expected[:, 1].sum(), lora)
+    grads = torch.autograd.grad(scores[:, 1].sum(), trained)
+    oracle = torch.autograd.grad(expected[:, 1].sum(), trained)
     for g, o in zip(grads, oracle, strict=True):
         torch.testing.assert_close(g, o, rtol=1e-4, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in grads)
+    moved = [bool(g.abs().sum() > 0) for g in grads]
+    head = [p is lm.output.weight for p in trained]
+    assert all(moved) if method == "lora" else moved[head.index(True)]
 
 
 def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs, tasks_data,

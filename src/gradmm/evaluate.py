@@ -44,10 +44,12 @@ def label_log_probs(
     share the plain prompt's). Sequences are right-padded and masked; the output layer runs at
     the scored positions only (logits at every position would cost more than the decoder for a
     large vocabulary). The ``prefix`` (few-shot demonstrations: the same for every text) runs
-    once, and every batch continues from its cached keys and values.
+    once, and every batch continues from its cached keys and values (no gradient flows into
+    them; a model without such a cache reads the prefix with every text).
     """
-    seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     cache = prefix_cache(lm.model, prefix) if prefix else None
+    seqs = [([] if cache is not None else prefix or []) + prompt.encode(lm.tokenizer, t)
+            for t in texts]  # fmt: skip
     groups: dict[tuple[int, ...], list[int]] = {}  # label feed -> classes
     for c, word in enumerate(prompt.label_ids):
         groups.setdefault(tuple(word[:-1]), []).append(c)

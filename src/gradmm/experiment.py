@@ -114,6 +114,12 @@ def load_experiment(path: Path) -> ExperimentConfig:
     for entry in cfg.exclude:
         if not any(entry.matches(key) for key in grid):
             raise UserError(f"exclude: {entry.model_dump(exclude_none=True)} matches no cell")
+    kept = cells(cfg)
+    for task, method, seed, *_ in kept:
+        after = METHODS[method].after
+        if after is not None and (task, after, seed, None, None, None) not in kept:
+            raise UserError(f"exclude: {method} of {task} seed {seed} reads the {after} cell, "
+                            "which is excluded")  # fmt: skip
     # methods that need a task's public demonstrations: refused now, not an hour into the run
     chosen = [METHODS[m] for m in cfg.methods]
     for i, m in enumerate(chosen):
@@ -190,7 +196,8 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
 
 
 # Fields that only select cells: a resumed run may change them (e.g. add a seed).
-CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons", "dp_pool_sizes", "dp_match_params")
+CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons", "dp_pool_sizes", "dp_match_params",
+                  "exclude")  # fmt: skip
 
 
 def _check_same_settings(settings: dict, recorded: Path) -> None:

@@ -138,7 +138,9 @@ def load_model(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {name!r}: {first}") from None
     model.eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, output=output_layer(model))
+    output = output_layer(model)
+    check_logits_are_the_output_layers(model, output)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, output=output)
 
 
 def place(lm: LoadedModel, runtime: Runtime | None) -> LoadedModel:
@@ -165,10 +167,24 @@ def output_layer(model: torch.nn.Module) -> OutputLayer:
         )
     emb = model.get_input_embeddings()
     tied = emb is not None and head.weight.data_ptr() == emb.weight.data_ptr()
-    for attr in ("final_logit_softcapping", "logit_scale"):
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"):
         if getattr(model.config, attr, None) not in (None, 1.0):
             raise UserError(f"models with {attr} are not supported (logits must be W h + b)")
     return OutputLayer(weight=head.weight, bias=head.bias, tied=tied)
+
+
+@torch.no_grad()
+def check_logits_are_the_output_layers(model: torch.nn.Module, layer: OutputLayer) -> None:
+    """Every stage computes logits as ``W h + b`` from :func:`final_hidden`: refuse a model whose
+    own forward does something else (a scaling or capping :func:`output_layer` does not know by
+    name). Run once on loading, in fp32."""
+    device = layer.weight.device
+    probe = torch.arange(1, 5, device=device)[None] % layer.weight.shape[0]
+    own = model(input_ids=probe).logits.float()
+    ours = layer.logits(final_hidden(model, input_ids=probe)).float()
+    if not torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * float(own.abs().max()) + 1e-5):
+        raise UserError(f"{type(model).__name__}'s logits are not W h + b of its output layer "
+                        "(a scaled or capped head is not supported)")  # fmt: skip
 
 
 def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") -> dict[str, Tensor]:
@@ -261,11 +277,14 @@ def final_hidden(
     return out.last_hidden_state
 
 
-def prefix_cache(model: torch.nn.Module, prefix: list[int]) -> Cache:
+@torch.no_grad()
+def prefix_cache(model: torch.nn.Module, prefix: list[int]) -> Cache | None:
     """The keys and values of one ``prefix`` (token ids), for :func:`final_hidden` to run many
-    sequences after it without recomputing it (few-shot demonstrations)."""
+    sequences after it without recomputing it (few-shot demonstrations); no gradient flows into
+    them. None for a model without a cache that can be repeated over a batch."""
     ids = torch.tensor([prefix], device=next(model.parameters()).device)
-    return _transformer(model)(input_ids=ids, use_cache=True).cache
+    cache = getattr(_transformer(model)(input_ids=ids, use_cache=True), "cache", None)
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
 def _transformer(model: torch.nn.Module) -> torch.nn.Module:

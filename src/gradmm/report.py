@@ -240,10 +240,12 @@ def plot_dp_study(rows: list[dict], path: Path) -> None:
                     and r["method"] == m] for m in ("dp_none", "zero_shot")}  # fmt: skip
         for j, target in enumerate(targets):
             ax = axes[i][j]
-            noise = [r for r in study if r["task"] == task and r["method"] == "dp_noise"
+            noise = [r for r in study if r["method"] == "dp_noise"
                      and (r.get("match_params") or "output") == target]  # fmt: skip
-            single_noise = len({(r["epsilon"], r["n_per_class"]) for r in noise}) == 1
-            if single_noise:  # one noise-only release stands for every ε and n (noise_control)
+            # one noise-only release stands for every ε and n, as in noise_control
+            single_noise = len({method_label(r) for r in noise}) == 1
+            noise = [r for r in noise if r["task"] == task]
+            if single_noise and noise:
                 ax.axhline(np.mean([100 * r["test_accuracy"] for r in noise]), color="black",
                            ls="--", lw=1, label="dp_noise (any ε, n)")  # fmt: skip
             for n, color in zip(sizes, colors, strict=True):
