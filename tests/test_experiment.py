@@ -3,6 +3,7 @@ are not recomputed (nor mixed with cells of other settings), and real text never
 the output folder; a rerun in a fresh folder reproduces the table."""
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -259,15 +260,18 @@ def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_
 
 
 def test_readme_quotes_the_committed_results():
-    """The README's result tables are verbatim copies of the committed, generated results.md."""
+    """Every README block ``<!-- from FILE -->`` ... ``<!-- end -->`` holds verbatim tables of
+    that committed, generated file."""
     root = Path(__file__).parents[1]
-    readme = (root / "README.md").read_text().split("<!-- from experiments/results/cpu-small/")
-    committed = (root / "experiments/results/cpu-small/results.md").read_text()
-    quoted = readme[1].split("<!-- end -->")[0]
-    tables = [t for t in quoted.split("\n\n") if t.lstrip().startswith("|")]
-    assert tables
-    for table in tables:
-        assert table.strip() in committed
+    blocks = re.findall(r"<!-- from (\S+) -->(.*?)<!-- end -->", (root / "README.md").read_text(),
+                        re.DOTALL)  # fmt: skip
+    assert "experiments/results/cpu-small/results.md" in [source for source, _ in blocks]
+    for source, quoted in blocks:
+        committed = (root / source).read_text()
+        tables = [t for t in quoted.split("\n\n") if t.lstrip().startswith("|")]
+        assert tables, source
+        for table in tables:
+            assert table.strip() in committed, source
 
 
 def results_md_text(out: Path) -> str:
