@@ -62,6 +62,7 @@ def test_canary_audit_end_to_end(model_dirs, data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert report["private"] and report["members"] == report["non_members"] == 6
+    assert report["planted"] == "every planted canary is in the pool"
     assert 0 <= report["roc_auc"] <= 1
     release = json.loads((tmp_path / "audit" / "release" / "release.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "audit" / "canaries.jsonl").read_text().splitlines()]

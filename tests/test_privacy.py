@@ -584,10 +584,26 @@ def test_poisson_sample_that_misses_a_class_releases_noise_for_it(model_dirs, da
     sigma = rel.meta.mechanism.sigma_target
     assert float(rel.target_weight.std()) == pytest.approx(sigma, rel=0.03)
     assert rel.meta.counts == [5, 5]
-    with pytest.raises(ValueError, match="canaries are planted in a fixed pool"):
-        ReleaseConfig(task="sst2", model="m", epsilon=8.0, delta=1e-5, sampling="poisson",
-                      sampling_rate=0.1, neighbouring="add-remove",
-                      canary_file="c.jsonl")  # fmt: skip
+
+
+def test_canaries_planted_in_a_poisson_sample_add_their_clipped_gradients(model_dirs, data_dir,
+                                                                          tmp_path):  # fmt: skip
+    """A canary audit of a Poisson release: the planted rows join the sample (the same sample
+    and noise as without them: the canary file is not a public setting), so the two releases
+    differ by the canaries' clipped gradients over the public normaliser, nothing else."""
+    canaries = tmp_path / "canaries.jsonl"
+    canaries.write_text('{"text": "zebra umbrellas quietly", "label": 1}\n'
+                        '{"text": "forty purple councils", "label": 1}\n')  # fmt: skip
+    kw = dict(sampling="poisson", sampling_rate=0.3, neighbouring="add-remove", epsilon=8.0)
+    plain = release_targets(dp_config(model_dirs, data_dir, **kw), tmp_path / "plain")
+    audit = release_targets(dp_config(model_dirs, data_dir, canary_file=str(canaries), **kw),
+                            tmp_path / "audit")  # fmt: skip
+    diff = [audit.targets[k] - plain.targets[k] for k in plain.targets]
+    assert all(float(d[0].abs().max()) == 0 for d in diff)  # no canary of class 0
+    norm = float(sum(d[1].pow(2).sum() for d in diff).sqrt())
+    clip, n = plain.meta.mechanism.clip, plain.meta.mechanism.normaliser
+    assert 0 < norm <= 2 * clip / n + 1e-6
+    assert audit.meta.counts == plain.meta.counts  # the sample's size stays private
 
 
 def test_privacy_command_with_a_sampling_rate():

@@ -37,6 +37,16 @@ REPORT_LABEL = (
 )
 
 
+# What a planted canary's membership means, by the release's sampling.
+PLANTED = {
+    "fixed": "every planted canary is in the pool",
+    "poisson": "every planted canary is in the pool, added to the Poisson sample: the audit "
+    "conditions on each canary being sampled, so it tests the mechanism at its σ without the "
+    "amplification by sampling that the guarantee counts (a stronger attacker than the "
+    "guarantee assumes)",
+}
+
+
 class CanaryAuditConfig(BaseModel):
     """Settings of ``gradmm canary-audit``: the release and generation it audits and the attack."""
 
@@ -130,21 +140,23 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     from gradmm.models import load_model
     from gradmm.release import private_pool, private_pool_exclusions, release_targets
     from gradmm.settings import ReleaseConfig, resolve_config
-    from gradmm.tasks import load_task
+    from gradmm.tasks import load_examples, load_task
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rc = ReleaseConfig(**cfg.release)
-    if rc.sampling != "fixed":
-        raise UserError("the canary audit plants canaries in a fixed pool (--sampling fixed)")
     task = load_task(rc.task)
     split = rc.split or task.private_split
     tokenizer = load_model(rc.model).tokenizer
     canary_file = out / "canaries.jsonl"
     if not canary_file.exists():
-        examples, picked = private_pool(task, split, rc.n_per_class, rc.seed, rc.data_dir)
-        taken = {i for ix in picked for i in ix}
-        taken |= set(private_pool_exclusions(task, split, len(examples.labels)))
+        # prefixes from rows outside the dev slice and, for a fixed pool, outside the pool (a
+        # Poisson sample is drawn at release: any row may join it, members and others alike)
+        examples = load_examples(task, split, rc.data_dir)
+        taken = set(private_pool_exclusions(task, split, len(examples.labels)))
+        if rc.sampling == "fixed":
+            _, picked = private_pool(task, split, rc.n_per_class, rc.seed, rc.data_dir)
+            taken |= {i for ix in picked for i in ix}
         candidates = [i for i in range(len(examples.labels)) if i not in taken]
         canaries = make_canaries(task, tokenizer, examples.texts, candidates, cfg)
         planted = (
@@ -171,6 +183,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
         "synthetic_examples": len(synthetic),
         "attack": f"{cfg.ngram}-gram model (add-one) of the synthetic text; score: mean "
         "log-probability of the canary's suffix tokens",
+        "planted": PLANTED[rc.sampling],
         **attack(rows, [r["planted"] for r in rows], synthetic, tokenizer, cfg.ngram),
     }
     write_json(out / "report.json", report)

@@ -382,9 +382,10 @@ def release_targets(
         else:
             examples, picked = private_pool(task, split, config.n_per_class, config.seed,
                                             config.data_dir)  # fmt: skip
-            if config.canary_file is not None:
-                examples, picked = _planted(task, examples, picked, config.canary_file)
-            counts = [len(ix) for ix in picked]
+            counts = None
+        if config.canary_file is not None:  # an audit: planted rows always join the pool
+            examples, picked = _planted(task, examples, picked, config.canary_file)
+        counts = counts or [len(ix) for ix in picked]
         source = f"{task.name}/{Path(examples.source).name}"
         sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
 

@@ -87,8 +87,6 @@ class ReleaseConfig(BaseModel):
             raise ValueError("sampling_rate goes with sampling: poisson, and only with it")
         if self.sampling == "poisson" and not self.private:
             raise ValueError("Poisson sampling is for DP releases: give epsilon and delta")
-        if self.canary_file is not None and self.sampling != "fixed":
-            raise ValueError("canaries are planted in a fixed pool (sampling: fixed)")
         return self
 
     @property
