@@ -63,3 +63,14 @@ def test_filter_command_reports_each_stage(model_dirs, data_dir, tmp_path):
         )
         mine = sorted(r["example_rec_loss"] for r in kept if r["label"] == c)
         assert mine == losses[: len(mine)]
+
+
+def test_filter_warns_when_a_class_is_left_empty(model_dirs, data_dir, tmp_path):
+    _, run = tiny_run(tmp_path, model_dirs["llama"], data_dir, per_class=2, length=4, topk=3)
+    rows = [json.loads(x) for x in (run / "synthetic.jsonl").read_text().splitlines()]
+    only_positive = [r for r in rows if r["label"] == 1]
+    (run / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in only_positive))
+    r = CliRunner().invoke(app, ["filter", str(run), "--no-classifier"])
+    assert r.exit_code == 0, r.output
+    assert "gradmm: warning: the filter kept no text of class negative" in r.stderr
+    assert json.loads((run / "filter_report.json").read_text())["per_class"]["negative"] == 0

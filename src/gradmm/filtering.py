@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gradmm.errors import UserError
+from gradmm.errors import UserError, warn
 from gradmm.evaluate import label_log_probs
 from gradmm.files import read_jsonl, write_json, write_jsonl
 from gradmm.generate import data_read_entry, load_run_release
@@ -120,6 +120,11 @@ def filter_run(
         report["after_balance"] = sum(map(len, by_class.values()))
     kept = sorted((r for rs in by_class.values() for r in rs), key=lambda r: r["id"])
     report["per_class"] = {task.label_names[c]: len(rs) for c, rs in by_class.items()}
+    emptied = [name for name, n in report["per_class"].items() if n == 0]
+    if emptied:  # fine-tuning on this set cannot teach those classes
+        warn(f"the filter kept no text of class {', '.join(emptied)}"
+             + (" (the few-shot classifier assigned them to other classes; filter "
+                "--no-classifier keeps them)" if config.classifier else ""))  # fmt: skip
     report["config"] = config.model_dump(mode="json")
     report["data_read"] = [
         data_read_entry(release),
