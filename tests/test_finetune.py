@@ -18,7 +18,7 @@ TASK = BUILTIN_TASKS["sst2"]
 def train_file(data_dir, tmp_path):
     """The training split minus its dev slice, as a JSONL training file."""
     ex = load_examples(TASK, "train", data_dir)
-    dev = set(dev_indices(len(ex.texts), TASK.dev_size))
+    dev = set(dev_indices(ex, TASK.dev_size))
     path = tmp_path / "train.jsonl"
     path.write_text(
         "".join(

@@ -22,7 +22,7 @@ from gradmm.release import (
     release_targets,
     sample_per_class,
 )
-from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+from gradmm.tasks import BUILTIN_TASKS, Examples, load_examples, tokenize_prompt
 
 runner = CliRunner()
 # ENVIRONMENT.md, exact analytic Gaussian noise multipliers
@@ -115,7 +115,7 @@ def test_dp_release_noise_scale_reproducibility_and_reuse(model_dirs, data_dir, 
     task = BUILTIN_TASKS["sst2"]
     prompt = tokenize_prompt(task, lm.tokenizer)
     ex = load_examples(task, "train", data_dir)
-    exclude = private_pool_exclusions(task, "train", len(ex.labels))
+    exclude = private_pool_exclusions(task, "train", ex)
     for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, 5, 0, exclude)):
         seqs = [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix]
         r, h, w = example_gradients(lm, seqs, [c] * 5, LabelTokens.of(prompt.label_ids))
@@ -198,10 +198,15 @@ def test_dp_run_outputs_hold_no_private_text(model_dirs, tmp_path):
     rows += [(f"the plot was {w} indeed", 0) for w in NEGATIVE * 2]
     labels = [y for _, y in rows]
     task = BUILTIN_TASKS["sst2"]
-    exclude = private_pool_exclusions(task, "train", len(rows))
-    n = min(sum(1 for i, y in enumerate(labels) if y == c and i not in exclude) for c in (0, 1))
-    slot = sample_per_class(labels, task.label_names, n, 0, exclude)[1][0]
-    rows[slot] = (canary, 1)  # a row the private pool is sure to contain
+    for slot in (i for i, y in enumerate(labels) if y == 1):  # a row the private pool is sure
+        trial = rows[:slot] + [(canary, 1)] + rows[slot + 1 :]  # to contain (seed 0's pool)
+        exclude = private_pool_exclusions(task, "train", Examples([t for t, _ in trial], labels,
+                                                                  "rows"))  # fmt: skip
+        n = min(sum(1 for i, y in enumerate(labels) if y == c and i not in exclude) for c in (0, 1))
+        if slot in sample_per_class(labels, task.label_names, n, 0, exclude)[1]:
+            rows = trial
+            break
+    assert rows[slot] == (canary, 1)
     write_split(tmp_path / "data" / "sst2", "train", rows)
     rel, run = tmp_path / "rel", tmp_path / "run"
     r = invoke(
@@ -303,7 +308,7 @@ def exact_means(model_dir, data_dir, n, clip=None):
     task = BUILTIN_TASKS["sst2"]
     prompt = tokenize_prompt(task, lm.tokenizer)
     ex = load_examples(task, "train", data_dir)
-    exclude = private_pool_exclusions(task, "train", len(ex.labels))
+    exclude = private_pool_exclusions(task, "train", ex)
     out = []
     for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, n, 0, exclude)):
         r, h, w = example_gradients(lm, [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix],
@@ -537,7 +542,7 @@ def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, 
 
     task = BUILTIN_TASKS["sst2"]
     ex = load_examples(task, "train", data_dir)
-    dev = set(private_pool_exclusions(task, "train", len(ex.labels)))
+    dev = set(private_pool_exclusions(task, "train", ex))
     _, picked = poisson_pool(task, "train", 0.5, str(data_dir), None)
     chosen = [i for ix in picked for i in ix]
     assert not dev & set(chosen) and all(ex.labels[i] == c for c, ix in enumerate(picked)

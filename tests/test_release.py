@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHITECTURES
@@ -88,13 +89,39 @@ def test_text_longer_than_context_is_refused(model_dirs, tmp_path):
     from conftest import write_split
 
     long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
-    write_split(tmp_path / "sst2", "train", [("fine film", 1)] * 4 + [(long_text, 0)] * 4)
+    rows = [(f"fine film {i}", 1) for i in range(8)] + [(f"{long_text} {i}", 0) for i in range(8)]
+    write_split(tmp_path / "sst2", "train", rows)  # half of them the dev slice
     cfg = ReleaseConfig(
         task="sst2", model=str(model_dirs["llama"]), n_per_class=1, data_dir=str(tmp_path)
     )
     with pytest.raises(UserError, match="longer than the model's context"):
         release_targets(cfg, tmp_path / "rel")
     assert not (tmp_path / "rel").exists()
+
+
+def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(model_dirs, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """Whether a DP release stops must not depend on which rows it read: it cuts every text to
+    the longest that fits, the same release (noise aside) as asking for that cut explicitly."""
+    from conftest import write_split
+
+    import gradmm.release
+
+    def no_noise(sizes, sigma, random_bytes):
+        return [np.zeros(n) for n in sizes]
+
+    monkeypatch.setattr(gradmm.release, "gaussian_noise", no_noise)
+
+    long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
+    rows = [(f"fine film {i}", 1) for i in range(8)] + [(f"{long_text} {i}", 0) for i in range(8)]
+    write_split(tmp_path / "sst2", "train", rows)  # half of them the dev slice
+    dp = dict(task="sst2", model=str(model_dirs["llama"]), n_per_class=1, data_dir=str(tmp_path),
+              epsilon=1.0, delta=1e-5, noise_seed=3)  # fmt: skip
+    cut = release_targets(ReleaseConfig(**dp), tmp_path / "rel")
+    fitting = cut.meta.task.max_text_tokens
+    assert fitting is not None and fitting < 60 * 4
+    explicit = release_targets(ReleaseConfig(**dp, max_text_tokens=fitting), tmp_path / "rel2")
+    torch.testing.assert_close(cut.target_weight, explicit.target_weight)
 
 
 def test_model_without_linear_output_layer_is_refused():
@@ -146,15 +173,41 @@ def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_pat
 
 
 def pool_exclusions(task, ex):
-    return private_pool_exclusions(task, task.private_split, len(ex.labels))
+    return private_pool_exclusions(task, task.private_split, ex)
 
 
 def test_private_pool_never_touches_the_dev_slice():
-    from gradmm.tasks import dev_indices
+    from gradmm.tasks import Examples, dev_indices
 
     labels = [i % 2 for i in range(100)]
-    dev = dev_indices(100, 30)
-    assert dev == dev_indices(100, 30) and len(dev) == 30
+    dev = dev_indices(Examples([f"text {i}" for i in range(100)], labels, ""), 30)
+    assert len(dev) == 30
     for seed in range(5):
         picked = sample_per_class(labels, ("a", "b"), 30, seed, exclude=dev)
         assert not set(sum(picked, [])) & set(dev)
+
+
+def test_the_rows_a_pool_may_use_differ_by_one_row_between_neighbouring_splits():
+    """A guarantee for the whole split (Poisson releases) needs the rows outside the dev slice of
+    two splits that differ by one row to differ by one row too, wherever the rows sit."""
+    from collections import Counter
+
+    from gradmm.tasks import Examples, dev_indices
+
+    def eligible(rows: list[tuple[str, int]]) -> Counter:
+        dev = set(dev_indices(Examples([t for t, _ in rows], [y for _, y in rows], ""), 20))
+        return Counter(r for i, r in enumerate(rows) if i not in dev)
+
+    rows = [(f"review number {i}", i % 2) for i in range(120)] + [("a duplicate", 1)] * 3
+    base = eligible(rows)
+    assert sum(base.values()) == len(rows) - 20
+    rng = np.random.default_rng(0)
+    assert eligible([rows[i] for i in rng.permutation(len(rows))]) == base  # positions don't matter
+    def rows_changed(other: Counter) -> int:
+        return sum(((base - other) + (other - base)).values())
+
+    for i in [*rng.choice(len(rows), 15, replace=False), len(rows) - 1]:  # remove one row
+        assert rows_changed(eligible(rows[:i] + rows[i + 1 :])) == 1
+    for text in ("a new review", "another one", "a duplicate"):  # add one row, anywhere
+        for at in (0, 60, len(rows)):
+            assert rows_changed(eligible(rows[:at] + [(text, 0)] + rows[at:])) == 1

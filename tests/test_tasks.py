@@ -174,7 +174,7 @@ def test_long_texts_are_cut_only_when_asked(model_dirs, data_dir, tmp_path):
     from conftest import cli, write_split
 
     long_text = " ".join(["the film was great and"] * 60)  # > 128 tokens of the tiny models
-    rows = [(long_text, 1)] * 30 + [("the plot was dull", 0)] * 30
+    rows = [(f"{long_text} {i}", 1) for i in range(30)] + [(f"dull plot {i}", 0) for i in range(30)]
     write_split(tmp_path / "data" / "sst2", "train", rows)
     args = ["release", "--task", "sst2", "--model", model_dirs["gpt2"], "--data-dir",
             tmp_path / "data", "--n-per-class", 3]  # fmt: skip

@@ -133,7 +133,7 @@ def audit_run(
         )
     # the release does not record where the data lives: --data-dir or $GRADMM_DATA_DIR
     examples, picked = private_pool(task, meta.split, meta.counts[0], meta.seed, data_dir)
-    exclude = private_pool_exclusions(task, meta.split, len(examples.labels))
+    exclude = private_pool_exclusions(task, meta.split, examples)
     if [len(ix) for ix in picked] != meta.counts:
         raise UserError("the private pool cannot be re-derived from the release's settings")
     pool = [encode_text(tokenizer, examples.texts[i]) for ix in picked for i in ix]

@@ -153,7 +153,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
         # prefixes from rows outside the dev slice and, for a fixed pool, outside the pool (a
         # Poisson sample is drawn at release: any row may join it, members and others alike)
         examples = load_examples(task, split, rc.data_dir)
-        taken = set(private_pool_exclusions(task, split, len(examples.labels)))
+        taken = set(private_pool_exclusions(task, split, examples))
         if rc.sampling == "fixed":
             _, picked = private_pool(task, split, rc.n_per_class, rc.seed, rc.data_dir)
             taken |= {i for ix in picked for i in ix}

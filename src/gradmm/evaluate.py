@@ -123,7 +123,7 @@ def dev_set(task, data_dir, dev_file: str | None = None, max_size: int | None = 
         dev = examples_from_rows(task, read_jsonl_numbered(Path(dev_file)), dev_file)
     else:
         private = load_examples(task, task.private_split, data_dir)
-        dev_ix = dev_indices(len(private.texts), task.dev_size)
+        dev_ix = dev_indices(private, task.dev_size)
         dev = Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
                        f"{private.source} (dev slice)")  # fmt: skip
     if max_size is not None and max_size < len(dev.texts):

@@ -136,8 +136,9 @@ def poisson_rate(task: Task, n_per_class: int, data_dir: str | None) -> float:
     """The Poisson rate whose expected pool has ``n_per_class`` examples per class on average:
     ``n·C`` over the private split's rows outside the dev slice (capped at 1). It reads the
     split's size, which the guarantee then assumes public (as DP-SGD's sampling rate does)."""
-    rows = len(load_examples(task, task.private_split, data_dir).labels)
-    eligible = rows - len(private_pool_exclusions(task, task.private_split, rows))
+    examples = load_examples(task, task.private_split, data_dir)
+    dev = private_pool_exclusions(task, task.private_split, examples)
+    eligible = len(examples.labels) - len(dev)
     return min(1.0, n_per_class * task.num_classes / eligible)
 
 

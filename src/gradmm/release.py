@@ -356,6 +356,17 @@ def release_targets(
     # targets are computed in fp32 (on the runtime's device)
     lm = place(load_model(config.model), Runtime(device=(runtime or Runtime()).device))
     prompt = tokenize_prompt(task, lm.tokenizer)
+    if dp is not None and lm.context_length is not None:
+        # a text too long for the context would stop the release only if it were sampled, and
+        # the stop would say so: a DP release cuts every text to fit instead (public inputs only)
+        fitting = lm.context_length - (len(prompt.head) + len(prompt.tail)
+                                       + max(map(len, prompt.label_ids)) - 1)  # fmt: skip
+        if fitting < 1:
+            raise UserError(f"the template and label words fill the model's context "
+                            f"({lm.context_length} tokens): no room for a text")  # fmt: skip
+        if task.max_text_tokens is None or task.max_text_tokens > fitting:
+            task = task.model_copy(update={"max_text_tokens": fitting})
+            prompt = tokenize_prompt(task, lm.tokenizer)
     params = matched_parameters(lm.model, config.match_params)
     head = list(params)[:2] if lm.output.bias is not None else list(params)[:1]
     vocab_rows, hidden = lm.output.weight.shape
@@ -466,7 +477,7 @@ def private_pool(
     reads: ``n_per_class`` per class, seeded, never from the dev slice. The one definition of the
     pool (release, audit and the experiment's ``real_private`` baseline all use it)."""
     examples = load_examples(task, split, data_dir)
-    exclude = private_pool_exclusions(task, split, len(examples.labels))
+    exclude = private_pool_exclusions(task, split, examples)
     return examples, sample_per_class(examples.labels, task.label_names, n_per_class, seed, exclude)
 
 
@@ -477,7 +488,7 @@ def poisson_pool(
     dev slice kept independently with probability ``rate``, decided by ``random_bytes`` (the OS
     CSPRNG for a real release: the amplification needs a sample nobody can predict)."""
     examples = load_examples(task, split, data_dir)
-    excluded = set(private_pool_exclusions(task, split, len(examples.labels)))
+    excluded = set(private_pool_exclusions(task, split, examples))
     kept = uniforms(len(examples.labels), random_bytes) < rate
     picked = [[] for _ in task.label_names]
     for i, (label, keep) in enumerate(zip(examples.labels, kept, strict=True)):
@@ -508,9 +519,10 @@ def _random_bytes(config: ReleaseConfig, purpose: str) -> Callable[[int], bytes]
     return seeded_stream(config.noise_seed, public if purpose == "noise" else [public, purpose])
 
 
-def private_pool_exclusions(task: Task, split: str, n_examples: int) -> list[int]:
-    """Rows a private pool may not use: the dev slice, when sampling from the private split."""
-    return dev_indices(n_examples, task.dev_size) if split == task.private_split else []
+def private_pool_exclusions(task: Task, split: str, examples: Examples) -> list[int]:
+    """Rows of ``examples`` (the ``split``) a private pool may not use: the dev slice, when
+    sampling from the private split."""
+    return dev_indices(examples, task.dev_size) if split == task.private_split else []
 
 
 def _dp_settings(config: ReleaseConfig) -> DPSettings | None:
@@ -535,10 +547,8 @@ def _class_sums(lm, prompt, params, head, space, examples, picked, config, dp) -
         for i in indices:
             seq = prompt.encode(lm.tokenizer, examples.texts[i])
             if ctx is not None and len(seq) + labels.length - 1 > ctx:
-                # a Poisson sample is secret: the message must not say which row was drawn
-                which = "an example" if config.sampling == "poisson" else f"example {i}"
-                raise UserError(
-                    f"{which} of {examples.source} is {len(seq) + labels.length - 1} tokens "
+                raise UserError(  # non-DP only: DP releases cut every text to fit
+                    f"example {i} of {examples.source} is {len(seq) + labels.length - 1} tokens "
                     f"with the template and label word, longer than the model's context ({ctx}): "
                     f"pass --max-text-tokens {max(1, ctx - fixed)} to cut texts"
                 )

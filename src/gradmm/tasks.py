@@ -17,12 +17,12 @@ refuses two classes whose label words share a first token.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -66,8 +66,8 @@ class Task(BaseModel):
     hub: HubSource | None = None
     private_split: str = "train"
     test_split: str = "test"
-    # Model-selection (dev) examples: a fixed, seeded slice of the private split that private
-    # pools never draw from (see ``dev_indices``).
+    # Model-selection (dev) examples: a fixed slice of the private split, chosen row by row by a
+    # keyed hash, that private pools never draw from (see ``dev_indices``).
     dev_size: int = 500
     label_token_policy: LabelTokenPolicy = "all"
     # A label word's score: the log-probability of its tokens, summed (the word's probability) or
@@ -311,10 +311,19 @@ def _load_hub(task: Task, split: str) -> Examples:
 DEV_SEED = 20250217  # fixed: the dev slice must not move with any user seed
 
 
-def dev_indices(n_examples: int, size: int) -> list[int]:
-    """Indices of the dev slice of a split with ``n_examples`` rows (seeded, sorted)."""
-    rng = np.random.default_rng(DEV_SEED)
-    return sorted(rng.permutation(n_examples)[: min(size, n_examples // 2)].tolist())
+def dev_indices(examples: Examples, size: int) -> list[int]:
+    """Indices (sorted) of the dev slice of a split: its ``size`` rows (at most half the split)
+    whose BLAKE2b digest of (label, text), keyed by :data:`DEV_SEED`, is smallest.
+
+    Whether a row is dev depends on that row and on the rows ranked before it only, never on
+    positions: adding or removing one row moves at most one other row across the boundary, so
+    the rows outside the dev slice of neighbouring splits differ by one row, as a guarantee for
+    the whole split (Poisson releases, ``docs/privacy.md``) needs."""
+    key = DEV_SEED.to_bytes(8, "little")
+    digests = [hashlib.blake2b(f"{y}\0{t}".encode(), key=key, digest_size=16).digest()
+               for t, y in zip(examples.texts, examples.labels, strict=True)]  # fmt: skip
+    ranked = sorted(range(len(digests)), key=lambda i: (digests[i], i))
+    return sorted(ranked[: min(size, len(digests) // 2)])
 
 
 # ---------------------------------------------------------------------------------- tokens
