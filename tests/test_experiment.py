@@ -3,6 +3,7 @@ are not recomputed (nor mixed with cells of other settings), and real text never
 the output folder; a rerun in a fresh folder reproduces the table."""
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -93,6 +94,12 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
 
     spec.write_text(spec.read_text().replace("lr: 0.001", "lr: 0.01"))
     with pytest.raises(UserError, match="different finetune"):
+        experiment.run_experiment(spec, out, progress=False)
+    spec.write_text(spec.read_text().replace("lr: 0.01", "lr: 0.001"))
+    recorded = json.loads((out / "experiment.json").read_text())
+    del recorded["dev_slice_rule"]  # cells of a gradmm whose dev slices were other rows
+    (out / "experiment.json").write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match="different dev_slice_rule"):
         experiment.run_experiment(spec, out, progress=False)
 
     real = load_examples(BUILTIN_TASKS["sst2"], "train", data_dir).texts

@@ -27,7 +27,7 @@ from gradmm.methods import METHODS, Cell
 from gradmm.models import Runtime, fingerprint, load_model
 from gradmm.report import plot, write_tables
 from gradmm.settings import MatchParams, resolve_config
-from gradmm.tasks import load_task
+from gradmm.tasks import DEV_SLICE_RULE, load_task
 
 EXPERIMENT_DIR = OutputKind(
     "experiment",
@@ -170,7 +170,8 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     check_output_dir(out, EXPERIMENT_DIR)
     make_output_dir(out, EXPERIMENT_DIR)
     weights = fingerprint(load_model(cfg.model).model)
-    settings = {**cfg.model_dump(mode="json"), "model_fingerprint": weights}
+    settings = {**cfg.model_dump(mode="json"), "model_fingerprint": weights,
+                "dev_slice_rule": DEV_SLICE_RULE}  # fmt: skip
     _check_same_settings(settings, out / "experiment.json")
     write_json(out / "experiment.json", settings)
     todo = cells(cfg)
@@ -201,7 +202,8 @@ CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons", "dp_pool_sizes", "
 
 
 def _check_same_settings(settings: dict, recorded: Path) -> None:
-    """Refuse to resume ``recorded``'s cells under other settings or model weights."""
+    """Refuse to resume ``recorded``'s cells under other settings, model weights or dev-slice
+    rule."""
     if not recorded.exists():
         return
     before = read_json(recorded)

@@ -338,8 +338,7 @@ def report(meta) -> str:
         f"{'would guarantee' if m.seeded else 'guarantee'}: ({m.epsilon}, {m.delta})-DP for the "
         "whole release (all classes, one Gaussian draw)"
         + (
-            f", for every example of the split outside its dev slice (amplified by Poisson "
-            "sampling at rate "
+            f", for every example of the split (amplified by Poisson sampling at rate "
             f"{m.sampling_rate:g}; the sample is drawn from "
             f"{'the seeded stream' if m.seeded else 'the OS CSPRNG'}; the split's size, which "
             "sets the rate, is assumed public)"

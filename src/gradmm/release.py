@@ -489,6 +489,11 @@ def poisson_pool(
     CSPRNG for a real release: the amplification needs a sample nobody can predict)."""
     examples = load_examples(task, split, data_dir)
     excluded = set(private_pool_exclusions(task, split, examples))
+    if excluded and len(examples.labels) < 2 * task.dev_size:
+        warn(f"{examples.source} has {len(examples.labels)} rows, fewer than twice the dev slice's "
+             f"{task.dev_size}: the slice is half the split, so one row added or removed may "
+             "also move another row across it, and the guarantee holds for groups of two rows "
+             "(docs/privacy.md)")  # fmt: skip
     kept = uniforms(len(examples.labels), random_bytes) < rate
     picked = [[] for _ in task.label_names]
     for i, (label, keep) in enumerate(zip(examples.labels, kept, strict=True)):

@@ -309,16 +309,19 @@ def _load_hub(task: Task, split: str) -> Examples:
 
 
 DEV_SEED = 20250217  # fixed: the dev slice must not move with any user seed
+# The rule of :func:`dev_indices`, recorded by experiments: a resumed run never mixes dev slices.
+DEV_SLICE_RULE = "blake2b-keyed-rank"
 
 
 def dev_indices(examples: Examples, size: int) -> list[int]:
     """Indices (sorted) of the dev slice of a split: its ``size`` rows (at most half the split)
     whose BLAKE2b digest of (label, text), keyed by :data:`DEV_SEED`, is smallest.
 
-    Whether a row is dev depends on that row and on the rows ranked before it only, never on
-    positions: adding or removing one row moves at most one other row across the boundary, so
-    the rows outside the dev slice of neighbouring splits differ by one row, as a guarantee for
-    the whole split (Poisson releases, ``docs/privacy.md``) needs."""
+    Whether a row is dev depends on that row and on the rows ranked before it, not on where rows
+    sit (positions only break ties between copies of one row, which are interchangeable): while
+    the slice has its full size, adding or removing one row moves at most one other row across
+    the boundary, so the rows outside the dev slice of neighbouring splits differ by one row, as
+    a guarantee for the whole split (Poisson releases, ``docs/privacy.md``) needs."""
     key = DEV_SEED.to_bytes(8, "little")
     digests = [hashlib.blake2b(f"{y}\0{t}".encode(), key=key, digest_size=16).digest()
                for t, y in zip(examples.texts, examples.labels, strict=True)]  # fmt: skip
