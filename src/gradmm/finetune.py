@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +77,12 @@ def finetune(
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lm.model = get_peft_model(
-            lm.model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
-                                 target_modules="all-linear", lora_dropout=0.0)
-        )  # fmt: skip
+        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            lm.model = get_peft_model(
+                lm.model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                                     target_modules="all-linear", lora_dropout=0.0)
+            )  # fmt: skip
     else:
         lm.model.requires_grad_(True)
     params = [p for p in lm.model.parameters() if p.requires_grad]
