@@ -23,6 +23,10 @@ def test_bigram_model_is_counting_with_add_one():
     assert total == pytest.approx(1.0)  # a distribution over the vocabulary
     # P(3 | 2) = (count(2,3) + 1) / (count(2,·) + 5) = 2 / 7
     assert model.score([1], [2, 3]) == pytest.approx((math.log(3 / 7) + math.log(2 / 7)) / 2)
+    # the scored bigrams (1,2) and (2,3) both occur; of (1,4), (4,2) neither does
+    assert model.seen_fraction([1], [2, 3]) == 1.0
+    assert model.seen_fraction([1], [4, 2]) == 0.0
+    assert model.seen_fraction([3], [2, 2]) == 0.5  # (3,2) no, (2,2) yes
 
 
 def test_tpr_at_fpr():
@@ -43,7 +47,10 @@ def test_attack_detects_leaky_text_and_not_independent_text(model_dirs, data_dir
     assert len({c["text"] for c in canaries}) == 30
     planted = [i % 2 == 0 for i in range(30)]
     leaky = [c["text"] for c, p in zip(canaries, planted, strict=True) if p] + ex.texts[:20]
-    assert attack(canaries, planted, leaky, lm.tokenizer, 2)["roc_auc"] == 1.0
+    leaky_report = attack(canaries, planted, leaky, lm.tokenizer, 2)
+    assert leaky_report["roc_auc"] == 1.0
+    assert leaky_report["suffix_ngrams_seen_members"] == 1.0  # every planted suffix echoed
+    assert leaky_report["suffix_ngrams_seen_non_members"] < 0.2
     rng = np.random.default_rng(0)
     aucs = [attack(canaries, list(rng.permutation(planted)), ex.texts, lm.tokenizer,
                    2)["roc_auc"] for _ in range(20)]  # fmt: skip

@@ -103,6 +103,14 @@ class NgramModel:
         start = len(prefix)
         return sum(self.log_prob(seq[:i], seq[i]) for i in range(start, len(seq))) / len(suffix)
 
+    def seen_fraction(self, prefix: list[int], suffix: list[int]) -> float:
+        """Share of the n-grams :meth:`score` scores (each suffix token after its context) that
+        occur in the fitted text: the material the attack has to work with."""
+        seq = [-1] * (self.n - 1) + prefix + suffix
+        start = len(seq) - len(suffix)
+        return sum(self.counts[tuple(seq[i - self.n + 1 : i + 1])] > 0
+                   for i in range(start, len(seq))) / len(suffix)  # fmt: skip
+
 
 def tpr_at_fpr(member_scores: list[float], other_scores: list[float], fpr: float) -> float:
     """True-positive rate at the threshold that lets at most ``fpr`` of non-members through."""
@@ -116,11 +124,12 @@ def attack(canaries: list[dict], planted: list[bool], synthetic: list[str], toke
            ngram: int) -> dict:  # fmt: skip
     """Score every canary with an n-gram model of ``synthetic``; AUC and TPR at low FPR."""
     model = NgramModel([encode_text(tokenizer, t) for t in synthetic], ngram, len(tokenizer))
-    scores = []
+    scores, seen = [], []
     for c in canaries:
-        prefix = c["text"][: len(c["text"]) - len(c["suffix"])]
-        scores.append(model.score(encode_text(tokenizer, prefix.rstrip()),
-                                  encode_text(tokenizer, " " + c["suffix"])))  # fmt: skip
+        prefix = encode_text(tokenizer, c["text"][: len(c["text"]) - len(c["suffix"])].rstrip())
+        suffix = encode_text(tokenizer, " " + c["suffix"])
+        scores.append(model.score(prefix, suffix))
+        seen.append(model.seen_fraction(prefix, suffix))
     members = [s for s, p in zip(scores, planted, strict=True) if p]
     others = [s for s, p in zip(scores, planted, strict=True) if not p]
     return {
@@ -129,7 +138,12 @@ def attack(canaries: list[dict], planted: list[bool], synthetic: list[str], toke
         "roc_auc": round(roc_auc(members, others), 4),
         "tpr_at_fpr_0.01": round(tpr_at_fpr(members, others, 0.01), 4),
         "tpr_at_fpr_0.1": round(tpr_at_fpr(members, others, 0.1), 4),
-    }
+        # the attack's power: how much of the scored suffix n-grams the synthetic text holds
+        "suffix_ngrams_seen_members": round(float(np.mean(
+            [f for f, p in zip(seen, planted, strict=True) if p])), 4),
+        "suffix_ngrams_seen_non_members": round(float(np.mean(
+            [f for f, p in zip(seen, planted, strict=True) if not p])), 4),
+    }  # fmt: skip
 
 
 def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> dict:
