@@ -207,6 +207,7 @@ def test_the_rows_a_pool_may_use_differ_by_one_row_between_neighbouring_splits()
     assert sum(base.values()) == len(rows) - 20
     rng = np.random.default_rng(0)
     assert eligible([rows[i] for i in rng.permutation(len(rows))]) == base  # positions don't matter
+
     def rows_changed(other: Counter) -> int:
         return sum(((base - other) + (other - base)).values())
 

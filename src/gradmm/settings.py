@@ -59,8 +59,10 @@ class ReleaseConfig(BaseModel):
     sketch_seed: int = Field(0, ge=0, description="public seed of the sketch's maps (recorded)")
     batch_size: int = Field(32, ge=1, description="real examples per forward pass")
     max_text_tokens: int | None = Field(
-        None, ge=1, description="cut texts to their first N tokens (default: the task's; a DP "
-        "release cuts at most to the longest that fits the context)"
+        None,
+        ge=1,
+        description="cut texts to their first N tokens (default: the task's; a DP "
+        "release cuts at most to the longest that fits the context)",
     )
     epsilon: float | None = Field(None, description="DP ε (with delta: a DP release)")
     delta: float | None = Field(None, description="DP δ")
