@@ -208,6 +208,26 @@ def test_one_noise_release_per_target_is_the_control_of_every_epsilon_and_n():
     assert not any(line.startswith("| dp_gradmm@eps1/n250/sketch −") for line in lines)
 
 
+def test_dp_study_plot_legend_names_every_series_of_every_panel(monkeypatch, tmp_path):
+    """The legend lists each series once even when no single panel has them all (dp-utility's
+    output-layer panels have no n = 25 line, its small targets no n = 2500 one)."""
+
+    def dp(method, seed, eps, n, match):
+        return {**_row("sst2", method, seed, 0.6, eps=eps), "n_per_class": n, "match_params": match}
+
+    rows = [dp("dp_gradmm", s, eps, n, m) for s in (0, 1) for eps in (1.0, 4.0)
+            for n, m in ((25, "sketch"), (2500, None))]  # fmt: skip
+    rows += [dp("dp_noise", s, 1.0, 25, m) for s in (0, 1) for m in ("sketch", None)]
+    rows += [_row("sst2", "zero_shot", s, 0.5) for s in (0, 1)]
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_dp_study(rows, tmp_path / "dp.png")
+    labels = [t.get_text() for ax in figures[0].axes if ax.get_legend()
+              for t in ax.get_legend().get_texts()]  # fmt: skip
+    assert sorted(labels) == sorted(["dp_gradmm n=25", "dp_gradmm n=2500",
+                                     "dp_noise (any ε, n)", "zero_shot"])  # fmt: skip
+
+
 def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_dir, tmp_path):
     """Pool sizes x released gradients x ε for the DP methods, Poisson-sampled pools: every cell
     has its own release and noise stream, its control is the noise-only release of the same

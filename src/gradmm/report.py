@@ -272,7 +272,12 @@ def plot_dp_study(rows: list[dict], path: Path) -> None:
             ax.set_xlabel("ε")
             if j == 0:
                 ax.set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=6)
+    # one legend for every panel: a series can be absent from any one (an excluded cell)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6)
     _save(fig, path)
 
 
