@@ -295,6 +295,7 @@ def test_readme_quotes_the_committed_results():
     assert {
         "experiments/results/cpu-small/results.md",
         "experiments/results/cpu-smollm2/results.md",
+        "experiments/results/dp-utility/results.md",
     } <= {source for source, _ in blocks}
     for source, quoted in blocks:
         committed = (root / source).read_text()
