@@ -19,6 +19,7 @@ from gradmm.release import (
     ReleaseConfig,
     example_gradients,
     private_pool_exclusions,
+    record_digest,
     release_targets,
     sample_per_class,
 )
@@ -98,6 +99,8 @@ def dp_config(model_dirs, data_dir, **kw):
         clip=0.3,
         noise_seed=7,
     )
+    if kw.get("epsilon", 1) is None:  # not DP: the DP-only settings would be refused
+        base = {k: v for k, v in base.items() if k not in ("clip", "noise_seed")}
     return ReleaseConfig(**{**base, **kw})
 
 
@@ -167,9 +170,13 @@ def test_refused_options_in_dp_mode(model_dirs, data_dir, tmp_path):
             ["--epsilon", "1", "--delta", "1e-5", "--match-params", "last-block"],
             "need closed-form clipping",
         ),
-        (["--match-params", "sketch"], "sketch_dim goes with match_params: sketch"),
-        (["--sketch-dim", "8"], "sketch_dim goes with match_params: sketch"),
-        (["--target", "noise"], "give --epsilon and --delta"),
+        (["--match-params", "sketch"], "match_params sketch needs sketch_dim"),
+        (["--sketch-dim", "8"], "sketch_dim is only for match_params sketch"),
+        (["--sketch-seed", "3"], "sketch_seed is only for match_params sketch"),
+        (["--target", "noise"], "target noise is a DP control: give epsilon and delta"),
+        (["--clip", "2"], "clip is a DP setting: give epsilon and delta"),
+        (["--neighbouring", "add-remove"], "neighbouring is a DP setting"),
+        (["--epsilon", "1e6", "--delta", "1e-5"], "--epsilon 1e+06 is above 100"),
         (["--epsilon", "1"], "both --epsilon and --delta"),
         (["--epsilon", "0", "--delta", "1e-5"], "--epsilon must be a positive"),
         (["--epsilon", "1", "--delta", "1.5"], "--delta must be in (0, 1)"),
@@ -489,6 +496,10 @@ def test_edited_release_records_are_refused(edit, model_dirs, data_dir, tmp_path
         meta["mechanism"]["sigma_sum"] *= 2
     else:
         meta["mechanism"] = {"type": "none"}
+    path.write_text(json.dumps(meta))  # the record's digest catches any edit
+    with pytest.raises(UserError, match="does not match its record_sha256"):
+        load_release(tmp_path / "r")
+    meta["record_sha256"] = record_digest(meta)  # and its consistency one who recomputes it
     path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="invalid release record"):
         load_release(tmp_path / "r")
@@ -538,6 +549,7 @@ def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, 
     record = json.loads(path.read_text())
     for key in ("noise_multiplier", "sigma_sum", "sigma_target"):  # consistently less noise
         record["mechanism"][key] *= 0.5
+    record["record_sha256"] = record_digest(record)
     path.write_text(json.dumps(record))
     with pytest.raises(UserError, match="does not give the recorded ε"):
         load_release(tmp_path / "r")
@@ -560,7 +572,7 @@ def test_poisson_refusals_come_before_any_data_is_read(model_dirs, tmp_path):
     base = ["--epsilon", "1", "--delta", "1e-5", "--sampling", "poisson"]
     for extra, message in [
         (["--sampling-rate", "0.1"], "pass --neighbouring add-remove"),
-        ([], "sampling_rate goes with sampling: poisson"),
+        ([], "sampling poisson needs sampling_rate"),
     ]:
         r = invoke(*release_args(model_dirs["phi"], missing, tmp_path / "r"), *base, *extra)
         assert r.exit_code == 2 and message in r.stderr, r.output
@@ -610,7 +622,9 @@ def test_canaries_planted_in_a_poisson_sample_add_their_clipped_gradients(model_
     norm = float(sum(d[1].pow(2).sum() for d in diff).sqrt())
     clip, n = plain.meta.mechanism.clip, plain.meta.mechanism.normaliser
     assert 0 < norm <= 2 * clip / n + 1e-6
-    assert audit.meta.counts == plain.meta.counts  # the sample's size stays private
+    # the sample's size stays private: the counts are the normaliser plus the planted rows
+    assert audit.meta.planted == [0, 2] and audit.meta.counts == [5, 7] == [
+        n + k for n, k in zip(plain.meta.counts, audit.meta.planted, strict=True)]  # fmt: skip
 
 
 def test_privacy_command_with_a_sampling_rate():

@@ -20,6 +20,7 @@ on the model's device whatever the model's dtype; only the transformer passes ru
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gradmm.errors import UserError
 from gradmm.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.models import loss_dtype
 from gradmm.projection import Projector
@@ -128,7 +130,12 @@ class SolverState:
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> SolverState:
-        return cls(**torch.load(path, map_location=device))
+        """The state saved at ``path``; a truncated or foreign file is a :class:`UserError`."""
+        try:
+            return cls(**torch.load(path, map_location=device))
+        except (RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
+            raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass "
+                            "--overwrite to start the run again") from None  # fmt: skip
 
 
 class Selection(Protocol):

@@ -57,7 +57,7 @@ class CanaryAuditConfig(BaseModel):
     prefix_words: int = Field(6, ge=1, description="words of the in-distribution prefix")
     suffix_tokens: int = Field(8, ge=1, description="uniformly random tokens of the suffix")
     ngram: int = Field(2, ge=1, description="order of the attack's n-gram model")
-    seed: int = Field(0, description="seed of the canaries and of the planted half")
+    seed: int = Field(0, ge=0, description="seed of the canaries and of the planted half")
 
 
 def make_canaries(task: Task, tokenizer, examples_texts: list[str], candidates: list[int],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradmm.errors import UserError
+from gradmm.errors import UserError, describe
 from gradmm.files import OutputKind, check_output_dir, staged_dir, write_json
 
 # The project's reference LM (see gradmm.lm), shipped inside the package; `--model reference`.
@@ -147,9 +148,8 @@ def convert_gguf(path: Path, out: Path, source: dict) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not read GGUF file {path}: {first}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:  # a cut file: struct
+        raise UserError(f"could not read GGUF file {path}: {describe(e)}") from None
     # The weights are dequantised fp32 tensors now; the GGUF quantizer flag only blocks saving.
     model.hf_quantizer = None
     model.is_quantized = False

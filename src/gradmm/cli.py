@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, NoReturn, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
 
 from gradmm.config import build_config
-from gradmm.errors import UserError
+from gradmm.errors import Terminated, UserError
 from gradmm.settings import (
     PRESETS,
+    EvaluateConfig,
     FinetuneConfig,
     GenerateConfig,
     ReleaseConfig,
@@ -64,6 +69,8 @@ RELEASE_OPTIONS = ("n_per_class", "sampling", "sampling_rate", "split", "seed", 
 # finetune's options on the command line, each defined in gradmm.settings.FinetuneConfig
 FINETUNE_OPTIONS = ("method", "lr", "steps", "batch_size", "eval_every", "selection", "dev_file",
                     "max_dev", "lora_rank", "max_test", "seed")  # fmt: skip
+# evaluate's options on the command line, each defined in gradmm.settings.EvaluateConfig
+EVALUATE_OPTIONS = ("few_shot", "dev_file", "max_test", "seed")
 
 
 def config_options(
@@ -111,24 +118,61 @@ def _option_annotation(name: str, field, presets: dict[str, dict]):
 def command(
     group: typer.Typer, interrupted: str, name: str | None = None
 ) -> Callable[[Callable], Callable]:
-    """``group.command`` with gradmm's error handling: a :class:`UserError` is one line on stderr
-    and exit status 2; Ctrl-C is one line saying what was kept (``interrupted``) and status 130."""
+    """``group.command`` with gradmm's error handling: a :class:`UserError`, or a file system that
+    is full, read-only or not ours to write, is one line on stderr and exit status 2; Ctrl-C
+    (status 130) and SIGTERM (status 143) are one line saying what was kept: the stage's own
+    account when it gives one (:func:`gradmm.errors.stopped_keeping`), else ``interrupted``."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except UserError as e:
-                typer.echo(f"gradmm: error: {e}", err=True)
-                raise typer.Exit(2) from None
-            except KeyboardInterrupt:
-                typer.echo(f"gradmm: interrupted; {interrupted}", err=True)
-                raise typer.Exit(130) from None
+            with _sigterm_as_interrupt():
+                try:
+                    return fn(*args, **kwargs)
+                except UserError as e:
+                    fail(str(e))
+                except KeyboardInterrupt as e:
+                    how, status = ("terminated", 143) if isinstance(e, Terminated) else (
+                        "interrupted", 130)  # fmt: skip
+                    typer.echo(f"gradmm: {how}; {getattr(e, 'kept', interrupted)}", err=True)
+                    raise typer.Exit(status) from None
+                except OSError as e:
+                    if e.errno not in ENVIRONMENT_ERRORS:
+                        raise
+                    where = f" {e.filename}" if e.filename else ""
+                    fail(f"cannot write{where}: {e.strerror}")
 
         return group.command(name)(run)
 
     return decorate
+
+
+# the machine's state, not a bug: a full disk, a read-only file system, a folder not ours
+ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``message`` as gradmm's one error line (newlines folded) and exit with status 2."""
+    typer.echo("gradmm: error: " + " ".join(message.split()), err=True)
+    raise typer.Exit(2) from None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (only the main thread can
+    install handlers: elsewhere, as under a test runner's thread, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
@@ -166,7 +210,7 @@ def release(
         typer.echo(f"released targets of {counts} to {out}")
 
 
-@command(app, "the last checkpoint in the run folder was kept: rerun the same command to resume")
+@command(app, "the run folder was left as it was: rerun the same command")
 @config_options(GenerateConfig, GENERATE_OPTIONS, presets=PRESETS)
 def generate(
     options: dict,
@@ -258,18 +302,14 @@ def finetune(
 
 
 @command(app, NOTHING_WRITTEN)
+@config_options(EvaluateConfig, EVALUATE_OPTIONS)
 def evaluate(
+    options: dict,
     model: Annotated[
         str, typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id.")
     ] = ...,
     task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
-    few_shot: Annotated[int, typer.Option(min=0, help="Demonstrations per class (dev).")] = 0,
-    dev_file: Annotated[
-        str | None, typer.Option(help="Public JSONL of demonstrations [the private dev slice].")
-    ] = None,
     data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
-    max_test: Annotated[int | None, typer.Option(help="Cap on test examples.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of demonstrations / test sample.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,
@@ -279,10 +319,11 @@ def evaluate(
     from gradmm.evaluate import evaluate_task
     from gradmm.files import check_result_file, write_json
 
+    cfg = build_config(EvaluateConfig, dict(model=model, task=task, data_dir=data_dir, **options))
     if out is not None:
         check_result_file(out, "evaluate", overwrite)
-    result = evaluate_task(model, task, few_shot, data_dir, max_test, seed, dev_file,
-                           runtime=runtime_of(device, dtype))  # fmt: skip
+    result = evaluate_task(cfg.model, cfg.task, cfg.few_shot, cfg.data_dir, cfg.max_test,
+                           cfg.seed, cfg.dev_file, runtime=runtime_of(device, dtype))  # fmt: skip
     if out is not None:
         write_json(out, result)
     per_class = ", ".join(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from gradmm.errors import UserError
+from gradmm.files import read_yaml
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -18,7 +18,8 @@ def one_line(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' own sentences
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -26,13 +27,7 @@ def read_options_file(path: Path | None) -> dict[str, Any]:
     """A YAML (or JSON) mapping of option names to values; ``{}`` when ``path`` is None."""
     if path is None:
         return {}
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
+    loaded = read_yaml(path, "config") or {}
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: expected a mapping of options")
     return {k.replace("-", "_"): v for k, v in loaded.items()}

@@ -80,6 +80,10 @@ def demonstrations(
         return []
     rng = np.random.default_rng(seed)
     labels = np.asarray(pool.labels)
+    for c in range(len(prompt.label_ids)):
+        if (labels == c).sum() < k:
+            raise UserError(f"{k} demonstrations per class asked for, but {pool.source} has "
+                            f"{(labels == c).sum()} of class {c}")  # fmt: skip
     per_class = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in
                  range(len(prompt.label_ids))]  # fmt: skip
     picks = [(pool.texts[per_class[c][j]], c) for j in range(k) for c in range(len(per_class))]

@@ -55,6 +55,28 @@ def read_json(path: Path) -> Any:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML (or JSON) document in ``path``, a ``what`` file; a missing, unreadable,
+    non-UTF-8 or malformed file is a one-line :class:`UserError` (YAML's own messages span
+    several lines: only the problem and its line are kept)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise UserError(f"{path}: not valid YAML ({problem}{where})") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Read a JSONL file; a malformed line is a :class:`UserError` naming the file and line."""
     return [row for _, row in read_jsonl_numbered(path)]
@@ -130,6 +152,8 @@ def check_writable(path: Path) -> None:
     if not ancestor.is_dir():
         raise UserError(f"cannot create {path}: {ancestor} is a file")
     for folder in (ancestor, path) if path.is_dir() else (ancestor,):
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            raise UserError(f"cannot write to {folder} (read-only file system)")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"cannot write to {folder} (permission denied)")
 

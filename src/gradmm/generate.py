@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -34,8 +35,9 @@ from gradmm.distributed import (
     shard,
     spawn,
 )
-from gradmm.errors import UserError
+from gradmm.errors import UserError, stopped_keeping
 from gradmm.files import (
+    STAMP,
     OutputKind,
     check_output_dir,
     make_output_dir,
@@ -96,16 +98,34 @@ def generate(
                    sort_keys=True).encode()
     ).hexdigest()  # fmt: skip
     init_from_env(device.type)
+    created = not out.exists()
     if rank_and_world()[0] == 0:
         _prepare_run_dir(out, config_digest, overwrite)  # only now: bad input leaves no folder
     barrier()
     args = (release, out, config, progress, time.perf_counter() - t0, runtime)
-    if nproc > 1:
-        spawn(_solve_and_write, args, nproc, device.type)
-    else:
-        _solve_and_write(*args, lm=lm if rank_and_world()[1] == 1 else None)
-        barrier()  # under torchrun: keep every rank alive until rank 0 has gathered and written
+    try:
+        if nproc > 1:
+            spawn(_solve_and_write, args, nproc, device.type)
+        else:
+            _solve_and_write(*args, lm=lm if rank_and_world()[1] == 1 else None)
+            barrier()  # under torchrun: keep every rank alive until rank 0 has gathered, written
+    except KeyboardInterrupt as e:
+        if rank_and_world()[0] == 0:
+            raise stopped_keeping(e, _abandon(out, created)) from None
+        raise
     return out / "synthetic.jsonl"
+
+
+def _abandon(out: Path, created: bool) -> str:
+    """After Ctrl-C or SIGTERM: keep a run folder that holds a checkpoint (it resumes), else
+    remove what this run wrote (its lock; the folder too if this run created it). Returns what
+    was kept, for the message."""
+    if any(out.glob("checkpoint*.pt")):
+        return f"the last checkpoint in {out} was kept: rerun the same command to resume"
+    (out / "run.lock.json").unlink(missing_ok=True)
+    if created and {e.name for e in out.iterdir()} <= {STAMP}:
+        shutil.rmtree(out)
+    return "no checkpoint had been written, so nothing was kept: rerun the command to start again"
 
 
 def _solve_and_write(

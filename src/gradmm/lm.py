@@ -55,7 +55,7 @@ class LMTrainConfig(BaseModel):
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 200
-    max_steps: int = 6500
+    max_steps: int = Field(6500, ge=1)
     bf16: bool = Field(
         True,
         description="bfloat16 autocast for the forward pass (weights and AdamW stay fp32); "
@@ -63,7 +63,7 @@ class LMTrainConfig(BaseModel):
     )
     weight_decay: float = 0.1
     heldout_fraction: float = 0.01
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     checkpoint_every: int = 100
     log_every: int = 20
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from gradmm.checkpoints import resolve_model_name
-from gradmm.errors import UserError
+from gradmm.errors import UserError, describe
 from gradmm.settings import MatchParams
 
 if TYPE_CHECKING:
@@ -129,14 +129,21 @@ def load_model(
     if not path.exists() and _looks_like_path(resolved):
         raise UserError(f"model folder not found: {name}")
     source = str(path) if path.exists() else resolved
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is a table of many lines: ours is one
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation
         )
+    except RuntimeError as e:  # what transformers raises when config and weights disagree
+        why = ("its config does not match the shapes of its weights" if "mismatched_sizes"
+               in str(e) else describe(e))  # fmt: skip
+        raise UserError(f"could not load model {name!r}: {why}") from None
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load model {name!r}: {first}") from None
+        raise UserError(f"could not load model {name!r}: {describe(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.eval().requires_grad_(False)
     output = output_layer(model)
     check_logits_are_the_output_layers(model, output)

@@ -19,6 +19,7 @@ its shapes against the task and refuses non-finite targets, so every reader sees
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Callable
@@ -86,7 +87,7 @@ from gradmm.tasks import (
     tokenize_prompt,
 )
 
-RELEASE_FORMAT = 4  # 4: label words are token sequences (3: demonstrations, text cut)
+RELEASE_FORMAT = 5  # 5: the record's own sha256, planted counts (4: label word sequences)
 RELEASE_DIR = OutputKind("release", "release.json", ("release.json", "targets.safetensors"))
 
 
@@ -129,16 +130,28 @@ class ReleaseMeta(BaseModel):
     parameters: list[str]
     output_params: OutputParams
     mechanism: Mechanism
+    # canary audits only: rows planted per class (in ``counts`` too), None for any other release
+    planted: list[int] | None = None
     targets_sha256: str
+    record_sha256: str = ""  # of this record without this field (:func:`record_digest`)
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseMeta:
-        """Catch edited records. ``release.json`` is not signed: these checks stop accidents
-        and careless edits (a seeded release passed off as private, a real one as a control),
-        not a forger who rewrites every field consistently."""
+        """Catch edited records. ``release.json`` is not signed: with :func:`record_digest`
+        these checks stop accidents and careless edits (a seeded release passed off as private,
+        a real one as a control, counts that were not read), not a forger who rewrites every
+        field consistently and recomputes the digests."""
         m, cfg = self.mechanism, self.config
         if self.target != cfg.target or (self.target == "noise") != (self.split is None):
             raise ValueError("target, config.target and split disagree")
+        classes = self.task.num_classes
+        planted = self.planted or [0] * classes
+        # a Poisson sample's sizes stay private: its counts are the public normaliser
+        pool = [cfg.n_per_class] * classes
+        if len(planted) != classes or self.counts != [n + k for n, k in zip(pool, planted,
+                                                                            strict=True)]:
+            raise ValueError("counts are not the pool size the settings give (n_per_class per "
+                             "class, plus any planted canaries)")  # fmt: skip
         if (m.type == "gaussian") != cfg.private:
             raise ValueError("the mechanism disagrees with config.epsilon/delta")
         if m.type == "gaussian":
@@ -315,7 +328,7 @@ def release_targets(
     is read.
     """
     out = Path(out)
-    dp = _dp_settings(config)
+    dp = check_release_settings(config)
     if check_output_dir(out, RELEASE_DIR):
         existing = load_release(out)
         noisy = existing.meta.mechanism.type == "gaussian"
@@ -333,11 +346,6 @@ def release_targets(
             )
         if not overwrite:
             raise UserError(f"{out} already holds a release (pass --overwrite to replace it)")
-    if config.target == "noise" and dp is None:
-        raise UserError("--target noise is a DP control: give --epsilon and --delta")
-    if dp is not None and config.match_params == "last-block":
-        raise UserError("DP releases need closed-form clipping: --match-params output, "
-                        "label-rows or sketch")  # fmt: skip
     task = load_task(config.task)
     if config.preset == "paper":
         task = paper.paper_task(task)
@@ -370,13 +378,17 @@ def release_targets(
     params = matched_parameters(lm.model, config.match_params)
     head = list(params)[:2] if lm.output.bias is not None else list(params)[:1]
     vocab_rows, hidden = lm.output.weight.shape
+    if config.sketch_dim is not None and config.sketch_dim > min(vocab_rows, hidden):
+        raise UserError(f"--sketch-dim {config.sketch_dim} is larger than the model's hidden size "
+                        f"({hidden}) or vocabulary ({vocab_rows}): a sketch compresses, choose at "
+                        f"most {min(vocab_rows, hidden)}")  # fmt: skip
     space = GradientSpace.of(config.match_params, prompt.label_ids, vocab_rows, hidden,
                              config.sketch_dim, config.sketch_seed)  # fmt: skip
 
     # data-independent, and may refuse the settings: decided before any private data is read
     protection = Mechanism(type="none") if dp is None else mechanism(
         dp, config.n_per_class, config.noise_seed, config.sampling_rate)  # fmt: skip
-    split = source = None
+    split = source = planted = None
     if config.target == "noise":  # the control reads no data at all
         counts = [config.n_per_class] * task.num_classes
         shapes = {n: p.shape for n, p in params.items()}
@@ -395,7 +407,10 @@ def release_targets(
                                             config.data_dir)  # fmt: skip
             counts = None
         if config.canary_file is not None:  # an audit: planted rows always join the pool
-            examples, picked = _planted(task, examples, picked, config.canary_file)
+            before = [len(ix) for ix in picked]
+            examples, picked = planted_pool(task, examples, picked, config.canary_file)
+            planted = [len(ix) - n for ix, n in zip(picked, before, strict=True)]
+            counts = [n + k for n, k in zip(counts or before, planted, strict=True)]
         counts = counts or [len(ix) for ix in picked]
         source = f"{task.name}/{Path(examples.source).name}"
         sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
@@ -443,12 +458,15 @@ def release_targets(
         parameters=list(params),
         output_params=OutputParams(weight=head[0], bias=head[1] if len(head) > 1 else None),
         mechanism=protection,
+        planted=planted,
         targets_sha256="",
     )
     with staged_dir(out, RELEASE_DIR) as tmp:
         save_file(tensors, str(tmp / "targets.safetensors"))
         meta.targets_sha256 = hashlib.sha256((tmp / "targets.safetensors").read_bytes()).hexdigest()
-        write_json(tmp / "release.json", meta.model_dump(mode="json"))
+        record = meta.model_dump(mode="json")
+        meta.record_sha256 = record["record_sha256"] = record_digest(record)
+        write_json(tmp / "release.json", record)
     return Release(out, meta, tensors)
 
 
@@ -502,8 +520,8 @@ def poisson_pool(
     return examples, picked
 
 
-def _planted(task: Task, examples: Examples, picked: list[list[int]],
-             canary_file: str) -> tuple[Examples, list[list[int]]]:  # fmt: skip
+def planted_pool(task: Task, examples: Examples, picked: list[list[int]],
+                 canary_file: str | Path) -> tuple[Examples, list[list[int]]]:  # fmt: skip
     """The pool with the rows of ``canary_file`` added to their classes (canary audits)."""
     extra = examples_from_rows(task, read_jsonl_numbered(Path(canary_file)), canary_file)
     start = len(examples.texts)
@@ -530,9 +548,14 @@ def private_pool_exclusions(task: Task, split: str, examples: Examples) -> list[
     return dev_indices(examples, task.dev_size) if split == task.private_split else []
 
 
-def _dp_settings(config: ReleaseConfig) -> DPSettings | None:
+def check_release_settings(config: ReleaseConfig) -> DPSettings | None:
+    """The checks of a release's settings that need neither the model nor data (run first by
+    every command that releases); the DP settings, or None for a non-DP release."""
     if not config.private:
         return None
+    if config.match_params == "last-block":
+        raise UserError("DP releases need closed-form clipping: --match-params output, "
+                        "label-rows or sketch")  # fmt: skip
     check_settings(config.epsilon, config.delta)
     return DPSettings(
         epsilon=config.epsilon, delta=config.delta, clip=config.clip,
@@ -592,6 +615,8 @@ def load_release(path: Path) -> Release:
     if not isinstance(raw, dict) or raw.get("format") != RELEASE_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else None
         raise UserError(f"{path}: unsupported release format {found!r} (expected {RELEASE_FORMAT})")
+    if raw.get("record_sha256") != record_digest(raw):
+        raise UserError(f"{path}/release.json does not match its record_sha256 (edited)")
     try:
         meta = ReleaseMeta.model_validate(raw)
     except ValidationError as e:
@@ -610,6 +635,15 @@ def load_release(path: Path) -> Release:
         raise UserError(f"{file}: unreadable ({e})") from None
     _check_targets(path, meta, targets)
     return Release(path, meta, targets)
+
+
+def record_digest(record: dict) -> str:
+    """sha256 of a ``release.json`` record without its ``record_sha256`` field (canonical JSON:
+    sorted keys, no spaces; Python's float repr round-trips, so a re-read record digests the
+    same)."""
+    rest = {k: v for k, v in record.items() if k != "record_sha256"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) -> None:
@@ -656,6 +690,9 @@ def load_release_model(release: Release, runtime: Runtime | None = None) -> Load
             f"model {info.name!r} differs from the one the release was computed with "
             "(fingerprint mismatch)"
         )
+    if tokenize_prompt(release.task, lm.tokenizer) != release.prompt:
+        raise UserError(f"{release.path}/release.json: its prompt_tokens are not its task's "
+                        "template and label words in the model's tokens (edited)")  # fmt: skip
     params = matched_parameters(lm.model, release.meta.match_params)
     if not release.space.identity:  # mapped targets: the model must still have the head's shape
         weight = release.meta.output_params.weight

@@ -41,7 +41,7 @@ class ReleaseConfig(BaseModel):
         None, gt=0, le=1, description="q of --sampling poisson"
     )  # fmt: skip
     split: str | None = Field(None, description="private split (default: the task's, 'train')")
-    seed: int = Field(0, description="seed of the pool's sample")
+    seed: int = Field(0, ge=0, description="seed of the pool's sample")
     # local paths (data_dir, canary_file) are never recorded: exclude=True keeps them out of
     # release.json
     data_dir: str | None = Field(None, exclude=True, description="folder laid out like shared/data")
@@ -56,7 +56,9 @@ class ReleaseConfig(BaseModel):
     sketch_dim: int | None = Field(
         None, ge=1, description="R of --match-params sketch: R x V and R x d maps, R² numbers"
     )
-    sketch_seed: int = Field(0, ge=0, description="public seed of the sketch's maps (recorded)")
+    sketch_seed: int | None = Field(
+        None, ge=0, description="public seed of the sketch's maps, recorded (sketch: default 0)"
+    )
     batch_size: int = Field(32, ge=1, description="real examples per forward pass")
     max_text_tokens: int | None = Field(
         None,
@@ -66,8 +68,12 @@ class ReleaseConfig(BaseModel):
     )
     epsilon: float | None = Field(None, description="DP ε (with delta: a DP release)")
     delta: float | None = Field(None, description="DP δ")
-    clip: float = Field(1.0, gt=0, description="DP per-example gradient norm bound C")
-    neighbouring: Neighbouring = Field("replace", description="DP neighbouring relation")
+    clip: float | None = Field(
+        None, gt=0, description="DP per-example gradient norm bound C (DP: default 1.0)"
+    )
+    neighbouring: Neighbouring | None = Field(
+        None, description="DP neighbouring relation (DP: default replace)"
+    )
     target: Literal["real", "noise"] = Field(
         "real", description="'noise': zero-signal control of the same σ; reads no data"
     )
@@ -84,12 +90,33 @@ class ReleaseConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseConfig:
-        if (self.sketch_dim is not None) != (self.match_params == "sketch"):
-            raise ValueError("sketch_dim goes with match_params: sketch, and only with it")
-        if (self.sampling_rate is not None) != (self.sampling == "poisson"):
-            raise ValueError("sampling_rate goes with sampling: poisson, and only with it")
-        if self.sampling == "poisson" and not self.private:
-            raise ValueError("Poisson sampling is for DP releases: give epsilon and delta")
+        """Refuse options that would be ignored, and fill the defaults of those that apply: a
+        setting is recorded only where it has an effect."""
+        sketch = self.match_params == "sketch"
+        if sketch and self.sketch_dim is None:
+            raise ValueError("match_params sketch needs sketch_dim (R: the sketch is R x R)")
+        for name in ("sketch_dim", "sketch_seed"):
+            if not sketch and getattr(self, name) is not None:
+                raise ValueError(f"{name} is only for match_params sketch")
+        if sketch and self.sketch_seed is None:
+            self.sketch_seed = 0
+        if self.sampling == "poisson" and self.sampling_rate is None:
+            raise ValueError("sampling poisson needs sampling_rate")
+        if self.sampling != "poisson" and self.sampling_rate is not None:
+            raise ValueError("sampling_rate is only for sampling poisson")
+        if not self.private:
+            for name in ("clip", "neighbouring", "noise_seed"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is a DP setting: give epsilon and delta too")
+            if self.sampling == "poisson":
+                raise ValueError("Poisson sampling is for DP releases: give epsilon and delta")
+            if self.target == "noise":
+                raise ValueError("target noise is a DP control: give epsilon and delta")
+        else:
+            if self.clip is None:
+                self.clip = 1.0
+            if self.neighbouring is None:
+                self.neighbouring = "replace"
         return self
 
     @property
@@ -150,7 +177,7 @@ class GenerateConfig(SolverConfig):
     projection: ProjectionOrder = Field(
         "cosine-first", description="cosine-first (the authors' code) or lm-first candidates"
     )
-    seed: int = Field(0, description="random seed")
+    seed: int = Field(0, ge=0, description="random seed")
     target: Literal["release", "none"] = Field(
         "release", description="'none': no-matching control, the projection of the random init"
     )
@@ -218,5 +245,20 @@ class FinetuneConfig(BaseModel):
     )
     lora_rank: int = Field(8, ge=1, description="rank of the LoRA adapters")
     max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
-    seed: int = Field(0, description="random seed (batch order, test sample)")
+    seed: int = Field(0, ge=0, description="random seed (batch order, test sample)")
     save_model: bool = False
+
+
+class EvaluateConfig(BaseModel):
+    """Settings of ``gradmm evaluate``: verbalizer accuracy on the task's test split."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str
+    task: str
+    few_shot: int = Field(0, ge=0, description="demonstrations per class (from the dev set)")
+    dev_file: str | None = Field(
+        None, description="public JSONL of demonstrations (default: the private dev slice)"
+    )
+    data_dir: str | None = None
+    max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
+    seed: int = Field(0, ge=0, description="seed of the demonstrations and the test sample")

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradmm.config import one_line
 from gradmm.errors import UserError
-from gradmm.files import read_json, read_jsonl_numbered
+from gradmm.files import read_json, read_jsonl_numbered, read_yaml
 
 TEXT_SLOT = "{text}"
 LabelTokenPolicy = Literal["all", "first"]
@@ -178,12 +177,7 @@ def load_task(name_or_path: str) -> Task:
         return BUILTIN_TASKS[name_or_path]
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"}:
-        if not path.is_file():
-            raise UserError(f"task file not found: {path}")
-        try:
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({e})") from None
+        spec = read_yaml(path, "task")
         if not isinstance(spec, dict):
             raise UserError(f"{path}: expected a mapping of task fields")
         spec.setdefault("name", path.stem)
