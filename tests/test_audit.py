@@ -4,7 +4,7 @@ import random
 from conftest import tiny_run
 from typer.testing import CliRunner
 
-from gradmm.audit import jaccard, longest_common_ngram, ngram_index
+from gradmm.audit import SubstringIndex, jaccard
 from gradmm.cli import app
 
 
@@ -20,14 +20,28 @@ def brute_force_lcs(tokens, pool):
     return best
 
 
-def test_longest_common_ngram_equals_brute_force():
+def test_longest_common_run_equals_brute_force():
     rng = random.Random(0)
-    pool = [[rng.randrange(6) for _ in range(rng.randint(1, 12))] for _ in range(5)]
-    index = ngram_index(pool)
-    for _ in range(200):
-        toks = [rng.randrange(6) for _ in range(rng.randint(0, 15))]
-        assert longest_common_ngram(toks, index) == brute_force_lcs(toks, pool)
+    for alphabet in (2, 3, 6):  # small alphabets: many repeats, clones and shared starts
+        pool = [[rng.randrange(alphabet) for _ in range(rng.randint(1, 12))] for _ in range(5)]
+        pool.append(list(pool[0]))  # a repeated sequence
+        pool.append(pool[1][:3])  # a prefix of another
+        index = SubstringIndex(pool)
+        for _ in range(200):
+            toks = [rng.randrange(alphabet) for _ in range(rng.randint(0, 15))]
+            assert index.longest_common_run(toks) == brute_force_lcs(toks, pool)
     assert jaccard({1, 2}, {2, 3}) == 1 / 3
+
+
+def test_substring_index_is_linear_in_the_texts():
+    """A set of every n-gram of a 20,000-token text holds 2 x 10^8 tuples (the audit hung on a
+    folder of long texts); the automaton has fewer than two states per token."""
+    rng = random.Random(1)
+    long_text = [rng.randrange(50) for _ in range(20_000)]
+    index = SubstringIndex([long_text, long_text[5000:9000]])
+    assert len(index.next) < 2 * 24_000
+    assert index.longest_common_run(long_text[100:3100]) == 3000
+    assert index.longest_common_run([99, 98]) == 0
 
 
 def test_audit_command_writes_statistics_only(model_dirs, data_dir, tmp_path):

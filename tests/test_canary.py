@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import cli
+from conftest import cli, one_line_error
 
 from gradmm.canary import CanaryAuditConfig, NgramModel, attack, make_canaries, tpr_at_fpr
 from gradmm.models import load_model
@@ -79,3 +79,74 @@ def test_canary_audit_end_to_end(model_dirs, data_dir, tmp_path):
     r = cli("canary-audit", "--config", spec, "--out", tmp_path / "audit", "--quiet")
     assert r.exit_code == 0
     assert json.loads((tmp_path / "audit" / "report.json").read_text()) == report
+
+
+def test_audit_of_a_canary_audit_run_audits_the_released_pool(model_dirs, data_dir, tmp_path):
+    """The release of a canary audit pooled 4 real rows per class and the planted canaries:
+    `gradmm audit` of its run must audit exactly those (it once rebuilt a pool of counts[0]
+    real rows and no canaries, and passed its own size check)."""
+    from gradmm.release import private_pool
+    from gradmm.tasks import load_task
+
+    spec = tmp_path / "canary.yaml"
+    spec.write_text(
+        f"release: {{task: sst2, model: {model_dirs['llama']}, n_per_class: 4, "
+        f"data_dir: {data_dir}}}\n"
+        "generate: {per_class: 2, batch: 2, length: 5, steps: 1, inner_steps: 1, "
+        "init_candidates: 2, topk: 5}\ncanaries: 8\nsuffix_tokens: 4\n"
+    )
+    folder = tmp_path / "audit"
+    assert cli("canary-audit", "--config", spec, "--out", folder, "--quiet").exit_code == 0
+    planted = [json.loads(x) for x in (folder / "planted.jsonl").read_text().splitlines()]
+    examples, picked = private_pool(load_task("sst2"), "train", 4, 0, str(data_dir))
+    real = [examples.texts[i] for ix in picked for i in ix]
+    # synthetic text that copies a planted canary and a real member: both must be found
+    run = folder / "run"
+    rows = [json.loads(x) for x in (run / "synthetic.jsonl").read_text().splitlines()]
+    rows[0]["text"], rows[1]["text"] = planted[0]["text"], real[-1]
+    (run / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run.audit.json"
+    r = cli("audit", run, "--data-dir", data_dir, "--out", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["pool"]["examples"] == 8 + len(planted)
+    assert [e["nearest_jaccard"] for e in report["examples"][:2]] == [1.0, 1.0]
+    # the release alone, away from its canary folder, cannot be audited: say where the rows are
+    moved = tmp_path / "moved"
+    (folder / "release").rename(moved)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["release"]["path"] = str(moved)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("audit", run, "--data-dir", data_dir, "--out", tmp_path / "again.json")
+    one_line_error(r, "planted canary rows", "planted.jsonl")
+
+
+def test_canary_audit_never_writes_into_a_folder_it_did_not_make(model_dirs, data_dir, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    import gradmm.models
+
+    spec = tmp_path / "canary.yaml"
+    spec.write_text(f"release: {{task: sst2, model: {model_dirs['llama']}, n_per_class: 4, "
+                    f"data_dir: {data_dir}}}\ncanaries: 8\n")  # fmt: skip
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text("mine")
+    (mine / "canaries.jsonl").write_text('{"text": "not yours", "label": 0, "planted": true}\n')
+    one_line_error(cli("canary-audit", "--config", spec, "--out", mine),
+                   "not a gradmm canary-audit")  # fmt: skip
+    assert sorted(p.name for p in mine.iterdir()) == ["canaries.jsonl", "report.json"]
+    assert (mine / "report.json").read_text() == "mine"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(gradmm.models, "load_model", no_loading)
+    for release, message in [
+        ("epsilon: 1", "both --epsilon and --delta"),
+        ("epsilon: 1, delta: 1.0e-5, match_params: last-block", "closed-form clipping"),
+        ("clip: 2", "clip is a DP setting"),
+        ("n_per_class: 0", "n_per_class"),
+    ]:
+        spec.write_text(f"release: {{task: sst2, model: {model_dirs['llama']}, {release}}}\n")
+        one_line_error(cli("canary-audit", "--config", spec, "--out", tmp_path / "new"), message)
+        assert not (tmp_path / "new").exists()

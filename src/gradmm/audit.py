@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from gradmm.errors import UserError
-from gradmm.files import check_result_file, read_jsonl, write_json
+from gradmm.files import STAMP, check_result_file, read_json, read_jsonl, write_json
 from gradmm.generate import load_run_release
-from gradmm.release import private_pool, private_pool_exclusions
+from gradmm.release import planted_pool, private_pool, private_pool_exclusions
 from gradmm.tasks import encode_text
 
 PRIVATE_LABEL = (
@@ -36,35 +36,90 @@ def default_report_path(run_dir: Path) -> Path:
     return run_dir.parent / f"{run_dir.name}.audit.json"
 
 
-def longest_common_ngram(tokens: list[int], pool_ngrams: dict[int, set[tuple]]) -> int:
-    """Length of the longest contiguous run of ``tokens`` that occurs in the pool.
+class SubstringIndex:
+    """Every contiguous token run of a set of sequences, as a suffix automaton: built in time and
+    memory linear in their total length (a set of all n-grams grows with its square: a folder of
+    long texts would exhaust memory), and :meth:`longest_common_run` is linear in the query."""
 
-    ``pool_ngrams[n]`` is the set of the pool's n-grams; presence is monotone in ``n``, so a binary
-    search over ``n`` suffices.
-    """
-    lo, hi = 0, min(len(tokens), max(pool_ngrams, default=0))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        grams = pool_ngrams.get(mid, set())
-        if any(tuple(tokens[i : i + mid]) in grams for i in range(len(tokens) - mid + 1)):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    def __init__(self, sequences: list[list[int]]):
+        # state 0 is the root; per state: transitions, suffix link, longest string length
+        self.next: list[dict[int, int]] = [{}]
+        self.link, self.length = [-1], [0]
+        for seq in sequences:
+            last = 0  # each sequence starts afresh: no run spans two sequences
+            for token in seq:
+                last = self._extend(last, token)
 
+    def _extend(self, last: int, token: int) -> int:
+        nxt, link, length = self.next, self.link, self.length
+        if token in nxt[last]:  # already there (a repeated sequence start): split if needed
+            q = nxt[last][token]
+            if length[q] == length[last] + 1:
+                return q
+            return self._clone(last, q, token)
+        cur = len(nxt)
+        nxt.append({})
+        link.append(0)
+        length.append(length[last] + 1)
+        p = last
+        while p != -1 and token not in nxt[p]:
+            nxt[p][token] = cur
+            p = link[p]
+        if p != -1:
+            q = nxt[p][token]
+            link[cur] = q if length[q] == length[p] + 1 else self._clone(p, q, token)
+        return cur
 
-def ngram_index(sequences: list[list[int]]) -> dict[int, set[tuple]]:
-    index: dict[int, set[tuple]] = {}
-    for seq in sequences:
-        for n in range(1, len(seq) + 1):
-            index.setdefault(n, set()).update(
-                tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)
-            )
-    return index
+    def _clone(self, p: int, q: int, token: int) -> int:
+        nxt, link, length = self.next, self.link, self.length
+        clone = len(nxt)
+        nxt.append(dict(nxt[q]))
+        link.append(link[q])
+        length.append(length[p] + 1)
+        while p != -1 and nxt[p].get(token) == q:
+            nxt[p][token] = clone
+            p = link[p]
+        link[q] = clone
+        return clone
+
+    def longest_common_run(self, tokens: list[int]) -> int:
+        """Length of the longest contiguous run of ``tokens`` that occurs in an indexed
+        sequence."""
+        state = matched = best = 0
+        for token in tokens:
+            while state and token not in self.next[state]:
+                state = self.link[state]
+                matched = self.length[state]
+            if token in self.next[state]:
+                state = self.next[state][token]
+                matched += 1
+            best = max(best, matched)
+        return best
 
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def planted_file(release) -> Path:
+    """The planted rows of a canary audit's release: ``planted.jsonl`` of the canary-audit
+    folder that holds the release, checked to hold as many rows per class as were planted."""
+    from gradmm.canary import CANARY_AUDIT_DIR, PLANTED_FILE
+
+    folder = release.path.resolve().parent
+    path = folder / PLANTED_FILE
+    stamp = read_json(folder / STAMP) if (folder / STAMP).is_file() else None
+    if not path.is_file() or not isinstance(stamp, dict) or stamp.get("kind") != (
+            CANARY_AUDIT_DIR.name):  # fmt: skip
+        raise UserError(f"{release.path} planted canary rows in its pool; they are in the "
+                        f"{PLANTED_FILE} of its canary-audit folder, not beside it")  # fmt: skip
+    per_class = [0] * release.task.num_classes
+    for row in read_jsonl(path):
+        per_class[int(row["label"])] += 1
+    if per_class != release.meta.planted:
+        raise UserError(f"{path} holds {per_class} rows per class, not the {release.meta.planted} "
+                        "planted in the release")  # fmt: skip
+    return path
 
 
 def roc_auc(member_scores: list[float], other_scores: list[float]) -> float:
@@ -132,19 +187,29 @@ def audit_run(
             "there is no pool to audit against; see gradmm canary-audit"
         )
     # the release does not record where the data lives: --data-dir or $GRADMM_DATA_DIR
-    examples, picked = private_pool(task, meta.split, meta.counts[0], meta.seed, data_dir)
+    examples, picked = private_pool(task, meta.split, meta.config.n_per_class, meta.seed,
+                                    data_dir)  # fmt: skip
+    found = f"{task.name}/{Path(examples.source).name}"
+    if meta.data_source is not None and meta.data_source != found:
+        raise UserError(f"the data found ({examples.source}) is not the release's "
+                        f"{meta.data_source}: pass the --data-dir the release read")  # fmt: skip
     exclude = private_pool_exclusions(task, meta.split, examples)
+    if meta.planted is not None:  # a canary audit's release: its planted rows were pooled too
+        examples, picked = planted_pool(task, examples, picked, planted_file(release))
     if [len(ix) for ix in picked] != meta.counts:
         raise UserError("the private pool cannot be re-derived from the release's settings")
-    pool = [encode_text(tokenizer, examples.texts[i]) for ix in picked for i in ix]
-    index, pool_sets = ngram_index(pool), [set(p) for p in pool]
+    # each text as far as the release read it (its task's cut), the synthetic ones whole
+    prompt = release.prompt
+    pool = [encode_text(tokenizer, examples.texts[i])[: prompt.max_text_tokens]
+            for ix in picked for i in ix]  # fmt: skip
+    index, pool_sets = SubstringIndex(pool), [set(p) for p in pool]
     per_example = []
     for row in rows:
         toks = encode_text(tokenizer, row["text"])
         per_example.append(
             {
                 "id": row["id"],
-                "longest_common_ngram": longest_common_ngram(toks, index),
+                "longest_common_ngram": index.longest_common_run(toks),
                 "nearest_jaccard": round(max(jaccard(set(toks), s) for s in pool_sets), 4),
             }
         )

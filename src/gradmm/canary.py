@@ -28,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradmm.audit import roc_auc
 from gradmm.errors import UserError
-from gradmm.files import read_jsonl, write_json, write_jsonl
+from gradmm.files import (
+    OutputKind,
+    check_output_dir,
+    make_output_dir,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from gradmm.tasks import Task, encode_text
 
 REPORT_LABEL = (
@@ -36,6 +43,13 @@ REPORT_LABEL = (
     "secret the attack guesses"
 )
 
+
+# A canary audit's folder: everything in it is private.
+CANARY_AUDIT_DIR = OutputKind(
+    "canary-audit", "report.json",
+    ("canaries.jsonl", "planted.jsonl", "release", "run", "report.json"),
+)  # fmt: skip
+PLANTED_FILE = "planted.jsonl"  # the rows planted in the pool, beside the audit's release/
 
 # What a planted canary's membership means, by the release's sampling.
 PLANTED = {
@@ -150,18 +164,28 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     """Make canaries, plant half in the pool, release, generate, attack; writes ``out``
     (``canaries.jsonl``, ``release/``, ``run/``, ``report.json``, all private) and returns the
     report. A rerun resumes: finished steps are kept."""
+    from gradmm.config import build_config
     from gradmm.generate import generate
     from gradmm.models import load_model
-    from gradmm.release import private_pool, private_pool_exclusions, release_targets
+    from gradmm.release import (
+        check_release_settings,
+        private_pool,
+        private_pool_exclusions,
+        release_targets,
+    )
     from gradmm.settings import ReleaseConfig, resolve_config
     from gradmm.tasks import load_examples, load_task
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rc = ReleaseConfig(**cfg.release)
+    # every setting and the folder first: nothing is loaded or written before they pass
+    rc = build_config(ReleaseConfig, cfg.release)
+    check_release_settings(rc)
+    generate_config = resolve_config(cfg.generate)
+    check_output_dir(out, CANARY_AUDIT_DIR)
     task = load_task(rc.task)
     split = rc.split or task.private_split
     tokenizer = load_model(rc.model).tokenizer
+    make_output_dir(out, CANARY_AUDIT_DIR)
     canary_file = out / "canaries.jsonl"
     if not canary_file.exists():
         # prefixes from rows outside the dev slice and, for a fixed pool, outside the pool (a
@@ -179,7 +203,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
         write_jsonl(canary_file, [{**c, "planted": bool(p)} for c, p in zip(canaries, planted,
                                                                          strict=True)])  # fmt: skip
     rows = read_jsonl(canary_file)
-    planted_file = out / "planted.jsonl"
+    planted_file = out / PLANTED_FILE
     write_jsonl(planted_file, [{"text": r["text"], "label": r["label"]} for r in rows
                                if r["planted"]])  # fmt: skip
     release = out / "release"
@@ -187,7 +211,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
         release_targets(rc.model_copy(update={"canary_file": str(planted_file)}), release)
     run = out / "run"
     if not (run / "synthetic.jsonl").exists():
-        generate(release, run, resolve_config(cfg.generate), progress=progress)
+        generate(release, run, generate_config, progress=progress)
     synthetic = [r["text"] for r in read_jsonl(run / "synthetic.jsonl")]
     report = {
         "stage": "canary-audit",
