@@ -326,11 +326,21 @@ def exact_means(model_dir, data_dir, n, clip=None):
     return torch.stack(out)
 
 
+@pytest.fixture(params=["exact", "float"])
+def sampler(request, monkeypatch) -> str:
+    """Releases of the tiny models draw their noise exactly (OpenDP); ``float``: as a release
+    above :data:`gradmm.privacy.EXACT_MAX_COORDINATES` numbers does (Box-Muller)."""
+    if request.param == "float":
+        monkeypatch.setattr(dp, "EXACT_MAX_COORDINATES", 0)
+    return dp.EXACT_SAMPLER if request.param == "exact" else dp.SECURE_SAMPLER
+
+
 def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_dir, tmp_path,
-                                                              monkeypatch):  # fmt: skip
+                                                              monkeypatch, sampler):  # fmt: skip
     """The attack that removed the noise: torch keeps 32 bits of a seed, so an attacker tries
     every 32-bit stream. Record every seed handed to torch or numpy during a release and check
-    that none of their streams is the realised noise, which came from the OS CSPRNG."""
+    that none of their streams is the realised noise, which came from the OS CSPRNG (or
+    OpenDP's)."""
     import numpy as np
 
     seeds = []
@@ -360,11 +370,12 @@ def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_d
     rel = release_targets(cfg, tmp_path / "dp")
     monkeypatch.undo()
     assert rel.meta.mechanism.noise_seed is None and rel.meta.mechanism.private
+    assert rel.meta.mechanism.sampler == sampler
     sigma_mean = rel.meta.mechanism.sigma_target
     noise = (rel.target_weight - exact_means(model_dirs["phi"], data_dir, 5)).flatten()
-    # at least 64 random bits from the OS CSPRNG behind every released coordinate
-    coords = sum(t.numel() for t in rel.targets.values())
-    assert sum(drawn) >= 8 * coords
+    if sampler == dp.SECURE_SAMPLER:  # 64 random bits from the OS CSPRNG behind every number
+        coords = sum(t.numel() for t in rel.targets.values())
+        assert sum(drawn) >= 8 * coords
     head = noise[:16] / sigma_mean
     for s in set(seeds):
         for candidate in (s, s & 0xFFFFFFFF):
@@ -377,13 +388,14 @@ def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_d
                 assert not torch.allclose(head, stream.float(), atol=1e-2), s
 
 
-def test_realised_noise_has_the_documented_std(model_dirs, data_dir, tmp_path):
+def test_realised_noise_has_the_documented_std(model_dirs, data_dir, tmp_path, sampler):
     """DP release minus a non-DP release of the same pool (no clipping at this C) = the noise:
-    zero mean, std σ/n on every coordinate, independent between classes."""
+    zero mean, std σ/n on every coordinate, independent between classes; by either sampler."""
     exact = release_targets(dp_config(model_dirs, data_dir, epsilon=None, delta=None),
                             tmp_path / "exact")  # fmt: skip
     noisy = release_targets(dp_config(model_dirs, data_dir, noise_seed=None, clip=1e3),
                             tmp_path / "dp")  # fmt: skip
+    assert noisy.meta.mechanism.sampler == sampler
     sigma = noisy.meta.mechanism.sigma_target
     for name in noisy.targets:
         noise = noisy.targets[name].double() - exact.targets[name].double()
@@ -405,7 +417,30 @@ def test_seeded_noise_is_a_recorded_simulation(model_dirs, data_dir, tmp_path):
     r = invoke("privacy", tmp_path / "sim")
     assert r.exit_code == 0 and "SIMULATION, NO PRIVACY GUARANTEE" in r.stdout
     real = release_targets(dp_config(model_dirs, data_dir, noise_seed=None), tmp_path / "real")
-    assert "SIMULATION" not in dp.report(real.meta) and "OS CSPRNG" in dp.report(real.meta)
+    assert "SIMULATION" not in dp.report(real.meta) and "exact" in dp.report(real.meta)
+
+
+def test_exact_sampler_is_opendps_gaussian_on_a_grid_with_no_rounding_penalty():
+    """The exact sampler's output has the Gaussian's std and fourth moment around the input,
+    and OpenDP's own privacy map for it is the ρ = Δ²/(2σ²) of the
+    unrounded Gaussian mechanism (the grid is fine enough that rounding costs nothing)."""
+    import numpy as np
+    import opendp.prelude as opendp
+
+    values = np.linspace(-5, 5, 20_000)
+    sigma, sens = 3.0, 0.5
+    noisy = dp.exact_gaussian(values, sigma, sens)
+    z = (noisy - values) / sigma
+    assert float(z.std()) == pytest.approx(1.0, rel=0.03) and abs(float(z.mean())) < 0.03
+    assert float((z**4).mean()) == pytest.approx(3.0, rel=0.1)
+    k = math.floor(math.log2(sens)) - 54 - math.ceil(math.log2(math.sqrt(values.size)))
+    opendp.enable_features("contrib")
+    space = (opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=values.size),
+             opendp.l2_distance(T=float))  # fmt: skip
+    coarse = opendp.m.make_gaussian(*space, scale=sigma, k=-10)  # a coarse grid costs privacy
+    fine = opendp.m.make_gaussian(*space, scale=sigma, k=k)
+    assert coarse.map(sens) > 1.01 * sens**2 / (2 * sigma**2)
+    assert fine.map(sens) == pytest.approx(sens**2 / (2 * sigma**2), rel=1e-12)
 
 
 def test_dp_release_and_its_noise_control_never_share_noise(model_dirs, data_dir, tmp_path):

@@ -17,11 +17,15 @@ The L2 sensitivity ``Δ`` of the concatenated sums depends on the neighbouring r
 * ``add-remove``: one example is added or removed: ``Δ = C``. The normaliser stays the public
   ``n`` (the actual count is never used or released).
 
-The noise comes from :func:`gaussian_noise`: standard normals made by the Box-Muller transform
-(float64) from the operating system's CSPRNG (``secrets``), so no seed exists that could be
-replayed. A ``noise_seed`` makes a *simulation* instead: the noise is drawn from a numpy PCG64
-stream keyed by the seed and every public setting of the release, recorded in ``release.json``,
-and reported as carrying no guarantee.
+Up to :data:`EXACT_MAX_COORDINATES` released numbers (the label-rows and sketch targets), the
+noisy sums come from OpenDP's Gaussian measurement (:func:`exact_gaussian`): exact sampling of a
+discrete Gaussian on a grid finer than float64 can resolve Δ, from the operating system's
+randomness. Above it (a whole output layer: minutes of exact sampling) the noise comes from
+:func:`gaussian_noise`: standard normals made by the Box-Muller transform (float64) from the
+operating system's CSPRNG (``secrets``), a floating-point sampler that the release record says is
+not exact. Neither has a seed that could be replayed. A ``noise_seed`` makes a *simulation*
+instead: the noise is drawn from a numpy PCG64 stream keyed by the seed and every public setting
+of the release, recorded in ``release.json``, and reported as carrying no guarantee.
 
 Everything after the release (generation, filtering, reports) is post-processing of it.
 """
@@ -44,8 +48,19 @@ from gradmm.errors import UserError
 from gradmm.settings import Neighbouring
 
 ACCOUNTANT = "dp_accounting.gaussian_mechanism.get_sigma_gaussian (analytic Gaussian)"
-SECURE_SAMPLER = "Box-Muller (float64) on uniforms from the OS CSPRNG (Python secrets)"
+EXACT_SAMPLER = (
+    "exact: opendp.measurements.make_gaussian (discrete Gaussian on the grid 2^k, its rounding "
+    "below Δ·2^-54; OpenDP's cryptographically secure randomness)"
+)
+SECURE_SAMPLER = (
+    "Box-Muller (float64) on uniforms from the OS CSPRNG (Python secrets); NOT EXACT: "
+    "floating-point noise, whose last bits may depend on the input (Mironov 2012), used above "
+    "2^20 released numbers where exact sampling takes minutes"
+)
 SEEDED_SAMPLER = "seeded simulation: Box-Muller (float64) on a numpy PCG64 stream keyed by the seed"
+# Released numbers up to which the noise is sampled exactly: OpenDP's measurement costs about
+# 10 µs per number here (benchmarks/results/noise.md), 10 s at this bound.
+EXACT_MAX_COORDINATES = 1 << 20
 NOISE_CHUNK = 1 << 20  # normals drawn per call: bounds the memory of the random bytes
 
 
@@ -203,17 +218,26 @@ def sensitivity(clip: float, neighbouring: Neighbouring) -> float:
     return 2.0 * clip if neighbouring == "replace" else clip
 
 
+def sampler_for(coordinates: int, noise_seed: int | None) -> str:
+    """The sampler a release of ``coordinates`` numbers draws its noise with."""
+    if noise_seed is not None:
+        return SEEDED_SAMPLER
+    return EXACT_SAMPLER if coordinates <= EXACT_MAX_COORDINATES else SECURE_SAMPLER
+
+
 def mechanism(
     settings: DPSettings,
     n_per_class: int,
+    coordinates: int,
     noise_seed: int | None = None,
     sampling_rate: float | None = None,
     multiplier: float | None = None,
 ) -> Mechanism:
-    """The Gaussian mechanism of one release, as ``release.json`` records it. With a
-    ``sampling_rate`` the pool is a Poisson sample of the split and the guarantee is for the
-    split (add-or-remove-one; PLD accountant); ``n_per_class`` is then the public normaliser.
-    ``multiplier`` skips the calibration (a recorded σ/Δ whose ε was checked)."""
+    """The Gaussian mechanism of one release of ``coordinates`` numbers, as ``release.json``
+    records it. With a ``sampling_rate`` the pool is a Poisson sample of the split and the
+    guarantee is for the split (add-or-remove-one; PLD accountant); ``n_per_class`` is then the
+    public normaliser. ``multiplier`` skips the calibration (a recorded σ/Δ whose ε was
+    checked)."""
     if sampling_rate is not None and settings.neighbouring != "add-remove":
         raise UserError("Poisson sampling is accounted for add-or-remove neighbours: "
                         "pass --neighbouring add-remove")  # fmt: skip
@@ -238,7 +262,7 @@ def mechanism(
         sampling_rate=sampling_rate,
         accountant=ACCOUNTANT if sampling_rate is None else POISSON_ACCOUNTANT,
         accountant_version=version("dp-accounting"),
-        sampler=SECURE_SAMPLER if noise_seed is None else SEEDED_SAMPLER,
+        sampler=sampler_for(coordinates, noise_seed),
         noise_seed=noise_seed,
     )
 
@@ -262,6 +286,26 @@ def standard_normal(n: int, random_bytes: Callable[[int], bytes]) -> np.ndarray:
     radius = np.sqrt(-2.0 * np.log(u1))
     angle = 2.0 * np.pi * u2
     return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+
+
+def exact_gaussian(values: np.ndarray, sigma: float, sensitivity: float) -> np.ndarray:
+    """``values + N(0, σ²)`` per coordinate (float64), sampled exactly by OpenDP's Gaussian
+    measurement: the values are rounded to the grid ``2^k`` and a discrete Gaussian of scale σ
+    on that grid is added, from the OS's randomness. ``k`` puts the rounding's worst-case growth
+    of the L2 sensitivity (``2^k·√D``) below float64's resolution of ``Δ``: OpenDP's own privacy
+    map then gives exactly the ρ = Δ²/(2σ²) of the Gaussian mechanism (checked here)."""
+    import opendp.prelude as opendp
+
+    opendp.enable_features("contrib")
+    flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    k = math.floor(math.log2(sensitivity)) - 54 - math.ceil(math.log2(math.sqrt(max(flat.size, 1))))
+    space = (opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=flat.size),
+             opendp.l2_distance(T=float))  # fmt: skip
+    measurement = opendp.m.make_gaussian(*space, scale=float(sigma), k=k)
+    rho = measurement.map(float(sensitivity))
+    if not math.isclose(rho, sensitivity**2 / (2 * sigma**2), rel_tol=1e-12):
+        raise RuntimeError(f"OpenDP accounts ρ = {rho} for this release, not Δ²/(2σ²)")
+    return np.asarray(measurement(flat.tolist()), dtype=np.float64).reshape(np.shape(values))
 
 
 def seeded_stream(noise_seed: int, public_settings: dict) -> Callable[[int], bytes]:

@@ -65,10 +65,12 @@ from gradmm.models import (
     place,
 )
 from gradmm.privacy import (
+    EXACT_SAMPLER,
     DPSettings,
     Mechanism,
     check_settings,
     delta_warning,
+    exact_gaussian,
     gaussian_noise,
     mechanism,
     poisson_epsilon,
@@ -167,7 +169,8 @@ class ReleaseMeta(BaseModel):
                 recorded = m.noise_multiplier
                 if poisson_epsilon(recorded, cfg.sampling_rate, cfg.delta) > cfg.epsilon * 1.001:
                     raise ValueError("mechanism.noise_multiplier does not give the recorded ε")
-            expected = mechanism(dp, cfg.n_per_class, m.noise_seed, cfg.sampling_rate, recorded)
+            expected = mechanism(dp, cfg.n_per_class, released_coordinates(self),
+                                 m.noise_seed, cfg.sampling_rate, recorded)  # fmt: skip
             for field in ("sensitivity", "noise_multiplier", "sigma_sum", "sampler", "accountant"):
                 a, b = getattr(m, field), getattr(expected, field)
                 if a != b and not (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)):
@@ -386,8 +389,10 @@ def release_targets(
                              config.sketch_dim, config.sketch_seed)  # fmt: skip
 
     # data-independent, and may refuse the settings: decided before any private data is read
+    r1, r2 = space.shape(vocab_rows, hidden)
+    coordinates = task.num_classes * (r1 * r2 + (r1 if len(head) > 1 else 0))
     protection = Mechanism(type="none") if dp is None else mechanism(
-        dp, config.n_per_class, config.noise_seed, config.sampling_rate)  # fmt: skip
+        dp, config.n_per_class, coordinates, config.noise_seed, config.sampling_rate)  # fmt: skip
     split = source = planted = None
     if config.target == "noise":  # the control reads no data at all
         counts = [config.n_per_class] * task.num_classes
@@ -471,19 +476,26 @@ def release_targets(
 
 
 def _add_noise(sums: list[dict[str, Tensor]], protection: Mechanism, config) -> list[dict]:
-    """``(S_c + N(0, σ² I)) / n`` for every class and parameter: one draw over all of them.
-
-    The noise is float64 from :func:`gradmm.privacy.gaussian_noise` (the OS CSPRNG, or a
-    recorded seed for simulations), added in float64 and rounded once to fp32.
+    """``(S_c + N(0, σ² I)) / n`` for every class and parameter: one draw over all of them, by
+    the recorded sampler: exactly (:func:`gradmm.privacy.exact_gaussian`), or float64 noise from
+    :func:`gradmm.privacy.gaussian_noise` (the OS CSPRNG, or a recorded seed for simulations)
+    added in float64. Rounded once to fp32.
     """
-    sizes = [g.numel() for s in sums for g in s.values()]
-    draws = iter(gaussian_noise(sizes, protection.sigma_sum, _random_bytes(config, "noise")))
-    out = []
+    flat = torch.cat([g.double().flatten() for s in sums for g in s.values()]).numpy()
+    if protection.sampler == EXACT_SAMPLER:
+        noisy_flat = exact_gaussian(flat, protection.sigma_sum, protection.sensitivity)
+    else:
+        sizes = [g.numel() for s in sums for g in s.values()]  # drawn in this order, as ever
+        noise = gaussian_noise(sizes, protection.sigma_sum, _random_bytes(config, "noise"))
+        noisy_flat = flat + np.concatenate(noise)
+    noisy_flat = torch.from_numpy(noisy_flat)
+    out, start = [], 0
     for s in sums:
         noisy = {}
         for name, g in s.items():
-            total = g.double() + torch.from_numpy(next(draws)).reshape(g.shape)
+            total = noisy_flat[start : start + g.numel()].reshape(g.shape)
             noisy[name] = (total / protection.normaliser).to(g.dtype)
+            start += g.numel()
         out.append(noisy)
     return out
 
@@ -635,6 +647,13 @@ def load_release(path: Path) -> Release:
         raise UserError(f"{file}: unreadable ({e})") from None
     _check_targets(path, meta, targets)
     return Release(path, meta, targets)
+
+
+def released_coordinates(meta: ReleaseMeta) -> int:
+    """How many numbers a (closed-form) release holds: per class, the released weight gradient
+    and its bias."""
+    r1, r2 = release_space(meta).shape(meta.model.vocab_rows, meta.model.hidden_size)
+    return meta.task.num_classes * (r1 * r2 + (r1 if meta.model.has_bias else 0))
 
 
 def record_digest(record: dict) -> str:
