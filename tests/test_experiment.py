@@ -349,3 +349,15 @@ def test_settings_are_checked_before_any_cell(extra, message, tmp_path):
     spec.write_text(f"tasks: [sst2]\nmethods: [dp_gradmm]\n{extra}\n")
     with pytest.raises(UserError, match=message):
         experiment.load_experiment(spec)
+
+
+def test_plots_of_a_grid_without_fine_tuning_warn_nothing(tmp_path):
+    """A zero-shot-only grid has no loss curve: matplotlib warned "No artists with labels found
+    to put in legend" into `gradmm run`'s output."""
+    import warnings
+
+    rows = [_row("sst2", "zero_shot", s, 0.5) for s in (0, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot(rows, tmp_path)
+    assert (tmp_path / "loss_curves.png").is_file()

@@ -142,9 +142,10 @@ def convert_gguf(path: Path, out: Path, source: dict) -> None:
 
     check_output_dir(out, CONVERTED_DIR)
     path = Path(path)
-    print(f"gradmm: converting {path.name} to {out} (once)", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # the file parses: say what the slow part is (a cut file is one error line instead)
+        print(f"gradmm: converting {path.name} to {out} (once)", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )

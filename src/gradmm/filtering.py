@@ -21,8 +21,8 @@ from torch import Tensor
 
 from gradmm.errors import UserError, warn
 from gradmm.evaluate import label_log_probs
-from gradmm.files import read_jsonl, write_json, write_jsonl
-from gradmm.generate import data_read_entry, load_run_release
+from gradmm.files import check_output_dir, read_jsonl, write_json, write_jsonl
+from gradmm.generate import RUN_DIR, data_read_entry, load_run_release
 from gradmm.matching import LabelTokens, MatchingLoss
 from gradmm.models import LoadedModel, Runtime, final_hidden
 from gradmm.release import Release, load_release_model
@@ -82,6 +82,8 @@ def filter_run(
 ) -> dict:
     """Filter ``run_dir/synthetic.jsonl``; returns the report (also written)."""
     run_dir = Path(run_dir)
+    if not check_output_dir(run_dir, RUN_DIR):  # it writes there: only into a run of gradmm's
+        raise UserError(f"{run_dir} holds no finished gradmm run (no synthetic.jsonl)")
     rows = read_jsonl(run_dir / "synthetic.jsonl")
     if not rows:
         raise UserError(f"{run_dir}/synthetic.jsonl holds no examples")

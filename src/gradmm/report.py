@@ -203,7 +203,8 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.plot(r["train_loss"], label=f"{r['task']}/{method_label(r)}", lw=0.8)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("train loss")
-    ax.legend(fontsize=5, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # no method fine-tuned (zero_shot only): no legend
+        ax.legend(fontsize=5, ncol=2)
     _save(fig, out / "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(5, 4))
