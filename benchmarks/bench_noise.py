@@ -7,10 +7,13 @@ Compares, in seconds per coordinate and extrapolated to the ``--coordinates`` of
 
 * gradmm's sampler (``gradmm.privacy.gaussian_noise``: Box-Muller on the OS CSPRNG), timed on
   the full size;
+* gradmm's exact sampler (``gradmm.privacy.exact_gaussian``: OpenDP's measurement on a grid with
+  no rounding penalty), timed on ``--opendp-sample`` coordinates;
 * OpenDP's Gaussian measurement (``make_gaussian`` on a float vector: exact sampling), timed on
   ``--opendp-sample`` coordinates, with its default granularity and with ``k=-15``.
 
-The figures decide which sampler gradmm uses (docs/privacy.md).
+The figures decide up to which size gradmm samples exactly
+(``gradmm.privacy.EXACT_MAX_COORDINATES``, docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 from machine import cpu_model  # benchmarks/machine.py
 
 from gradmm.files import write_json, write_text
-from gradmm.privacy import gaussian_noise
+from gradmm.privacy import EXACT_MAX_COORDINATES, exact_gaussian, gaussian_noise
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,6 +37,13 @@ RESULTS = Path(__file__).parent / "results"
 def time_gradmm(n: int) -> dict:
     started = time.perf_counter()
     (x,) = gaussian_noise([n], 1.0)
+    seconds = time.perf_counter() - started
+    return {"coordinates": n, "seconds": round(seconds, 3), "std": round(float(x.std()), 5)}
+
+
+def time_exact(n: int) -> dict:
+    started = time.perf_counter()
+    x = exact_gaussian(np.zeros(n), 1.0, 0.25)
     seconds = time.perf_counter() - started
     return {"coordinates": n, "seconds": round(seconds, 3), "std": round(float(x.std()), 5)}
 
@@ -57,17 +67,17 @@ def main() -> None:
     parser.add_argument("--opendp-sample", type=int, default=100_000)
     parser.add_argument("--out", default=str(RESULTS / "noise"))
     args = parser.parse_args()
-    samplers = {"gradmm (Box-Muller on the OS CSPRNG)": time_gradmm(args.coordinates)}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import version
 
-        opendp_version = version("opendp")
-        for k in (None, -15):
-            samplers[f"opendp {opendp_version} make_gaussian (k={k})"] = time_opendp(
-                args.opendp_sample, k
-            )
-    except ImportError:
-        print("opendp is not installed: only gradmm's sampler is timed", file=sys.stderr)
+    opendp_version = version("opendp")
+    samplers = {
+        "gradmm float (Box-Muller on the OS CSPRNG)": time_gradmm(args.coordinates),
+        f"gradmm exact (opendp {opendp_version}, fine grid)": time_exact(args.opendp_sample),
+    }
+    for k in (None, -15):
+        samplers[f"opendp {opendp_version} make_gaussian (k={k})"] = time_opendp(
+            args.opendp_sample, k
+        )
     for figures in samplers.values():
         per = figures["seconds"] / figures["coordinates"]
         figures["microseconds_per_coordinate"] = round(1e6 * per, 4)
@@ -84,6 +94,7 @@ def main() -> None:
     lines = [
         f"# DP noise samplers, {args.coordinates:,} coordinates\n",
         f"`{results['command']}` on {results['machine']['cpu']}, {results['date']}; one core.\n",
+        f"gradmm samples exactly up to {EXACT_MAX_COORDINATES:,} released numbers.\n",
         "| sampler | timed on | µs / coordinate | seconds for the release |",
         "|---|---|---|---|",
     ]
