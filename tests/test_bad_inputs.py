@@ -46,7 +46,8 @@ def env(model_dirs, data_dir, tmp_path_factory):
     (other_data / "sst2" / "labels.json").write_bytes((data_dir / "sst2/labels.json").read_bytes())
     rows = [json.loads(x) for x in (data_dir / "sst2/train.jsonl").read_text().splitlines()]
     (other_data / "sst2" / "train.csv").write_text(
-        "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+        "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)
+    )
     return SimpleNamespace(model=model_dirs["llama"], data=data_dir, tmp=tmp, rel=rel, run=run,
                            bad_config=bad_config, no_tokenizer=no_tokenizer)  # fmt: skip
 

@@ -150,8 +150,9 @@ class ReleaseMeta(BaseModel):
         planted = self.planted or [0] * classes
         # a Poisson sample's sizes stay private: its counts are the public normaliser
         pool = [cfg.n_per_class] * classes
-        if len(planted) != classes or self.counts != [n + k for n, k in zip(pool, planted,
-                                                                            strict=True)]:
+        if len(planted) != classes or self.counts != [
+            n + k for n, k in zip(pool, planted, strict=True)
+        ]:
             raise ValueError("counts are not the pool size the settings give (n_per_class per "
                              "class, plus any planted canaries)")  # fmt: skip
         if (m.type == "gaussian") != cfg.private:
