@@ -54,8 +54,8 @@ def child(args: argparse.Namespace) -> None:
     """Run one engine in this process and print its figures as JSON."""
     import statistics
 
-    from gradmm.generate import generate
-    from gradmm.settings import resolve_config
+    from gradmm.stages.configs import resolve_config
+    from gradmm.stages.generate import generate
 
     cfg = resolve_config(
         {
@@ -117,7 +117,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from gradmm.release import ReleaseConfig, release_targets
+    from gradmm.stages.release import ReleaseConfig, release_targets
 
     command = " ".join(["python", "benchmarks/bench_generate.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as work:

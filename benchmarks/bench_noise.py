@@ -5,15 +5,15 @@
 Compares, in seconds per coordinate and extrapolated to the ``--coordinates`` of a release
 (default 3e7, about a 49k x 576 output layer plus its bias):
 
-* gradmm's sampler (``gradmm.privacy.gaussian_noise``: Box-Muller on the OS CSPRNG), timed on
+* gradmm's sampler (``privacy.accounting.gaussian_noise``: Box-Muller on the OS CSPRNG), timed on
   the full size;
-* gradmm's exact sampler (``gradmm.privacy.exact_gaussian``: OpenDP's measurement on a grid with
+* gradmm's exact sampler (``privacy.accounting.exact_gaussian``: OpenDP's measurement on a grid with
   no rounding penalty), timed on ``--opendp-sample`` coordinates;
 * OpenDP's Gaussian measurement (``make_gaussian`` on a float vector: exact sampling), timed on
   ``--opendp-sample`` coordinates, with its default granularity and with ``k=-15``.
 
 The figures decide up to which size gradmm samples exactly
-(``gradmm.privacy.EXACT_MAX_COORDINATES``, docs/privacy.md).
+(``gradmm.privacy.accounting.EXACT_MAX_COORDINATES``, docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from machine import cpu_model  # benchmarks/machine.py
 
 from gradmm.files import write_json, write_text
-from gradmm.privacy import EXACT_MAX_COORDINATES, exact_gaussian, gaussian_noise
+from gradmm.privacy.accounting import EXACT_MAX_COORDINATES, exact_gaussian, gaussian_noise
 
 RESULTS = Path(__file__).parent / "results"
 

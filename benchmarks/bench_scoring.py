@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from machine import cpu_model  # benchmarks/machine.py
 
-from gradmm.evaluate import demonstrations, dev_set, label_log_probs, test_set
+from gradmm.core.lm import load_model, right_padded
+from gradmm.data.tasks import BUILTIN_TASKS, tokenize_prompt
 from gradmm.files import write_json, write_text
-from gradmm.models import load_model, right_padded
-from gradmm.tasks import BUILTIN_TASKS, tokenize_prompt
+from gradmm.stages.evaluate import demonstrations, dev_set, label_log_probs, test_set
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from machine import cpu_model  # benchmarks/machine.py
 
-from gradmm.evaluate import accuracy, test_set
+from gradmm.core.lm import load_model
+from gradmm.data.tasks import BUILTIN_TASKS, tokenize_prompt
 from gradmm.files import write_json, write_text
-from gradmm.models import load_model
-from gradmm.tasks import BUILTIN_TASKS, tokenize_prompt
+from gradmm.stages.evaluate import accuracy, test_set
 
 RESULTS = Path(__file__).parent / "results"
 

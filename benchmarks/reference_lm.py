@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradmm.checkpoints import resolve_model_name
-from gradmm.evaluate import label_log_probs
+from gradmm.core.lm import final_hidden, load_model, right_padded
+from gradmm.core.matching import LabelTokens, MatchingLoss
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 from gradmm.files import write_json, write_text
-from gradmm.matching import LabelTokens, MatchingLoss
-from gradmm.models import final_hidden, load_model, right_padded
-from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+from gradmm.models.checkpoints import resolve_model_name
+from gradmm.stages.evaluate import label_log_probs
 
 PROMPTS = [
     "This movie was",

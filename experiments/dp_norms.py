@@ -22,11 +22,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gradmm import experiment, methods, privacy
+from gradmm.data.tasks import load_task
+from gradmm.experiments import methods
+from gradmm.experiments import runner as experiment
 from gradmm.files import read_json, write_json, write_text
-from gradmm.release import release_targets
-from gradmm.settings import ReleaseConfig
-from gradmm.tasks import load_task
+from gradmm.privacy import accounting as privacy
+from gradmm.stages.configs import ReleaseConfig
+from gradmm.stages.release import release_targets
 
 SIGNAL_EPSILON = 1e9  # σ/Δ ≈ 2e-5: the measured norm is the signal's
 # a measurement of clipped signal, not a release anyone uses: lift gradmm's bound on ε for it

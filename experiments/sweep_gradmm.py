@@ -24,7 +24,9 @@ from pathlib import Path
 
 from sweep_lr import sweep_parser  # the sibling script: run as python experiments/...
 
-from gradmm import experiment, methods, paper
+from gradmm.data import paper
+from gradmm.experiments import methods
+from gradmm.experiments import runner as experiment
 from gradmm.files import read_json, write_json, write_text
 
 # One knob changed per variant (the experiment's generate settings are the base).

@@ -19,10 +19,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gradmm import experiment, methods
+from gradmm.data.tasks import load_task
+from gradmm.experiments import methods
+from gradmm.experiments import runner as experiment
 from gradmm.files import read_json, write_json, write_jsonl
-from gradmm.finetune import FinetuneConfig, finetune
-from gradmm.tasks import load_task
+from gradmm.stages.finetune import FinetuneConfig, finetune
 
 
 def sweep_parser(doc: str) -> argparse.ArgumentParser:

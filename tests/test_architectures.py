@@ -9,17 +9,17 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, build_model, cli, tiny_run
 
-from gradmm.errors import UserError
-from gradmm.generate import build_solver
-from gradmm.models import (
+from gradmm.core.lm import (
     check_logits_are_the_output_layers,
     final_hidden,
     fingerprint,
     load_model,
     output_layer,
 )
-from gradmm.release import load_release, load_release_model
-from gradmm.settings import resolve_config
+from gradmm.errors import UserError
+from gradmm.stages.configs import resolve_config
+from gradmm.stages.generate import build_solver
+from gradmm.stages.release import load_release, load_release_model
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)

@@ -4,8 +4,8 @@ import random
 from conftest import tiny_run
 from typer.testing import CliRunner
 
-from gradmm.audit import SubstringIndex, jaccard
 from gradmm.cli import app
+from gradmm.privacy.audit import SubstringIndex, jaccard
 
 
 def brute_force_lcs(tokens, pool):
@@ -77,7 +77,7 @@ def test_audit_command_writes_statistics_only(model_dirs, data_dir, tmp_path):
 
 
 def test_roc_auc_counts_pairs():
-    from gradmm.audit import roc_auc
+    from gradmm.privacy.audit import roc_auc
 
     assert roc_auc([3, 2], [1, 2]) == 3.5 / 4
     assert roc_auc([1], [2]) == 0.0 and roc_auc([5, 6], [1]) == 1.0

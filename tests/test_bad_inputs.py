@@ -16,7 +16,7 @@ import pytest
 from conftest import cli, one_line_error, release_args, tiny_run
 
 from gradmm.cli import app
-from gradmm.release import record_digest
+from gradmm.stages.release import record_digest
 
 SMALL = ["--per-class", 2, "--batch", 2, "--length", 5, "--steps", 1, "--inner-steps", 1,
          "--init-candidates", 2, "--topk", 10, "--quiet"]  # fmt: skip
@@ -152,12 +152,12 @@ def test_edited_release_records_are_refused(change, digest, message, env, tmp_pa
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(env, tmp_path, monkeypatch):
-    import gradmm.release
+    import gradmm.stages.release
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
 
-    monkeypatch.setattr(gradmm.release, "save_file", full)
+    monkeypatch.setattr(gradmm.stages.release, "save_file", full)
     r = cli(*release_args(env.model, env.data, tmp_path / "r", n=3))
     assert r.exit_code == 2 and "Traceback" not in r.output  # above it: the progress bar
     assert r.stderr.strip().splitlines()[-1].startswith("gradmm: error: cannot write")
@@ -180,7 +180,7 @@ def test_read_only_file_system_is_named(env, tmp_path, monkeypatch):
 def test_truncated_checkpoint_says_overwrite(tmp_path):
     import torch
 
-    from gradmm.admm import SolverState
+    from gradmm.core.admm import SolverState
     from gradmm.errors import UserError
 
     path = tmp_path / "checkpoint.pt"
@@ -191,13 +191,13 @@ def test_truncated_checkpoint_says_overwrite(tmp_path):
 
 
 def test_sigterm_says_what_was_kept(env, tmp_path, monkeypatch):
-    import gradmm.release
+    import gradmm.stages.release
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
 
-    monkeypatch.setattr(gradmm.release, "release_targets", terminated)
+    monkeypatch.setattr(gradmm.stages.release, "release_targets", terminated)
     r = cli(*release_args(env.model, env.data, tmp_path / "r", n=3))
     assert r.exit_code == 143
     assert r.stderr.strip().startswith("gradmm: terminated; nothing was written")
@@ -209,7 +209,7 @@ def test_interrupted_generate_keeps_a_checkpoint_or_nothing(checkpointed, env, t
                                                             monkeypatch):  # fmt: skip
     """Ctrl-C before the first checkpoint leaves no folder (it once left run.lock.json and
     claimed a checkpoint was kept); after one, the folder is kept to resume."""
-    from gradmm.admm import ADMMSolver
+    from gradmm.core.admm import ADMMSolver
 
     def interrupted(self, problems, checkpoint, *args, **kwargs):
         if checkpointed:

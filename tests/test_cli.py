@@ -209,10 +209,10 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     that block alone (same threads) would, and rank 0 writes the blocks in problem order. (Not
     that --nproc 2 equals --nproc 1: rounding in differently shaped batched kernels may change
     a token; README, "Several processes".)"""
-    from gradmm.distributed import shard
-    from gradmm.generate import build_solver
-    from gradmm.release import load_release, load_release_model
-    from gradmm.settings import resolve_config
+    from gradmm.core.distributed import shard
+    from gradmm.stages.configs import resolve_config
+    from gradmm.stages.generate import build_solver
+    from gradmm.stages.release import load_release, load_release_model
 
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
@@ -251,9 +251,9 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
 
 def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, data_dir,
                                                                      tmp_path):  # fmt: skip
-    from gradmm.generate import build_solver
-    from gradmm.release import load_release, load_release_model
-    from gradmm.settings import resolve_config
+    from gradmm.stages.configs import resolve_config
+    from gradmm.stages.generate import build_solver
+    from gradmm.stages.release import load_release, load_release_model
 
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
@@ -269,10 +269,10 @@ def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, 
 
 
 def test_generate_options_come_from_the_settings_fields(monkeypatch):
-    """Each generate option is defined once (gradmm.settings): the CLI's flags, help and
+    """Each generate option is defined once (gradmm.stages.configs): the CLI's flags, help and
     defaults are generated from the fields, and a flag reaches the config."""
     from gradmm import cli as cli_module
-    from gradmm.settings import PRESETS, GenerateConfig
+    from gradmm.stages.configs import PRESETS, GenerateConfig
 
     out = invoke("generate", "--help").output
     for name in cli_module.GENERATE_OPTIONS:
@@ -287,7 +287,7 @@ def test_generate_options_come_from_the_settings_fields(monkeypatch):
         seen["cfg"] = cfg
         return out / "synthetic.jsonl"
 
-    monkeypatch.setattr("gradmm.generate.generate", fake_generate)
+    monkeypatch.setattr("gradmm.stages.generate.generate", fake_generate)
     r = invoke("generate", "--release", "r", "--out", "o", "--patience", 3, "--topk", 7)
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]

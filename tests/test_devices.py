@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import cli, one_line_error, release_args
 
+from gradmm.core.lm import Runtime
 from gradmm.errors import UserError
-from gradmm.models import Runtime
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

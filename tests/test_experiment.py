@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradmm import experiment, methods, report
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples
 from gradmm.errors import UserError
-from gradmm.privacy import report as privacy_report
-from gradmm.release import load_release
-from gradmm.tasks import BUILTIN_TASKS, load_examples
+from gradmm.experiments import methods, report
+from gradmm.experiments import runner as experiment
+from gradmm.privacy.accounting import report as privacy_report
+from gradmm.stages.release import load_release
 
 
 def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_path):
@@ -310,8 +311,8 @@ def results_md_text(out: Path) -> str:
 
 
 def test_text_perplexity_batched_equals_one_at_a_time_and_by_hand(model_dirs):
-    from gradmm.evaluate import text_perplexities
-    from gradmm.models import load_model
+    from gradmm.core.lm import load_model
+    from gradmm.stages.evaluate import text_perplexities
 
     lm = load_model(str(model_dirs["llama"]))
     texts = ["the film was great", "a dull plot", "the cast was lovely and the music moving"]
@@ -329,8 +330,8 @@ def test_text_perplexity_of_a_text_longer_than_the_context(model_dirs):
     """GPT-2 has 128 learned positions here: a longer text is scored on its first tokens."""
     import math
 
-    from gradmm.evaluate import text_perplexities
-    from gradmm.models import load_model
+    from gradmm.core.lm import load_model
+    from gradmm.stages.evaluate import text_perplexities
 
     lm = load_model(str(model_dirs["gpt2"]))
     long_text = " ".join(["the film was great and the music moving"] * 40)

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-from gradmm.evaluate import accuracy, demonstrations, eval_sets
-from gradmm.finetune import FinetuneConfig, finetune
-from gradmm.models import load_model
-from gradmm.tasks import BUILTIN_TASKS, dev_indices, load_examples, tokenize_prompt
+from gradmm.core.lm import load_model
+from gradmm.data.tasks import BUILTIN_TASKS, dev_indices, load_examples, tokenize_prompt
+from gradmm.stages.evaluate import accuracy, demonstrations, eval_sets
+from gradmm.stages.finetune import FinetuneConfig, finetune
 
 TASK = BUILTIN_TASKS["sst2"]
 
@@ -130,7 +130,7 @@ def test_selected_weights_are_restored_under_python_O(model_dirs, data_dir, trai
 
     script = (
         "import json, sys\n"
-        "from gradmm.finetune import FinetuneConfig, finetune\n"
+        "from gradmm.stages.finetune import FinetuneConfig, finetune\n"
         "cfg = FinetuneConfig(model=sys.argv[1], task='sst2', train=sys.argv[2],\n"
         "    data_dir=sys.argv[3], lr=3e-3, steps=30, batch_size=8, eval_every=10)\n"
         "r = finetune(cfg, progress=False)\n"
@@ -151,8 +151,8 @@ def test_selected_weights_are_restored_under_python_O(model_dirs, data_dir, trai
 
 def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, tmp_path,
                                               monkeypatch):  # fmt: skip
-    import gradmm.evaluate
-    import gradmm.finetune
+    import gradmm.stages.evaluate
+    import gradmm.stages.finetune
 
     base = dict(model=str(model_dirs["llama"]), task="sst2", train=str(train_file),
                 data_dir=str(data_dir), lr=3e-3, steps=6, batch_size=8, eval_every=3)  # fmt: skip
@@ -160,14 +160,14 @@ def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, 
     (entry,) = [d for d in result["data_read"] if "dev slice" in d["data"]]
     assert entry["private"] and not entry["covered_by_dp"]
 
-    real_load = gradmm.evaluate.load_examples
+    real_load = gradmm.stages.evaluate.load_examples
 
     def public_only(task, split, data_dir=None):
         if split == task.private_split:
             raise AssertionError("the private split was read")
         return real_load(task, split, data_dir)
 
-    monkeypatch.setattr(gradmm.evaluate, "load_examples", public_only)
+    monkeypatch.setattr(gradmm.stages.evaluate, "load_examples", public_only)
     last = finetune(FinetuneConfig(**base, selection="last"), progress=False)
     assert last["selected_step"] == 6 and last["dev_accuracy"] is None
     assert not any(d.get("private") is True for d in last["data_read"])
@@ -177,23 +177,23 @@ def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, 
     chosen = finetune(FinetuneConfig(**base, dev_file=str(dev)), progress=False)
     assert chosen["dev_examples"] == 2 and chosen["history"][0]["dev"]["n"] == 2
     assert any("public dev file" in d["data"] for d in chosen["data_read"])
-    assert gradmm.finetune.dev_set is gradmm.evaluate.dev_set  # one definition of the dev set
+    assert gradmm.stages.finetune.dev_set is gradmm.stages.evaluate.dev_set  # one dev set
 
 
 def test_untrained_dev_accuracy_is_computed_once(model_dirs, data_dir, train_file, monkeypatch):
     """Step 0 is the untrained model for every run on the same dev set: an experiment computes it
     once. The cached figure equals an independent scoring of the loaded model on that dev set."""
-    import gradmm.finetune
-    from gradmm.evaluate import dev_set
+    import gradmm.stages.finetune
+    from gradmm.stages.evaluate import dev_set
 
-    monkeypatch.setattr(gradmm.finetune, "_UNTRAINED_DEV", {})
+    monkeypatch.setattr(gradmm.stages.finetune, "_UNTRAINED_DEV", {})
     calls = []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return accuracy(*args, **kwargs)
 
-    monkeypatch.setattr(gradmm.finetune, "accuracy", counted)
+    monkeypatch.setattr(gradmm.stages.finetune, "accuracy", counted)
     base = dict(model=str(model_dirs["llama"]), task="sst2", train=str(train_file),
                 data_dir=str(data_dir), method="lora", lr=1e-2, steps=2, batch_size=4,
                 eval_every=2, max_dev=40)  # fmt: skip

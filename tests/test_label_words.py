@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import NEGATIVE, POSITIVE, build_model, cli, sentence, write_split
 
-from gradmm.evaluate import label_log_probs
-from gradmm.filtering import per_example_rec
-from gradmm.generate import build_solver
-from gradmm.matching import LabelTokens, MatchingLoss, per_example_grad_norms
-from gradmm.models import final_hidden, load_model
-from gradmm.release import (
+from gradmm.core.lm import final_hidden, load_model
+from gradmm.core.matching import LabelTokens, MatchingLoss, per_example_grad_norms
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+from gradmm.stages.configs import resolve_config
+from gradmm.stages.evaluate import label_log_probs
+from gradmm.stages.filtering import per_example_rec
+from gradmm.stages.generate import build_solver
+from gradmm.stages.release import (
     ReleaseConfig,
     example_gradients,
     load_release_model,
@@ -22,8 +24,6 @@ from gradmm.release import (
     release_targets,
     sample_per_class,
 )
-from gradmm.settings import resolve_config
-from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 EMOTION_WORDS = {"anger": NEGATIVE, "joy": POSITIVE, "optimism": POSITIVE, "sadness": NEGATIVE}
 
@@ -174,9 +174,9 @@ def test_mapped_release_clips_and_sums_in_its_space(space, split_dirs, tasks_dat
     class's target equals the oracle loop's per-example autograd gradients mapped into the space
     (``G[rows]`` / ``A G Bᵀ``), clipped by their norm there, averaged. (ε = 10⁶ makes the noise
     negligible: the test lifts the bound on ε, a policy, to check the maths.)"""
-    import gradmm.privacy
+    import gradmm.privacy.accounting
 
-    monkeypatch.setattr(gradmm.privacy, "MAX_EPSILON", 1e7)
+    monkeypatch.setattr(gradmm.privacy.accounting, "MAX_EPSILON", 1e7)
     sketch = {"sketch_dim": 6, "sketch_seed": 3} if space == "sketch" else {}
     cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["phi"], n_per_class=4,
                         data_dir=tasks_data, match_params=space, epsilon=1e6, delta=1e-5,

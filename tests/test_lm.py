@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradmm.lm import CORPUS_FILES, REQUIRED_TOKENS, LMTrainConfig, corpus_documents, train_lm
-from gradmm.tasks import BUILTIN_TASKS
+from gradmm.data.tasks import BUILTIN_TASKS
+from gradmm.models.train import (
+    CORPUS_FILES,
+    REQUIRED_TOKENS,
+    LMTrainConfig,
+    corpus_documents,
+    train_lm,
+)
 
 
 def test_corpus_holds_no_task_evaluation_or_private_file():
@@ -94,7 +100,7 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_training_loss_predicts_the_next_token():
-    from gradmm.lm import build_model, next_token_loss
+    from gradmm.models.train import build_model, next_token_loss
 
     model = build_model(
         LMTrainConfig(data_dir="x", hidden_size=16, layers=1, heads=2, intermediate_size=32),

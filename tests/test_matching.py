@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import build_model
 
-from gradmm.matching import (
+from gradmm.core.lm import matched_parameters, output_layer
+from gradmm.core.matching import (
     AutogradMatchingLoss,
     GradientSpace,
     LabelTokens,
@@ -14,7 +15,6 @@ from gradmm.matching import (
     residuals,
     summed_grads,
 )
-from gradmm.models import matched_parameters, output_layer
 
 # class 0: a one-token label word; class 1: a three-token one
 WORDS = [[5], [7, 2, 9]]

@@ -110,12 +110,12 @@ def test_generate_and_run_refuse_foreign_folders(model_dirs, data_dir, tmp_path)
 def test_release_destination_is_checked_before_private_data_is_read(
     model_dirs, data_dir, tmp_path, monkeypatch
 ):
-    import gradmm.release
+    import gradmm.stages.release
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the private data was read")
 
-    monkeypatch.setattr(gradmm.release, "private_pool", no_reading)
+    monkeypatch.setattr(gradmm.stages.release, "private_pool", no_reading)
     (tmp_path / "file").write_text("x")
     one_line_error(release(model_dirs["llama"], data_dir, tmp_path / "file" / "rel"), "is a file")
     one_line_error(
@@ -135,7 +135,7 @@ def test_release_destination_is_checked_before_private_data_is_read(
 
 def rewrite_record(rel: Path, change) -> None:
     """Change ``release.json`` and record its new digest, as a careless tool would."""
-    from gradmm.release import record_digest
+    from gradmm.stages.release import record_digest
 
     meta = json.loads((rel / "release.json").read_text())
     change(meta)
@@ -229,20 +229,20 @@ def test_release_json_holds_nothing_derived_from_the_private_data(model_dirs, da
 
 
 def test_ctrl_c_prints_what_was_kept(model_dirs, data_dir, tmp_path, monkeypatch):
-    import gradmm.generate
-    import gradmm.release
+    import gradmm.stages.generate
+    import gradmm.stages.release
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gradmm.release, "release_targets", interrupt)
+    monkeypatch.setattr(gradmm.stages.release, "release_targets", interrupt)
     r = release(model_dirs["llama"], data_dir, tmp_path / "rel")
     assert r.exit_code == 130
     assert r.stderr.strip() == (
         "gradmm: interrupted; nothing was written (outputs are written only when finished); "
         "rerun the command to start again"
     )
-    monkeypatch.setattr(gradmm.generate, "generate", interrupt)
+    monkeypatch.setattr(gradmm.stages.generate, "generate", interrupt)
     r = cli("generate", "--release", tmp_path / "rel", "--out", tmp_path / "run")
     assert r.exit_code == 130 and "rerun the same command" in r.stderr
 
@@ -250,7 +250,7 @@ def test_ctrl_c_prints_what_was_kept(model_dirs, data_dir, tmp_path, monkeypatch
 def test_a_local_folder_named_reference_does_not_shadow_the_shipped_lm(
     model_dirs, data_dir, tmp_path, monkeypatch
 ):
-    from gradmm.checkpoints import REFERENCE_LM_DIR
+    from gradmm.models.checkpoints import REFERENCE_LM_DIR
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(model_dirs["llama"], tmp_path / "reference")

@@ -10,12 +10,13 @@ from conftest import NEGATIVE, POSITIVE, release_args, write_split
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from gradmm import privacy as dp
 from gradmm.cli import app
+from gradmm.core.lm import load_model
+from gradmm.core.matching import LabelTokens, per_example_grad_norms, summed_grads
+from gradmm.data.tasks import BUILTIN_TASKS, Examples, load_examples, tokenize_prompt
 from gradmm.errors import UserError
-from gradmm.matching import LabelTokens, per_example_grad_norms, summed_grads
-from gradmm.models import load_model
-from gradmm.release import (
+from gradmm.privacy import accounting as dp
+from gradmm.stages.release import (
     ReleaseConfig,
     example_gradients,
     private_pool_exclusions,
@@ -23,7 +24,6 @@ from gradmm.release import (
     release_targets,
     sample_per_class,
 )
-from gradmm.tasks import BUILTIN_TASKS, Examples, load_examples, tokenize_prompt
 
 runner = CliRunner()
 # ENVIRONMENT.md, exact analytic Gaussian noise multipliers
@@ -329,7 +329,7 @@ def exact_means(model_dir, data_dir, n, clip=None):
 @pytest.fixture(params=["exact", "float"])
 def sampler(request, monkeypatch) -> str:
     """Releases of the tiny models draw their noise exactly (OpenDP); ``float``: as a release
-    above :data:`gradmm.privacy.EXACT_MAX_COORDINATES` numbers does (Box-Muller)."""
+    above :data:`gradmm.privacy.accounting.EXACT_MAX_COORDINATES` numbers does (Box-Muller)."""
     if request.param == "float":
         monkeypatch.setattr(dp, "EXACT_MAX_COORDINATES", 0)
     return dp.EXACT_SAMPLER if request.param == "exact" else dp.SECURE_SAMPLER
@@ -518,7 +518,7 @@ def test_delta_at_least_one_over_pool_size_is_warned(model_dirs, data_dir, tmp_p
 )
 def test_edited_release_records_are_refused(edit, model_dirs, data_dir, tmp_path):
     """release.json is not signed, but the edits that would misreport a release are caught."""
-    from gradmm.release import load_release
+    from gradmm.stages.release import load_release
 
     release_targets(dp_config(model_dirs, data_dir), tmp_path / "r")
     path = tmp_path / "r" / "release.json"
@@ -564,7 +564,7 @@ def test_poisson_calibration_against_independent_accountants():
 
 def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, data_dir,
                                                                     tmp_path, capsys):  # fmt: skip
-    from gradmm.release import load_release, poisson_pool
+    from gradmm.stages.release import load_release, poisson_pool
 
     cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=0.5,
                     neighbouring="add-remove", n_per_class=10)  # fmt: skip

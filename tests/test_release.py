@@ -5,16 +5,16 @@ import pytest
 import torch
 from conftest import ARCHITECTURES
 
+from gradmm.core.lm import load_model
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 from gradmm.errors import UserError
-from gradmm.models import load_model
-from gradmm.release import (
+from gradmm.stages.release import (
     ReleaseConfig,
     load_release,
     private_pool_exclusions,
     release_targets,
     sample_per_class,
 )
-from gradmm.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
@@ -105,12 +105,12 @@ def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(model_dirs, tm
     the longest that fits, the same release (noise aside) as asking for that cut explicitly."""
     from conftest import write_split
 
-    import gradmm.release
+    import gradmm.stages.release
 
     def no_noise(sizes, sigma, random_bytes):
         return [np.zeros(n) for n in sizes]
 
-    monkeypatch.setattr(gradmm.release, "gaussian_noise", no_noise)
+    monkeypatch.setattr(gradmm.stages.release, "gaussian_noise", no_noise)
 
     long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
     rows = [(f"fine film {i}", 1) for i in range(8)] + [(f"{long_text} {i}", 0) for i in range(8)]
@@ -129,7 +129,7 @@ def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(model_dirs, tm
 
 
 def test_model_without_linear_output_layer_is_refused():
-    from gradmm.models import output_layer
+    from gradmm.core.lm import output_layer
 
     class Encoder(torch.nn.Module):
         def get_output_embeddings(self):
@@ -140,7 +140,7 @@ def test_model_without_linear_output_layer_is_refused():
 
 
 def test_last_block_targets_equal_per_example_loop(model_dirs, data_dir, tmp_path):
-    from gradmm.models import matched_parameters
+    from gradmm.core.lm import matched_parameters
 
     cfg = ReleaseConfig(
         task="sst2",
@@ -181,7 +181,7 @@ def pool_exclusions(task, ex):
 
 
 def test_private_pool_never_touches_the_dev_slice():
-    from gradmm.tasks import Examples, dev_indices
+    from gradmm.data.tasks import Examples, dev_indices
 
     labels = [i % 2 for i in range(100)]
     dev = dev_indices(Examples([f"text {i}" for i in range(100)], labels, ""), 30)
@@ -196,7 +196,7 @@ def test_the_rows_a_pool_may_use_differ_by_one_row_between_neighbouring_splits()
     two splits that differ by one row to differ by one row too, wherever the rows sit."""
     from collections import Counter
 
-    from gradmm.tasks import Examples, dev_indices
+    from gradmm.data.tasks import Examples, dev_indices
 
     def eligible(rows: list[tuple[str, int]]) -> Counter:
         dev = set(dev_indices(Examples([t for t, _ in rows], [y for _, y in rows], ""), 20))

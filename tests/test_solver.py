@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from gradmm.admm import Problems
+from gradmm.core.admm import Problems
+from gradmm.core.lm import load_model
+from gradmm.core.projection import Projector, allowed_tokens
+from gradmm.data.tasks import encode_text
 from gradmm.errors import UserError
-from gradmm.generate import build_solver
-from gradmm.models import load_model
-from gradmm.projection import Projector, allowed_tokens
-from gradmm.release import ReleaseConfig, load_release, release_targets
-from gradmm.settings import GenerateConfig, resolve_config
-from gradmm.tasks import encode_text
+from gradmm.stages.configs import GenerateConfig, resolve_config
+from gradmm.stages.generate import build_solver
+from gradmm.stages.release import ReleaseConfig, load_release, release_targets
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_engines_agree_in_float32(model_dirs, release_dir):
 
 
 def test_shards_cover_problems_once_in_order():
-    from gradmm.distributed import shard
+    from gradmm.core.distributed import shard
 
     for n in (1, 5, 6, 7):
         for world in (1, 2, 3, 4):
@@ -181,7 +181,7 @@ def test_shards_cover_problems_once_in_order():
 
 
 def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
-    from gradmm.release import load_release_model
+    from gradmm.stages.release import load_release_model
 
     cfg = ReleaseConfig(
         task="sst2",
@@ -273,7 +273,7 @@ def test_patience_stops_a_stalled_solve(model_dirs, release_dir):
 
 
 def test_lower_precision_keeps_the_loss_and_optimiser_in_fp32(model_dirs, release_dir):
-    from gradmm.models import Runtime, place
+    from gradmm.core.lm import Runtime, place
 
     lm, rel = lm_and_release(model_dirs, release_dir)
     cfg = small(per_class=3, steps=2, inner_steps=3)

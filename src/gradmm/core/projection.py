@@ -21,9 +21,9 @@ import re
 import torch
 from torch import Tensor
 
+from gradmm.core.lm import loss_dtype
 from gradmm.errors import UserError
-from gradmm.models import loss_dtype
-from gradmm.settings import ProjectionOrder, TokenFilter
+from gradmm.stages.configs import ProjectionOrder, TokenFilter
 
 # The authors' effective rule (REFERENCE.md §4.2): alphabetic word pieces only.
 _BANNED_CHARS = set("*;:_\n-'<>{}[]()/\\|=+%@~`^#$&")

@@ -19,13 +19,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from gradmm.core.lm import LoadedModel, Runtime, final_hidden
+from gradmm.core.matching import LabelTokens, MatchingLoss
 from gradmm.errors import UserError, warn
-from gradmm.evaluate import label_log_probs
 from gradmm.files import check_output_dir, read_jsonl, write_json, write_jsonl
-from gradmm.generate import RUN_DIR, data_read_entry, load_run_release
-from gradmm.matching import LabelTokens, MatchingLoss
-from gradmm.models import LoadedModel, Runtime, final_hidden
-from gradmm.release import Release, load_release_model
+from gradmm.stages.evaluate import label_log_probs
+from gradmm.stages.generate import RUN_DIR, data_read_entry, load_run_release
+from gradmm.stages.release import Release, load_release_model
 
 
 class FilterConfig(BaseModel):

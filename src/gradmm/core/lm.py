@@ -20,9 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gradmm.checkpoints import resolve_model_name
 from gradmm.errors import UserError, describe
-from gradmm.settings import MatchParams
+from gradmm.models.checkpoints import resolve_model_name
+from gradmm.stages.configs import MatchParams
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -112,7 +112,8 @@ def load_model(
     name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen, in eval mode: ``name`` is anything
-    :func:`gradmm.checkpoints.resolve_model_name` accepts (``reference``, a fetched short name, a
+    :func:`~gradmm.models.checkpoints.resolve_model_name` accepts
+    (``reference``, a fetched short name, a
     ``.gguf`` file, a folder, a hub id).
 
     fp32 by default: transformers v5 would otherwise use the checkpoint's dtype. Pass
@@ -198,7 +199,7 @@ def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") ->
     """The parameters whose gradient is matched, by their names in ``model``.
 
     ``output``: the output layer's weight (and bias), as in the paper (``label-rows`` and
-    ``sketch`` release a map of their gradient: :class:`gradmm.matching.GradientSpace`).
+    ``sketch`` release a map of their gradient: :class:`gradmm.core.matching.GradientSpace`).
     ``last-block``: those plus every parameter of the last decoder block (the longest
     ``ModuleList`` of the model).
     """

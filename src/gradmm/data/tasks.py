@@ -25,9 +25,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gradmm.config import one_line
 from gradmm.errors import UserError
 from gradmm.files import read_json, read_jsonl_numbered, read_yaml
+from gradmm.options import one_line
 
 TEXT_SLOT = "{text}"
 LabelTokenPolicy = Literal["all", "first"]

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradmm.errors import UserError
-from gradmm.files import read_jsonl_numbered
-from gradmm.models import LoadedModel, Runtime, final_hidden, prefix_cache, right_padded
-from gradmm.tasks import (
+from gradmm.core.lm import LoadedModel, Runtime, final_hidden, prefix_cache, right_padded
+from gradmm.data.tasks import (
     DEV_SEED,
     Examples,
     PromptTokens,
@@ -27,6 +25,8 @@ from gradmm.tasks import (
     examples_from_rows,
     load_examples,
 )
+from gradmm.errors import UserError
+from gradmm.files import read_jsonl_numbered
 
 
 def label_log_probs(
@@ -171,8 +171,8 @@ def evaluate_task(
 ) -> dict:
     """``gradmm evaluate``: zero- or ``few_shot``-shot accuracy on the task's test split, with
     demonstrations from ``dev_file`` (public) or the dev slice of the private split."""
-    from gradmm.models import load_model, place
-    from gradmm.tasks import load_task, tokenize_prompt
+    from gradmm.core.lm import load_model, place
+    from gradmm.data.tasks import load_task, tokenize_prompt
 
     task = load_task(task_name)
     test = test_set(task, data_dir, max_test, seed)

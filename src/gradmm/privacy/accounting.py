@@ -45,7 +45,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradmm.errors import UserError
-from gradmm.settings import Neighbouring
+from gradmm.stages.configs import Neighbouring
 
 ACCOUNTANT = "dp_accounting.gaussian_mechanism.get_sigma_gaussian (analytic Gaussian)"
 EXACT_SAMPLER = (
@@ -362,7 +362,7 @@ UNITS = {
 
 
 def report(meta) -> str:
-    """Human-readable privacy report of one release (a :class:`gradmm.release.ReleaseMeta`)."""
+    """Human-readable privacy report of one release (``ReleaseMeta``)."""
     m: Mechanism = meta.mechanism
     lines = [f"release of task {meta.task.name!r}, model {meta.model.name!r}"]
     poisson = m.sampling_rate is not None

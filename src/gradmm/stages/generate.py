@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gradmm import __version__, paper
-from gradmm.admm import (
+from gradmm import __version__
+from gradmm.core.admm import (
     ADMMSolver,
     AuthorsOverhead,
     Layout,
     Problems,
     problem_seed,
 )
-from gradmm.distributed import (
+from gradmm.core.distributed import (
     barrier,
     gather_to_zero,
     init_from_env,
@@ -35,6 +35,11 @@ from gradmm.distributed import (
     shard,
     spawn,
 )
+from gradmm.core.lm import LoadedModel, Runtime, matched_parameters
+from gradmm.core.matching import AutogradMatchingLoss, LabelTokens, MatchingLoss
+from gradmm.core.projection import Projector, allowed_tokens
+from gradmm.data import paper
+from gradmm.data.tasks import encode_text
 from gradmm.errors import UserError, stopped_keeping
 from gradmm.files import (
     STAMP,
@@ -46,13 +51,9 @@ from gradmm.files import (
     write_json,
     write_jsonl,
 )
-from gradmm.matching import AutogradMatchingLoss, LabelTokens, MatchingLoss
-from gradmm.models import LoadedModel, Runtime, matched_parameters
-from gradmm.privacy import report as privacy_report
-from gradmm.projection import Projector, allowed_tokens
-from gradmm.release import Release, load_release, load_release_model
-from gradmm.settings import GenerateConfig, SolverConfig
-from gradmm.tasks import encode_text
+from gradmm.privacy.accounting import report as privacy_report
+from gradmm.stages.configs import GenerateConfig, SolverConfig
+from gradmm.stages.release import Release, load_release, load_release_model
 
 # A run folder: generate's outputs, then filter's (and audit reports of older versions).
 RUN_DIR = OutputKind(
@@ -75,7 +76,7 @@ def generate(
     """Run stage 2; returns the path of ``synthetic.jsonl``.
 
     Problems are sharded over ``nproc`` local processes, or over the ranks of an existing
-    process group (``torchrun``), in contiguous blocks (see :mod:`gradmm.distributed` for what
+    process group (``torchrun``), in contiguous blocks (see :mod:`gradmm.core.distributed` for what
     that preserves).
     """
     t0 = time.perf_counter()

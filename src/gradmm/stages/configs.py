@@ -11,14 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gradmm import paper
-from gradmm.config import build_config, read_options_file
+from gradmm.data import paper
 from gradmm.errors import UserError
+from gradmm.options import build_config, read_options_file
 
 SelectRule = Literal["projected", "augmented"]
 TokenFilter = Literal["fixed", "paper"]
 ProjectionOrder = Literal["cosine-first", "lm-first"]
-# Which gradient is released and matched (see gradmm.matching.GradientSpace).
+# Which gradient is released and matched (see gradmm.core.matching.GradientSpace).
 MatchParams = Literal["output", "last-block", "label-rows", "sketch"]
 Neighbouring = Literal["replace", "add-remove"]
 
@@ -166,7 +166,7 @@ class SolverConfig(BaseModel):
 class GenerateConfig(SolverConfig):
     """Settings of ``gradmm generate``: the solver's (:class:`SolverConfig`) and these. Defaults
     are the authors' (REFERENCE.md §7) with the fixes of ``docs/deviations.md``; ``preset: paper``
-    restores the authors' behaviour (:mod:`gradmm.paper`)."""
+    restores the authors' behaviour (:mod:`gradmm.data.paper`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
     preset: Literal["default", "paper"] = Field("default", description="'paper': the authors' way")
@@ -222,7 +222,7 @@ def resolve_config(options: dict[str, Any], config_file: Path | None = None) -> 
 
 
 class FinetuneConfig(BaseModel):
-    """Settings of ``gradmm finetune`` (see :mod:`gradmm.finetune`)."""
+    """Settings of ``gradmm finetune`` (see :mod:`gradmm.stages.finetune`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str

@@ -2,7 +2,8 @@
 
 Every cell writes ``OUT/cells/<task>/<method>/seed<k>/result.json`` and is skipped when that file
 exists, so an interrupted run resumes; releases are shared by the cells of one (task, seed). The
-methods are the registry of :mod:`gradmm.methods`, the tables and plots :mod:`gradmm.report`. The
+methods are the registry of :mod:`gradmm.experiments.methods`, the tables and plots
+:mod:`gradmm.experiments.report`. The
 experiment file is validated whole (stage sections, the demonstrations methods need) before any
 cell runs. One private pool is released under each ε, without DP and as ``real_private``
 training data: each ε row is a separate simulation, not a composed guarantee. The protocol is in
@@ -18,16 +19,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from gradmm.config import build_config
+from gradmm.core.lm import Runtime, fingerprint, load_model
+from gradmm.data.tasks import DEV_SLICE_RULE, load_task
 from gradmm.errors import UserError
+from gradmm.experiments.methods import METHODS, Cell
+from gradmm.experiments.report import plot, write_tables
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
-from gradmm.filtering import FilterConfig
-from gradmm.finetune import FinetuneConfig
-from gradmm.methods import METHODS, Cell
-from gradmm.models import Runtime, fingerprint, load_model
-from gradmm.report import plot, write_tables
-from gradmm.settings import MatchParams, resolve_config
-from gradmm.tasks import DEV_SLICE_RULE, load_task
+from gradmm.options import build_config
+from gradmm.stages.configs import MatchParams, resolve_config
+from gradmm.stages.filtering import FilterConfig
+from gradmm.stages.finetune import FinetuneConfig
 
 EXPERIMENT_DIR = OutputKind(
     "experiment",
@@ -224,5 +225,5 @@ def _check_same_settings(settings: dict, recorded: Path) -> None:
 
 
 def run_cell(cfg: ExperimentConfig, out: Path, *key) -> dict:
-    """The result of the cell of ``key`` (see :func:`cells` and :mod:`gradmm.methods`)."""
+    """The result of the cell of ``key`` (:func:`cells`, :mod:`gradmm.experiments.methods`)."""
     return METHODS[key[1]].run(Cell(cfg, out, *key))

@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gradmm.core.lm import loss_dtype
+from gradmm.core.matching import AutogradMatchingLoss, MatchingLoss
+from gradmm.core.projection import Projector
 from gradmm.errors import UserError
-from gradmm.matching import AutogradMatchingLoss, MatchingLoss
-from gradmm.models import loss_dtype
-from gradmm.projection import Projector
-from gradmm.settings import SolverConfig
+from gradmm.stages.configs import SolverConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ seeded), computes each class's mean output-layer gradient at the model's weights
   targets and counts, nothing that depends on them (no timings, no path of the private file).
 
 Later stages read a release and public data only. The ``mechanism`` entry of ``release.json`` says
-what protects the targets: ``none``, or the Gaussian mechanism of :mod:`gradmm.privacy` when
+what protects the targets: ``none``, or the Gaussian mechanism of
+:mod:`gradmm.privacy.accounting` when
 ``epsilon``/``delta`` are given. ``target="noise"`` is the pure-noise control: the same noise,
 no signal, and no data read at all. :func:`load_release` verifies the file against its sha256,
 its shapes against the task and refuses non-finite targets, so every reader sees what was released.
@@ -36,9 +37,34 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradmm import __version__, paper
-from gradmm.checkpoints import resolve_model_name
-from gradmm.config import one_line
+from gradmm import __version__
+from gradmm.core.lm import (
+    LoadedModel,
+    Runtime,
+    final_hidden,
+    fingerprint,
+    load_model,
+    matched_parameters,
+    place,
+)
+from gradmm.core.matching import (
+    GradientSpace,
+    LabelTokens,
+    per_example_grad_norms,
+    residuals,
+    summed_grads,
+)
+from gradmm.data import paper
+from gradmm.data.tasks import (
+    Examples,
+    PromptTokens,
+    Task,
+    dev_indices,
+    examples_from_rows,
+    load_examples,
+    load_task,
+    tokenize_prompt,
+)
 from gradmm.errors import UserError, warn
 from gradmm.files import (
     OutputKind,
@@ -48,23 +74,9 @@ from gradmm.files import (
     staged_dir,
     write_json,
 )
-from gradmm.matching import (
-    GradientSpace,
-    LabelTokens,
-    per_example_grad_norms,
-    residuals,
-    summed_grads,
-)
-from gradmm.models import (
-    LoadedModel,
-    Runtime,
-    final_hidden,
-    fingerprint,
-    load_model,
-    matched_parameters,
-    place,
-)
-from gradmm.privacy import (
+from gradmm.models.checkpoints import resolve_model_name
+from gradmm.options import one_line
+from gradmm.privacy.accounting import (
     EXACT_SAMPLER,
     DPSettings,
     Mechanism,
@@ -77,17 +89,7 @@ from gradmm.privacy import (
     seeded_stream,
     uniforms,
 )
-from gradmm.settings import MatchParams, ReleaseConfig
-from gradmm.tasks import (
-    Examples,
-    PromptTokens,
-    Task,
-    dev_indices,
-    examples_from_rows,
-    load_examples,
-    load_task,
-    tokenize_prompt,
-)
+from gradmm.stages.configs import MatchParams, ReleaseConfig
 
 RELEASE_FORMAT = 5  # 5: the record's own sha256, planted counts (4: label word sequences)
 RELEASE_DIR = OutputKind("release", "release.json", ("release.json", "targets.safetensors"))
@@ -266,7 +268,7 @@ def example_gradients(
     masked): with causal attention the padding never influences a real position, so batching is
     exact. Returns (N, K, V) residuals ``r``, (N, K, d) hidden states ``h`` at the label
     positions and (N, K) position weights ``w``; the gradient of example ``i`` is
-    ``(Σ_k w_ik r_ik h_ikᵀ, Σ_k w_ik r_ik)`` (see :mod:`gradmm.matching`).
+    ``(Σ_k w_ik r_ik h_ikᵀ, Σ_k w_ik r_ik)`` (see :mod:`gradmm.core.matching`).
     """
     rs, hs = [], []
     labels = labels.to(lm.device)
@@ -478,9 +480,9 @@ def release_targets(
 
 def _add_noise(sums: list[dict[str, Tensor]], protection: Mechanism, config) -> list[dict]:
     """``(S_c + N(0, σ² I)) / n`` for every class and parameter: one draw over all of them, by
-    the recorded sampler: exactly (:func:`gradmm.privacy.exact_gaussian`), or float64 noise from
-    :func:`gradmm.privacy.gaussian_noise` (the OS CSPRNG, or a recorded seed for simulations)
-    added in float64. Rounded once to fp32.
+    the recorded sampler: exactly (:func:`~gradmm.privacy.accounting.exact_gaussian`), or float64
+    noise from :func:`~gradmm.privacy.accounting.gaussian_noise` (the OS CSPRNG, or a recorded
+    seed for simulations) added in float64. Rounded once to fp32.
     """
     flat = torch.cat([g.double().flatten() for s in sums for g in s.values()]).numpy()
     if protection.sampler == EXACT_SAMPLER:

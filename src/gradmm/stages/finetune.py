@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradmm.errors import UserError
-from gradmm.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
-from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
-from gradmm.models import Runtime, fingerprint, load_model, place
-from gradmm.settings import FinetuneConfig
-from gradmm.tasks import (
+from gradmm.core.lm import Runtime, fingerprint, load_model, place
+from gradmm.data.tasks import (
     examples_from_rows,
     load_task,
     tokenize_prompt,
 )
+from gradmm.errors import UserError
+from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
+from gradmm.stages.configs import FinetuneConfig
+from gradmm.stages.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
 
 FINETUNE_DIR = OutputKind("finetune", "results.json", ("results.json", "model"))
 

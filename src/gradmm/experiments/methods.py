@@ -33,27 +33,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradmm.config import build_config
-from gradmm.evaluate import evaluate_task, text_perplexities
+from gradmm.core.lm import Runtime, load_model, place
+from gradmm.data.tasks import Task, load_examples, load_task, tokenize_prompt
 from gradmm.files import read_json, read_jsonl, write_jsonl
-from gradmm.filtering import FilterConfig, filter_run
-from gradmm.finetune import FinetuneConfig, finetune
-from gradmm.generate import generate
-from gradmm.models import Runtime, load_model, place
-from gradmm.release import (
+from gradmm.options import build_config
+from gradmm.stages.configs import resolve_config
+from gradmm.stages.evaluate import evaluate_task, text_perplexities
+from gradmm.stages.filtering import FilterConfig, filter_run
+from gradmm.stages.finetune import FinetuneConfig, finetune
+from gradmm.stages.generate import generate
+from gradmm.stages.release import (
     ReleaseConfig,
     load_release,
     private_pool,
     private_pool_exclusions,
     release_targets,
 )
-from gradmm.settings import resolve_config
-from gradmm.tasks import Task, load_examples, load_task, tokenize_prompt
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of an experiment: ``cfg`` is the :class:`gradmm.experiment.ExperimentConfig`,
+    """One cell of an experiment: ``cfg`` is the
+    :class:`gradmm.experiments.runner.ExperimentConfig`,
     ``out`` the experiment folder."""
 
     cfg: Any

@@ -23,7 +23,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from gradmm.checkpoints import HF_MODEL_FILES
 from gradmm.errors import UserError
 from gradmm.files import (
     OutputKind,
@@ -33,6 +32,7 @@ from gradmm.files import (
     staged_dir,
     write_json,
 )
+from gradmm.models.checkpoints import HF_MODEL_FILES
 
 EOS = "<|endoftext|>"
 # Public corpus files, relative to the data dir. Never a split a built-in task evaluates on.

@@ -30,7 +30,7 @@ from pathlib import Path
 from gradmm.errors import UserError, describe
 from gradmm.files import OutputKind, check_output_dir, staged_dir, write_json
 
-# The project's reference LM (see gradmm.lm), shipped inside the package; `--model reference`.
+# The project's reference LM (gradmm.models.train), shipped inside the package: `--model reference`.
 REFERENCE_LM_DIR = Path(__file__).parent / "reference_lm"
 
 # What save_pretrained of a causal LM and its tokenizer writes into a folder.

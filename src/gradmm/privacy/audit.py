@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gradmm.data.tasks import encode_text
 from gradmm.errors import UserError
 from gradmm.files import STAMP, check_result_file, read_json, read_jsonl, write_json
-from gradmm.generate import load_run_release
-from gradmm.release import planted_pool, private_pool, private_pool_exclusions
-from gradmm.tasks import encode_text
+from gradmm.stages.generate import load_run_release
+from gradmm.stages.release import planted_pool, private_pool, private_pool_exclusions
 
 PRIVATE_LABEL = (
     "PRIVATE: computed from the private pool and not covered by any DP release; do not publish "
@@ -104,7 +104,7 @@ def jaccard(a: set, b: set) -> float:
 def planted_file(release) -> Path:
     """The planted rows of a canary audit's release: ``planted.jsonl`` of the canary-audit
     folder that holds the release, checked to hold as many rows per class as were planted."""
-    from gradmm.canary import CANARY_AUDIT_DIR, PLANTED_FILE
+    from gradmm.privacy.canary import CANARY_AUDIT_DIR, PLANTED_FILE
 
     folder = release.path.resolve().parent
     path = folder / PLANTED_FILE
@@ -132,9 +132,9 @@ def membership_auc(model: str, task, examples, members: list[int], others: list[
     """ROC AUC of the loss-threshold attack on ``model`` (lower loss = predicted member)."""
     import torch
 
-    from gradmm.evaluate import label_log_probs
-    from gradmm.models import load_model
-    from gradmm.tasks import tokenize_prompt
+    from gradmm.core.lm import load_model
+    from gradmm.data.tasks import tokenize_prompt
+    from gradmm.stages.evaluate import label_log_probs
 
     lm = load_model(model)
     prompt = tokenize_prompt(task, lm.tokenizer)
@@ -160,7 +160,7 @@ def audit_run(
     (default :func:`default_report_path`) and returns it."""
     from transformers import AutoTokenizer
 
-    from gradmm.checkpoints import resolve_model_name
+    from gradmm.models.checkpoints import resolve_model_name
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else default_report_path(run_dir)

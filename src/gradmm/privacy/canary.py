@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradmm.audit import roc_auc
+from gradmm.data.tasks import Task, encode_text
 from gradmm.errors import UserError
 from gradmm.files import (
     OutputKind,
@@ -36,7 +36,7 @@ from gradmm.files import (
     write_json,
     write_jsonl,
 )
-from gradmm.tasks import Task, encode_text
+from gradmm.privacy.audit import roc_auc
 
 REPORT_LABEL = (
     "PRIVATE: canaries carry prefixes of real private examples, and which were planted is the "
@@ -65,7 +65,7 @@ class CanaryAuditConfig(BaseModel):
     """Settings of ``gradmm canary-audit``: the release and generation it audits and the attack."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    release: dict[str, Any] = Field(description="release settings (gradmm.settings.ReleaseConfig)")
+    release: dict[str, Any] = Field(description="release settings (ReleaseConfig)")
     generate: dict[str, Any] = Field(default_factory=dict, description="generate settings")
     canaries: int = Field(200, ge=2, description="canaries made; a seeded half is planted")
     prefix_words: int = Field(6, ge=1, description="words of the in-distribution prefix")
@@ -164,17 +164,17 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     """Make canaries, plant half in the pool, release, generate, attack; writes ``out``
     (``canaries.jsonl``, ``release/``, ``run/``, ``report.json``, all private) and returns the
     report. A rerun resumes: finished steps are kept."""
-    from gradmm.config import build_config
-    from gradmm.generate import generate
-    from gradmm.models import load_model
-    from gradmm.release import (
+    from gradmm.core.lm import load_model
+    from gradmm.data.tasks import load_examples, load_task
+    from gradmm.options import build_config
+    from gradmm.stages.configs import ReleaseConfig, resolve_config
+    from gradmm.stages.generate import generate
+    from gradmm.stages.release import (
         check_release_settings,
         private_pool,
         private_pool_exclusions,
         release_targets,
     )
-    from gradmm.settings import ReleaseConfig, resolve_config
-    from gradmm.tasks import load_examples, load_task
 
     out = Path(out)
     # every setting and the folder first: nothing is loaded or written before they pass

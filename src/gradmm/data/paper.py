@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradmm.tasks import Task
+from gradmm.data.tasks import Task
 
 # The authors' projection prefixes for their instruction-conditioned datasets (GRADMM
 # utilities.py:get_prefix, MIT licence); used only by the `paper` preset.

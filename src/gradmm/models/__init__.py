@@ -1,0 +1,1 @@
+"""Where models come from: loading, named models, GGUF conversion, the reference LM."""

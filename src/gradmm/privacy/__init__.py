@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, the noise samplers, privacy reports, membership audits."""
