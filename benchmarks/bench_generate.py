@@ -117,7 +117,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from gradmm.stages.release import ReleaseConfig, release_targets
+    from gradmm.stages.configs import ReleaseConfig
+    from gradmm.stages.release import release_targets
 
     command = " ".join(["python", "benchmarks/bench_generate.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as work:

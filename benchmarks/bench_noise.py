@@ -29,7 +29,8 @@ import numpy as np
 from machine import cpu_model  # benchmarks/machine.py
 
 from gradmm.files import write_json, write_text
-from gradmm.privacy.accounting import EXACT_MAX_COORDINATES, exact_gaussian, gaussian_noise
+from gradmm.privacy.accounting import EXACT_MAX_COORDINATES
+from gradmm.privacy.noise import exact_gaussian, gaussian_noise
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from machine import cpu_model  # benchmarks/machine.py
 
-from gradmm.core.lm import load_model, right_padded
-from gradmm.data.tasks import BUILTIN_TASKS, tokenize_prompt
+from gradmm.core.lm import right_padded
+from gradmm.core.tokens import tokenize_prompt
+from gradmm.data.tasks import BUILTIN_TASKS
 from gradmm.files import write_json, write_text
+from gradmm.models.loading import load_model
 from gradmm.stages.evaluate import demonstrations, dev_set, label_log_probs, test_set
 
 RESULTS = Path(__file__).parent / "results"

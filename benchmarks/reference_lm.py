@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradmm.core.lm import final_hidden, load_model, right_padded
-from gradmm.core.matching import LabelTokens, MatchingLoss
-from gradmm.data.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+from gradmm.core.lm import final_hidden, right_padded
+from gradmm.core.matching import MatchingLoss
+from gradmm.core.tokens import LabelTokens, tokenize_prompt
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples
 from gradmm.files import write_json, write_text
 from gradmm.models.checkpoints import resolve_model_name
+from gradmm.models.loading import load_model
 from gradmm.stages.evaluate import label_log_probs
 
 PROMPTS = [

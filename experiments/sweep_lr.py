@@ -23,7 +23,8 @@ from gradmm.data.tasks import load_task
 from gradmm.experiments import methods
 from gradmm.experiments import runner as experiment
 from gradmm.files import read_json, write_json, write_jsonl
-from gradmm.stages.finetune import FinetuneConfig, finetune
+from gradmm.stages.configs import FinetuneConfig
+from gradmm.stages.finetune import finetune
 
 
 def sweep_parser(doc: str) -> argparse.ArgumentParser:

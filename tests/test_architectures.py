@@ -13,13 +13,13 @@ from gradmm.core.lm import (
     check_logits_are_the_output_layers,
     final_hidden,
     fingerprint,
-    load_model,
     output_layer,
 )
 from gradmm.errors import UserError
+from gradmm.models.loading import load_model
 from gradmm.stages.configs import resolve_config
 from gradmm.stages.generate import build_solver
-from gradmm.stages.release import load_release, load_release_model
+from gradmm.stages.record import load_release, load_release_model
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)

@@ -16,7 +16,7 @@ import pytest
 from conftest import cli, one_line_error, release_args, tiny_run
 
 from gradmm.cli import app
-from gradmm.stages.release import record_digest
+from gradmm.stages.record import record_digest
 
 SMALL = ["--per-class", 2, "--batch", 2, "--length", 5, "--steps", 1, "--inner-steps", 1,
          "--init-candidates", 2, "--topk", 10, "--quiet"]  # fmt: skip

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import cli, one_line_error
 
-from gradmm.core.lm import load_model
 from gradmm.data.tasks import BUILTIN_TASKS, load_examples
+from gradmm.models.loading import load_model
 from gradmm.privacy.canary import CanaryAuditConfig, NgramModel, attack, make_canaries, tpr_at_fpr
 
 
@@ -85,8 +85,8 @@ def test_audit_of_a_canary_audit_run_audits_the_released_pool(model_dirs, data_d
     """The release of a canary audit pooled 4 real rows per class and the planted canaries:
     `gradmm audit` of its run must audit exactly those (it once rebuilt a pool of counts[0]
     real rows and no canaries, and passed its own size check)."""
+    from gradmm.data.pools import private_pool
     from gradmm.data.tasks import load_task
-    from gradmm.stages.release import private_pool
 
     spec = tmp_path / "canary.yaml"
     spec.write_text(
@@ -123,7 +123,7 @@ def test_audit_of_a_canary_audit_run_audits_the_released_pool(model_dirs, data_d
 
 def test_canary_audit_never_writes_into_a_folder_it_did_not_make(model_dirs, data_dir, tmp_path,
                                                                  monkeypatch):  # fmt: skip
-    import gradmm.core.lm
+    import gradmm.models.loading
 
     spec = tmp_path / "canary.yaml"
     spec.write_text(f"release: {{task: sst2, model: {model_dirs['llama']}, n_per_class: 4, "
@@ -140,7 +140,7 @@ def test_canary_audit_never_writes_into_a_folder_it_did_not_make(model_dirs, dat
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the settings were checked")
 
-    monkeypatch.setattr(gradmm.core.lm, "load_model", no_loading)
+    monkeypatch.setattr(gradmm.models.loading, "load_model", no_loading)
     for release, message in [
         ("epsilon: 1", "both --epsilon and --delta"),
         ("epsilon: 1, delta: 1.0e-5, match_params: last-block", "closed-form clipping"),

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import build_model, cli
 
-from gradmm.core.lm import load_model
 from gradmm.errors import UserError
 from gradmm.models.checkpoints import KNOWN_MODELS, resolve_model_name
+from gradmm.models.loading import load_model
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

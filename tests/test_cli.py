@@ -212,7 +212,7 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     from gradmm.core.distributed import shard
     from gradmm.stages.configs import resolve_config
     from gradmm.stages.generate import build_solver
-    from gradmm.stages.release import load_release, load_release_model
+    from gradmm.stages.record import load_release, load_release_model
 
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
@@ -253,7 +253,7 @@ def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, 
                                                                      tmp_path):  # fmt: skip
     from gradmm.stages.configs import resolve_config
     from gradmm.stages.generate import build_solver
-    from gradmm.stages.release import load_release, load_release_model
+    from gradmm.stages.record import load_release, load_release_model
 
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0

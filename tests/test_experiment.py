@@ -14,8 +14,8 @@ from gradmm.data.tasks import BUILTIN_TASKS, load_examples
 from gradmm.errors import UserError
 from gradmm.experiments import methods, report
 from gradmm.experiments import runner as experiment
-from gradmm.privacy.accounting import report as privacy_report
-from gradmm.stages.release import load_release
+from gradmm.privacy.report import report as privacy_report
+from gradmm.stages.record import load_release
 
 
 def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_path):
@@ -287,18 +287,21 @@ def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_
     assert targets[0] == targets[1]  # the same noise draw, not just the same accuracy
 
 
-def test_readme_quotes_the_committed_results():
-    """Every README block ``<!-- from FILE -->`` ... ``<!-- end -->`` holds verbatim tables of
-    that committed, generated file."""
+def test_docs_quote_the_committed_results():
+    """Every block ``<!-- from FILE -->`` ... ``<!-- end -->`` of README.md and docs/results.md
+    holds verbatim tables of that committed, generated file (paths relative to the repository)."""
     root = Path(__file__).parents[1]
-    blocks = re.findall(r"<!-- from (\S+) -->(.*?)<!-- end -->", (root / "README.md").read_text(),
-                        re.DOTALL)  # fmt: skip
+    blocks = {
+        doc: re.findall(r"<!-- from (\S+) -->(.*?)<!-- end -->", (root / doc).read_text(), re.DOTALL)
+        for doc in ("README.md", "docs/results.md")
+    }
+    assert blocks["README.md"], "the README quotes a headline table"
     assert {
         "experiments/results/cpu-small/results.md",
         "experiments/results/cpu-smollm2/results.md",
         "experiments/results/dp-utility/results.md",
-    } <= {source for source, _ in blocks}
-    for source, quoted in blocks:
+    } <= {source for source, _ in blocks["docs/results.md"]}
+    for source, quoted in blocks["README.md"] + blocks["docs/results.md"]:
         committed = (root / source).read_text()
         tables = [t for t in quoted.split("\n\n") if t.lstrip().startswith("|")]
         assert tables, source
@@ -311,7 +314,7 @@ def results_md_text(out: Path) -> str:
 
 
 def test_text_perplexity_batched_equals_one_at_a_time_and_by_hand(model_dirs):
-    from gradmm.core.lm import load_model
+    from gradmm.models.loading import load_model
     from gradmm.stages.evaluate import text_perplexities
 
     lm = load_model(str(model_dirs["llama"]))
@@ -330,7 +333,7 @@ def test_text_perplexity_of_a_text_longer_than_the_context(model_dirs):
     """GPT-2 has 128 learned positions here: a longer text is scored on its first tokens."""
     import math
 
-    from gradmm.core.lm import load_model
+    from gradmm.models.loading import load_model
     from gradmm.stages.evaluate import text_perplexities
 
     lm = load_model(str(model_dirs["gpt2"]))

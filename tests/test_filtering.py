@@ -5,10 +5,12 @@ from conftest import tiny_run
 from typer.testing import CliRunner
 
 from gradmm.cli import app
-from gradmm.core.matching import LabelTokens, MatchingLoss
-from gradmm.data.tasks import encode_text
+from gradmm.core.matching import MatchingLoss
+from gradmm.core.tokens import LabelTokens, encode_text
+from gradmm.stages.configs import ReleaseConfig
 from gradmm.stages.filtering import balance_by_mean, per_example_rec
-from gradmm.stages.release import ReleaseConfig, load_release_model, release_targets
+from gradmm.stages.record import load_release_model
+from gradmm.stages.release import release_targets
 
 
 def test_balance_drops_worst_until_means_agree():
@@ -48,7 +50,7 @@ def test_filter_command_reports_each_stage(model_dirs, data_dir, tmp_path):
     assert report["after_top"] == 4 and report["after_balance"] <= 4
     kept = [json.loads(x) for x in (run / "filtered.jsonl").read_text().splitlines()]
     assert len(kept) == report["after_balance"]
-    from gradmm.stages.release import load_release
+    from gradmm.stages.record import load_release
 
     release = load_release(rel)
     all_losses = per_example_rec(

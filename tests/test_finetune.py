@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 
-from gradmm.core.lm import load_model
-from gradmm.data.tasks import BUILTIN_TASKS, dev_indices, load_examples, tokenize_prompt
+from gradmm.core.tokens import tokenize_prompt
+from gradmm.data.tasks import BUILTIN_TASKS, dev_indices, load_examples
+from gradmm.models.loading import load_model
+from gradmm.stages.configs import FinetuneConfig
 from gradmm.stages.evaluate import accuracy, demonstrations, eval_sets
-from gradmm.stages.finetune import FinetuneConfig, finetune
+from gradmm.stages.finetune import finetune
 
 TASK = BUILTIN_TASKS["sst2"]
 

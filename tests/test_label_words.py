@@ -9,21 +9,19 @@ import pytest
 import torch
 from conftest import NEGATIVE, POSITIVE, build_model, cli, sentence, write_split
 
-from gradmm.core.lm import final_hidden, load_model
-from gradmm.core.matching import LabelTokens, MatchingLoss, per_example_grad_norms
-from gradmm.data.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
-from gradmm.stages.configs import resolve_config
+from gradmm.core.gradients import example_gradients, per_example_grad_norms
+from gradmm.core.lm import final_hidden
+from gradmm.core.matching import MatchingLoss
+from gradmm.core.tokens import LabelTokens, tokenize_prompt
+from gradmm.data.pools import private_pool_exclusions, sample_per_class
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples
+from gradmm.models.loading import load_model
+from gradmm.stages.configs import ReleaseConfig, resolve_config
 from gradmm.stages.evaluate import label_log_probs
 from gradmm.stages.filtering import per_example_rec
 from gradmm.stages.generate import build_solver
-from gradmm.stages.release import (
-    ReleaseConfig,
-    example_gradients,
-    load_release_model,
-    private_pool_exclusions,
-    release_targets,
-    sample_per_class,
-)
+from gradmm.stages.record import load_release_model
+from gradmm.stages.release import release_targets
 
 EMOTION_WORDS = {"anger": NEGATIVE, "joy": POSITIVE, "optimism": POSITIVE, "sadness": NEGATIVE}
 

@@ -5,16 +5,10 @@ import pytest
 import torch
 from conftest import build_model
 
+from gradmm.core.gradients import GradientSpace, per_example_grad_norms, residuals, summed_grads
 from gradmm.core.lm import matched_parameters, output_layer
-from gradmm.core.matching import (
-    AutogradMatchingLoss,
-    GradientSpace,
-    LabelTokens,
-    MatchingLoss,
-    per_example_grad_norms,
-    residuals,
-    summed_grads,
-)
+from gradmm.core.matching import AutogradMatchingLoss, MatchingLoss
+from gradmm.core.tokens import LabelTokens
 
 # class 0: a one-token label word; class 1: a three-token one
 WORDS = [[5], [7, 2, 9]]

@@ -110,12 +110,12 @@ def test_generate_and_run_refuse_foreign_folders(model_dirs, data_dir, tmp_path)
 def test_release_destination_is_checked_before_private_data_is_read(
     model_dirs, data_dir, tmp_path, monkeypatch
 ):
-    import gradmm.stages.release
+    import gradmm.data.pools
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the private data was read")
 
-    monkeypatch.setattr(gradmm.stages.release, "private_pool", no_reading)
+    monkeypatch.setattr(gradmm.data.pools, "private_pool", no_reading)
     (tmp_path / "file").write_text("x")
     one_line_error(release(model_dirs["llama"], data_dir, tmp_path / "file" / "rel"), "is a file")
     one_line_error(
@@ -135,7 +135,7 @@ def test_release_destination_is_checked_before_private_data_is_read(
 
 def rewrite_record(rel: Path, change) -> None:
     """Change ``release.json`` and record its new digest, as a careless tool would."""
-    from gradmm.stages.release import record_digest
+    from gradmm.stages.record import record_digest
 
     meta = json.loads((rel / "release.json").read_text())
     change(meta)

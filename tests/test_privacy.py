@@ -11,19 +11,18 @@ from scipy.stats import norm
 from typer.testing import CliRunner
 
 from gradmm.cli import app
-from gradmm.core.lm import load_model
-from gradmm.core.matching import LabelTokens, per_example_grad_norms, summed_grads
-from gradmm.data.tasks import BUILTIN_TASKS, Examples, load_examples, tokenize_prompt
+from gradmm.core.gradients import example_gradients, per_example_grad_norms, summed_grads
+from gradmm.core.tokens import LabelTokens, tokenize_prompt
+from gradmm.data.pools import private_pool_exclusions, sample_per_class
+from gradmm.data.tasks import BUILTIN_TASKS, Examples, load_examples
 from gradmm.errors import UserError
+from gradmm.models.loading import load_model
 from gradmm.privacy import accounting as dp
-from gradmm.stages.release import (
-    ReleaseConfig,
-    example_gradients,
-    private_pool_exclusions,
-    record_digest,
-    release_targets,
-    sample_per_class,
-)
+from gradmm.privacy import noise as dp_noise
+from gradmm.privacy import report as privacy_report
+from gradmm.stages.configs import ReleaseConfig
+from gradmm.stages.record import record_digest
+from gradmm.stages.release import release_targets
 
 runner = CliRunner()
 # ENVIRONMENT.md, exact analytic Gaussian noise multipliers
@@ -157,7 +156,7 @@ def test_noise_only_control_reads_no_data(model_dirs, tmp_path):
     assert rel.meta.split is None and rel.meta.data_source is None
     sigma = rel.meta.mechanism.sigma_target
     assert float(rel.target_weight.std()) == pytest.approx(sigma, rel=0.03)
-    assert "no data" in dp.report(rel.meta)
+    assert "no data" in privacy_report.report(rel.meta)
 
 
 def invoke(*args):
@@ -363,8 +362,10 @@ def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_d
     monkeypatch.setattr(np.random, "default_rng", record(real_default_rng))
     monkeypatch.setattr(np.random, "SeedSequence", record(np.random.SeedSequence))
     drawn = []
-    real_token_bytes = dp.secrets.token_bytes
-    monkeypatch.setattr(dp.secrets, "token_bytes", lambda k: drawn.append(k) or real_token_bytes(k))
+    real_token_bytes = dp_noise.secrets.token_bytes
+    monkeypatch.setattr(
+        dp_noise.secrets, "token_bytes", lambda k: drawn.append(k) or real_token_bytes(k)
+    )
 
     cfg = dp_config(model_dirs, data_dir, noise_seed=None, clip=1e3)  # no clipping
     rel = release_targets(cfg, tmp_path / "dp")
@@ -417,7 +418,8 @@ def test_seeded_noise_is_a_recorded_simulation(model_dirs, data_dir, tmp_path):
     r = invoke("privacy", tmp_path / "sim")
     assert r.exit_code == 0 and "SIMULATION, NO PRIVACY GUARANTEE" in r.stdout
     real = release_targets(dp_config(model_dirs, data_dir, noise_seed=None), tmp_path / "real")
-    assert "SIMULATION" not in dp.report(real.meta) and "exact" in dp.report(real.meta)
+    text = privacy_report.report(real.meta)
+    assert "SIMULATION" not in text and "exact" in text
 
 
 def test_exact_sampler_is_opendps_gaussian_on_a_grid_with_no_rounding_penalty():
@@ -429,7 +431,7 @@ def test_exact_sampler_is_opendps_gaussian_on_a_grid_with_no_rounding_penalty():
 
     values = np.linspace(-5, 5, 20_000)
     sigma, sens = 3.0, 0.5
-    noisy = dp.exact_gaussian(values, sigma, sens)
+    noisy = dp_noise.exact_gaussian(values, sigma, sens)
     z = (noisy - values) / sigma
     assert float(z.std()) == pytest.approx(1.0, rel=0.03) and abs(float(z.mean())) < 0.03
     assert float((z**4).mean()) == pytest.approx(3.0, rel=0.1)
@@ -518,7 +520,7 @@ def test_delta_at_least_one_over_pool_size_is_warned(model_dirs, data_dir, tmp_p
 )
 def test_edited_release_records_are_refused(edit, model_dirs, data_dir, tmp_path):
     """release.json is not signed, but the edits that would misreport a release are caught."""
-    from gradmm.stages.release import load_release
+    from gradmm.stages.record import load_release
 
     release_targets(dp_config(model_dirs, data_dir), tmp_path / "r")
     path = tmp_path / "r" / "release.json"
@@ -564,7 +566,8 @@ def test_poisson_calibration_against_independent_accountants():
 
 def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, data_dir,
                                                                     tmp_path, capsys):  # fmt: skip
-    from gradmm.stages.release import load_release, poisson_pool
+    from gradmm.data.pools import poisson_pool
+    from gradmm.stages.record import load_release
 
     cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=0.5,
                     neighbouring="add-remove", n_per_class=10)  # fmt: skip
@@ -577,7 +580,7 @@ def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, 
     )
     assert m.sensitivity == 0.3 and m.normaliser == 10 and rel.meta.counts == [10, 10]
     assert m.sigma_target == pytest.approx(m.noise_multiplier * 0.3 / 10)
-    text = dp.report(rel.meta)
+    text = privacy_report.report(rel.meta)
     assert "Poisson sample (rate 0.5)" in text and "size is not released" in text
     assert load_release(tmp_path / "r").meta.mechanism == m  # the recorded ε is checked on load
     path = tmp_path / "r" / "release.json"
@@ -622,7 +625,7 @@ def test_poisson_releases_compose_with_amplification(model_dirs, data_dir, tmp_p
                     neighbouring="add-remove")  # fmt: skip
     a = release_targets(cfg, tmp_path / "a")
     b = release_targets(cfg.model_copy(update={"noise_seed": 8}), tmp_path / "b")
-    lines = dp.composition([a.meta, b.meta], ["a", "b"])
+    lines = privacy_report.composition([a.meta, b.meta], ["a", "b"])
     z = a.meta.mechanism.noise_multiplier
     amplified = dp.composed_epsilon([z, z], 2e-5, [0.5, 0.5])
     assert f"ε = {amplified:.6g}" in lines[0] and amplified < dp.composed_epsilon([z, z], 2e-5)

@@ -5,16 +5,14 @@ import pytest
 import torch
 from conftest import ARCHITECTURES
 
-from gradmm.core.lm import load_model
-from gradmm.data.tasks import BUILTIN_TASKS, load_examples, tokenize_prompt
+from gradmm.core.tokens import tokenize_prompt
+from gradmm.data.pools import private_pool_exclusions, sample_per_class
+from gradmm.data.tasks import BUILTIN_TASKS, load_examples
 from gradmm.errors import UserError
-from gradmm.stages.release import (
-    ReleaseConfig,
-    load_release,
-    private_pool_exclusions,
-    release_targets,
-    sample_per_class,
-)
+from gradmm.models.loading import load_model
+from gradmm.stages.configs import ReleaseConfig
+from gradmm.stages.record import load_release
+from gradmm.stages.release import release_targets
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
@@ -105,12 +103,12 @@ def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(model_dirs, tm
     the longest that fits, the same release (noise aside) as asking for that cut explicitly."""
     from conftest import write_split
 
-    import gradmm.stages.release
+    import gradmm.privacy.noise
 
     def no_noise(sizes, sigma, random_bytes):
         return [np.zeros(n) for n in sizes]
 
-    monkeypatch.setattr(gradmm.stages.release, "gaussian_noise", no_noise)
+    monkeypatch.setattr(gradmm.privacy.noise, "gaussian_noise", no_noise)
 
     long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
     rows = [(f"fine film {i}", 1) for i in range(8)] + [(f"{long_text} {i}", 0) for i in range(8)]

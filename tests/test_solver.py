@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from gradmm.core.admm import Problems
-from gradmm.core.lm import load_model
 from gradmm.core.projection import Projector, allowed_tokens
-from gradmm.data.tasks import encode_text
+from gradmm.core.tokens import encode_text
 from gradmm.errors import UserError
-from gradmm.stages.configs import GenerateConfig, resolve_config
+from gradmm.models.loading import load_model
+from gradmm.stages.configs import GenerateConfig, ReleaseConfig, resolve_config
 from gradmm.stages.generate import build_solver
-from gradmm.stages.release import ReleaseConfig, load_release, release_targets
+from gradmm.stages.record import load_release
+from gradmm.stages.release import release_targets
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_shards_cover_problems_once_in_order():
 
 
 def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
-    from gradmm.stages.release import load_release_model
+    from gradmm.stages.record import load_release_model
 
     cfg = ReleaseConfig(
         task="sst2",

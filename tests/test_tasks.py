@@ -1,7 +1,8 @@
 import pytest
 
+from gradmm.core.tokens import tokenize_prompt
 from gradmm.data.paper import paper_task
-from gradmm.data.tasks import BUILTIN_TASKS, Task, load_examples, load_task, tokenize_prompt
+from gradmm.data.tasks import BUILTIN_TASKS, Task, load_examples, load_task
 from gradmm.errors import UserError
 
 

@@ -360,18 +360,19 @@ def privacy(
     """Privacy report of releases (composed when several), or the noise of one (ε, δ)."""
     from gradmm.errors import warn
     from gradmm.privacy import accounting as dp
-    from gradmm.stages.release import load_release
+    from gradmm.privacy import report as privacy_report
+    from gradmm.stages.record import load_release
 
     if releases:
         metas = [load_release(p).meta for p in releases]
         for path, meta in zip(releases, metas, strict=True):
-            typer.echo(f"== {path}\n{dp.report(meta)}")
+            typer.echo(f"== {path}\n{privacy_report.report(meta)}")
             m = meta.mechanism
             if m.type == "gaussian" and meta.target == "real":
                 note = dp.delta_warning(m.delta, sum(meta.counts))
                 if note:
                     warn(f"{path}: {note}")
-        for line in dp.composition(metas, [str(p) for p in releases]):
+        for line in privacy_report.composition(metas, [str(p) for p in releases]):
             typer.echo(line)
         return
     if neighbouring not in ("replace", "add-remove"):

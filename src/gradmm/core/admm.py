@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from gradmm.core.lm import loss_dtype
 from gradmm.core.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.core.projection import Projector
+from gradmm.core.settings import SolverConfig
 from gradmm.errors import UserError
-from gradmm.stages.configs import SolverConfig
 
 
 @dataclass(frozen=True)

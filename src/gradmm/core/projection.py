@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from gradmm.core.lm import loss_dtype
+from gradmm.core.settings import ProjectionOrder, TokenFilter
 from gradmm.errors import UserError
-from gradmm.stages.configs import ProjectionOrder, TokenFilter
 
 # The authors' effective rule (REFERENCE.md §4.2): alphabetic word pieces only.
 _BANNED_CHARS = set("*;:_\n-'<>{}[]()/\\|=+%@~`^#$&")

@@ -21,17 +21,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gradmm.core.tokens import TEXT_SLOT, LabelScore, LabelTokenPolicy
 from gradmm.errors import UserError
 from gradmm.files import read_json, read_jsonl_numbered, read_yaml
 from gradmm.options import one_line
-
-TEXT_SLOT = "{text}"
-LabelTokenPolicy = Literal["all", "first"]
-LabelScore = Literal["sum", "mean"]
 
 
 class HubSource(BaseModel):
@@ -323,56 +319,6 @@ def dev_indices(examples: Examples, size: int) -> list[int]:
     return sorted(ranked[: min(size, len(digests) // 2)])
 
 
-# ---------------------------------------------------------------------------------- tokens
 
 
-@dataclass(frozen=True)
-class PromptTokens:
-    """A task's template and verbalizer in one tokenizer's ids.
 
-    The model input for text ``s`` is ``head + tokens(s) + tail``; the label word of class ``c``
-    is the token sequence ``label_ids[c]`` (one token or more) that follows it. Pieces are
-    tokenised separately (no special tokens), so real and synthetic sequences share exactly the
-    same template ids.
-    """
-
-    head: list[int]
-    tail: list[int]
-    label_ids: list[list[int]]
-    label_score: LabelScore = "sum"  # over a label word's tokens: "sum" or "mean"
-    max_text_tokens: int | None = None  # texts are cut to their first this many tokens
-
-    def encode(self, tokenizer, text: str) -> list[int]:
-        return self.head + encode_text(tokenizer, text)[: self.max_text_tokens] + self.tail
-
-    def demonstrations(self, tokenizer, examples: list[tuple[str, int]]) -> list[int]:
-        """Ids of in-context demonstrations: per ``(text, class)``, the prompt, the whole label
-        word and a newline."""
-        newline = encode_text(tokenizer, "\n")
-        ids: list[int] = []
-        for text, c in examples:
-            ids += self.encode(tokenizer, text) + self.label_ids[c] + newline
-        return ids
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
-    """Tokenise the template and the label words under the task's policy; a label word missing
-    from the vocabulary, or two classes with the same tokens, is a :class:`UserError`."""
-    head_str, tail_str = task.template.split(TEXT_SLOT)
-    head, tail = encode_text(tokenizer, head_str), encode_text(tokenizer, tail_str)
-    label_ids = []
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for word in task.label_words:
-        ids = encode_text(tokenizer, word)
-        if not ids or (unk is not None and unk in ids):
-            raise UserError(f"label word {word!r} is missing from the tokenizer's vocabulary")
-        label_ids.append(ids[:1] if task.label_token_policy == "first" else ids)
-    if len(set(map(tuple, label_ids))) != len(label_ids):
-        which = "first tokens" if task.label_token_policy == "first" else "tokens"
-        raise UserError(f"label words {list(task.label_words)} do not map to distinct {which}")
-    return PromptTokens(head=head, tail=tail, label_ids=label_ids, label_score=task.label_score,
-                        max_text_tokens=task.max_text_tokens)  # fmt: skip

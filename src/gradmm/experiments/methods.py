@@ -33,22 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradmm.core.lm import Runtime, load_model, place
-from gradmm.data.tasks import Task, load_examples, load_task, tokenize_prompt
+from gradmm.core.lm import Runtime, place
+from gradmm.core.tokens import tokenize_prompt
+from gradmm.data.tasks import Task, load_task
 from gradmm.files import read_json, read_jsonl, write_jsonl
+from gradmm.models.loading import load_model
 from gradmm.options import build_config
-from gradmm.stages.configs import resolve_config
+from gradmm.stages.configs import FinetuneConfig, ReleaseConfig, resolve_config
 from gradmm.stages.evaluate import evaluate_task, text_perplexities
 from gradmm.stages.filtering import FilterConfig, filter_run
-from gradmm.stages.finetune import FinetuneConfig, finetune
+from gradmm.stages.finetune import finetune
 from gradmm.stages.generate import generate
-from gradmm.stages.release import (
-    ReleaseConfig,
-    load_release,
-    private_pool,
-    private_pool_exclusions,
-    release_targets,
-)
+from gradmm.stages.record import load_release
+from gradmm.stages.release import eligible_rows, pool_rows, release_targets
 
 
 @dataclass(frozen=True)
@@ -137,10 +134,7 @@ def poisson_rate(task: Task, n_per_class: int, data_dir: str | None) -> float:
     """The Poisson rate whose expected pool has ``n_per_class`` examples per class on average:
     ``n·C`` over the private split's rows outside the dev slice (capped at 1). It reads the
     split's size, which the guarantee then assumes public (as DP-SGD's sampling rate does)."""
-    examples = load_examples(task, task.private_split, data_dir)
-    dev = private_pool_exclusions(task, task.private_split, examples)
-    eligible = len(examples.labels) - len(dev)
-    return min(1.0, n_per_class * task.num_classes / eligible)
+    return min(1.0, n_per_class * task.num_classes / eligible_rows(task, data_dir))
 
 
 def simulation_noise_seed(task: str, seed: int, release_name: str) -> int:
@@ -193,8 +187,7 @@ def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
         n, pool_seed = cfg.n_per_class, seed
     else:
         n, pool_seed = cfg.synthetic_per_class, seed + 10_000
-    examples, picked = private_pool(task, task.private_split, n, pool_seed, cfg.data_dir)
-    return [{"text": examples.texts[i], "label": c} for c, ix in enumerate(picked) for i in ix]
+    return pool_rows(task, n, pool_seed, cfg.data_dir)
 
 
 @torch.no_grad()

@@ -19,16 +19,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from gradmm.core.lm import Runtime, fingerprint, load_model
+from gradmm.core.lm import Runtime, fingerprint
+from gradmm.core.settings import MatchParams
 from gradmm.data.tasks import DEV_SLICE_RULE, load_task
 from gradmm.errors import UserError
 from gradmm.experiments.methods import METHODS, Cell
 from gradmm.experiments.report import plot, write_tables
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
+from gradmm.models.loading import load_model
 from gradmm.options import build_config
-from gradmm.stages.configs import MatchParams, resolve_config
+from gradmm.stages.configs import FinetuneConfig, resolve_config
 from gradmm.stages.filtering import FilterConfig
-from gradmm.stages.finetune import FinetuneConfig
 
 EXPERIMENT_DIR = OutputKind(
     "experiment",

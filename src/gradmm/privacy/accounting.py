@@ -1,4 +1,4 @@
-"""Differential privacy of the target release: calibration, reports and composition.
+"""Differential privacy of the target release: calibration and composition.
 
 The mechanism (one Gaussian release for all classes at once):
 
@@ -17,15 +17,8 @@ The L2 sensitivity ``Δ`` of the concatenated sums depends on the neighbouring r
 * ``add-remove``: one example is added or removed: ``Δ = C``. The normaliser stays the public
   ``n`` (the actual count is never used or released).
 
-Up to :data:`EXACT_MAX_COORDINATES` released numbers (the label-rows and sketch targets), the
-noisy sums come from OpenDP's Gaussian measurement (:func:`exact_gaussian`): exact sampling of a
-discrete Gaussian on a grid finer than float64 can resolve Δ, from the operating system's
-randomness. Above it (a whole output layer: minutes of exact sampling) the noise comes from
-:func:`gaussian_noise`: standard normals made by the Box-Muller transform (float64) from the
-operating system's CSPRNG (``secrets``), a floating-point sampler that the release record says is
-not exact. Neither has a seed that could be replayed. A ``noise_seed`` makes a *simulation*
-instead: the noise is drawn from a numpy PCG64 stream keyed by the seed and every public setting
-of the release, recorded in ``release.json``, and reported as carrying no guarantee.
+The noise itself is drawn by :mod:`gradmm.privacy.noise`; :mod:`gradmm.privacy.report` says what
+a release guarantees.
 
 Everything after the release (generation, filtering, reports) is post-processing of it.
 """
@@ -33,35 +26,17 @@ Everything after the release (generation, filtering, reports) is post-processing
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import secrets
-from collections.abc import Callable
 from importlib.metadata import version
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradmm.errors import UserError
-from gradmm.stages.configs import Neighbouring
+
+Neighbouring = Literal["replace", "add-remove"]
 
 ACCOUNTANT = "dp_accounting.gaussian_mechanism.get_sigma_gaussian (analytic Gaussian)"
-EXACT_SAMPLER = (
-    "exact: opendp.measurements.make_gaussian (discrete Gaussian on the grid 2^k, its rounding "
-    "below Δ·2^-54; OpenDP's cryptographically secure randomness)"
-)
-SECURE_SAMPLER = (
-    "Box-Muller (float64) on uniforms from the OS CSPRNG (Python secrets); NOT EXACT: "
-    "floating-point noise, whose last bits may depend on the input (Mironov 2012), used above "
-    "2^20 released numbers where exact sampling takes minutes"
-)
-SEEDED_SAMPLER = "seeded simulation: Box-Muller (float64) on a numpy PCG64 stream keyed by the seed"
-# Released numbers up to which the noise is sampled exactly: OpenDP's measurement costs about
-# 10 µs per number here (benchmarks/results/noise.md), 10 s at this bound.
-EXACT_MAX_COORDINATES = 1 << 20
-NOISE_CHUNK = 1 << 20  # normals drawn per call: bounds the memory of the random bytes
 
 
 class DPSettings(BaseModel):
@@ -218,13 +193,6 @@ def sensitivity(clip: float, neighbouring: Neighbouring) -> float:
     return 2.0 * clip if neighbouring == "replace" else clip
 
 
-def sampler_for(coordinates: int, noise_seed: int | None) -> str:
-    """The sampler a release of ``coordinates`` numbers draws its noise with."""
-    if noise_seed is not None:
-        return SEEDED_SAMPLER
-    return EXACT_SAMPLER if coordinates <= EXACT_MAX_COORDINATES else SECURE_SAMPLER
-
-
 def mechanism(
     settings: DPSettings,
     n_per_class: int,
@@ -267,78 +235,6 @@ def mechanism(
     )
 
 
-# -------------------------------------------------------------------------------- sampling
-
-
-def uniforms(n: int, random_bytes: Callable[[int], bytes] | None = None) -> np.ndarray:
-    """(n,) float64 uniforms in [0, 1) with 53 random bits each (default: the OS CSPRNG)."""
-    words = np.frombuffer((random_bytes or secrets.token_bytes)(8 * n), dtype=np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def standard_normal(n: int, random_bytes: Callable[[int], bytes]) -> np.ndarray:
-    """(n,) float64 N(0, 1) draws by the Box-Muller transform of uniforms made from
-    ``random_bytes`` (53 random bits each; ``u1`` in (0, 1] so that the log is finite)."""
-    pairs = (n + 1) // 2
-    words = np.frombuffer(random_bytes(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-    u1 = ((words[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
-    u2 = (words[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = 2.0 * np.pi * u2
-    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
-
-
-def exact_gaussian(values: np.ndarray, sigma: float, sensitivity: float) -> np.ndarray:
-    """``values + N(0, σ²)`` per coordinate (float64), sampled exactly by OpenDP's Gaussian
-    measurement: the values are rounded to the grid ``2^k`` and a discrete Gaussian of scale σ
-    on that grid is added, from the OS's randomness. ``k`` puts the rounding's worst-case growth
-    of the L2 sensitivity (``2^k·√D``) below float64's resolution of ``Δ``: OpenDP's own privacy
-    map then gives exactly the ρ = Δ²/(2σ²) of the Gaussian mechanism (checked here)."""
-    import opendp.prelude as opendp
-
-    opendp.enable_features("contrib")
-    flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
-    k = math.floor(math.log2(sensitivity)) - 54 - math.ceil(math.log2(math.sqrt(max(flat.size, 1))))
-    space = (opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=flat.size),
-             opendp.l2_distance(T=float))  # fmt: skip
-    measurement = opendp.m.make_gaussian(*space, scale=float(sigma), k=k)
-    rho = measurement.map(float(sensitivity))
-    if not math.isclose(rho, sensitivity**2 / (2 * sigma**2), rel_tol=1e-12):
-        raise RuntimeError(f"OpenDP accounts ρ = {rho} for this release, not Δ²/(2σ²)")
-    return np.asarray(measurement(flat.tolist()), dtype=np.float64).reshape(np.shape(values))
-
-
-def seeded_stream(noise_seed: int, public_settings: dict) -> Callable[[int], bytes]:
-    """Random bytes of a simulation: a PCG64 stream keyed by the seed *and* the release's public
-    settings, so that two different releases (a DP release and its noise-only control, two ε)
-    never share noise even when given the same seed."""
-    key = json.dumps([noise_seed, public_settings], sort_keys=True).encode()
-    entropy = int.from_bytes(hashlib.sha256(key).digest(), "big")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy))).bytes
-
-
-def gaussian_noise(
-    sizes: list[int], sigma: float, random_bytes: Callable[[int], bytes] | None = None
-) -> list[np.ndarray]:
-    """Independent float64 N(0, σ²) vectors of the given sizes, drawn in order from one stream.
-
-    ``random_bytes`` defaults to the OS CSPRNG (``secrets.token_bytes``): nothing is seeded, so
-    there is no seed to guess or replay. Pass :func:`seeded_stream` only for simulations.
-    """
-    random_bytes = random_bytes or secrets.token_bytes
-    out = []
-    for size in sizes:
-        parts = [
-            standard_normal(min(NOISE_CHUNK, size - start), random_bytes)
-            for start in range(0, size, NOISE_CHUNK)
-        ]
-        out.append(sigma * np.concatenate(parts) if parts else np.zeros(0))
-    return out
-
-
-# ---------------------------------------------------------------------- reports, composition
-
-
 def composed_epsilon(
     noise_multipliers: list[float], delta: float, rates: list[float | None] | None = None
 ) -> float:
@@ -354,105 +250,29 @@ def composed_epsilon(
     return float(acc.get_epsilon(delta))
 
 
-UNITS = {
-    "replace": "one private example replaced by another of the same class (per-class counts "
-    "public)",
-    "add-remove": "one private example added or removed",
-}
+EXACT_SAMPLER = (
+    "exact: opendp.measurements.make_gaussian (discrete Gaussian on the grid 2^k, its rounding "
+    "below Δ·2^-54; OpenDP's cryptographically secure randomness)"
+)
 
 
-def report(meta) -> str:
-    """Human-readable privacy report of one release (``ReleaseMeta``)."""
-    m: Mechanism = meta.mechanism
-    lines = [f"release of task {meta.task.name!r}, model {meta.model.name!r}"]
-    poisson = m.sampling_rate is not None
-    if meta.target == "noise":
-        data = "no data (pure noise control)"
-    elif poisson:
-        data = (f"a Poisson sample (rate {m.sampling_rate:g}) of split {meta.split!r} outside its "
-                "dev slice; its size is not released")  # fmt: skip
-    else:
-        data = f"{sum(meta.counts)} private examples from split {meta.split!r}"
-    if m.type == "none":
-        lines += [
-            "NOT differentially private: the targets are exact class means of the private "
-            "examples. Treat the release and everything generated from it as private data.",
-            f"data read: {data}",
-        ]
-        return "\n".join(lines)
-    if m.seeded:
-        lines += [
-            f"SIMULATION, NO PRIVACY GUARANTEE: the noise was drawn from a seeded generator "
-            f"(seed {m.noise_seed}, recorded here); anyone with the seed can subtract it. The "
-            f"figures below say what a real (unseeded) release would guarantee."
-        ]
-    lines += [
-        f"protected unit: one example; neighbouring relation: {UNITS[m.neighbouring]}",
-        f"{'would guarantee' if m.seeded else 'guarantee'}: ({m.epsilon}, {m.delta})-DP for the "
-        "whole release (all classes, one Gaussian draw)"
-        + (
-            f", for every example of the split (amplified by Poisson sampling at rate "
-            f"{m.sampling_rate:g}; the sample is drawn from "
-            f"{'the seeded stream' if m.seeded else 'the OS CSPRNG'}; the split's size, which "
-            "sets the rate, is assumed public)"
-            if poisson
-            else ""
-        ),
-        f"data read: {data}",
-        f"clip C = {m.clip}, sensitivity Δ = {m.sensitivity}, noise multiplier σ/Δ = "
-        f"{m.noise_multiplier:.6g}, noise std on each class sum = {m.sigma_sum:.6g}, "
-        f"on each released mean = {m.sigma_target:.6g} (normaliser n = {m.normaliser})",
-        f"noise sampler: {m.sampler}",
-        f"accountant: {m.accountant} {m.accountant_version}",
-        "counts per class: public input, not derived from the data"
-        + (" (the expected sample size per class, used as the normaliser)" if poisson else ""),
-        "not covered: the choice of the pool size, seeds, template, model and hyper-parameters "
-        "(assumed public or chosen on public data); "
-        + (
-            ""
-            if poisson
-            else "the sampling of the pool from the split (no amplification claimed); "
-        )
-        + "checkpoint selection and few-shot demonstrations on the "
-        "dev slice of the private split (gradmm finetune/evaluate/run; see docs/privacy.md); "
-        "any other release on the same examples (compose them with `gradmm privacy DIR1 DIR2 "
-        "...`)",
-    ]
-    return "\n".join(lines)
+SECURE_SAMPLER = (
+    "Box-Muller (float64) on uniforms from the OS CSPRNG (Python secrets); NOT EXACT: "
+    "floating-point noise, whose last bits may depend on the input (Mironov 2012), used above "
+    "2^20 released numbers where exact sampling takes minutes"
+)
 
 
-def composition(metas: list, names: list[str]) -> list[str]:
-    """What several releases on the same examples guarantee together, as report lines.
+SEEDED_SAMPLER = "seeded simulation: Box-Muller (float64) on a numpy PCG64 stream keyed by the seed"
 
-    Noise-only controls read no data and cost nothing. A non-DP release makes the total not
-    private and a seeded one makes it a simulation. Releases calibrated under different
-    neighbouring relations are composed under each relation, each release's noise multiplier
-    taken for that relation's sensitivity (the Gaussian mechanism depends on σ/Δ only).
-    """
-    reading = [(n, m) for n, m in zip(names, metas, strict=True) if m.target != "noise"]
-    exact = [n for n, m in reading if m.mechanism.type == "none"]
-    if exact:
-        return [f"== total: NOT private ({', '.join(exact)} released exact class means)"]
-    if len(reading) < 2:
-        return []
-    mechs = [m.mechanism for _, m in reading]
-    seeded = [n for n, m in reading if m.mechanism.seeded]
-    total_delta = sum(m.delta for m in mechs)
-    lines = []
-    for relation in dict.fromkeys(m.neighbouring for m in mechs):
-        # amplification by Poisson sampling is accounted for add-or-remove; under replace-one a
-        # subsampled release is bounded by its unsampled Gaussian (sampling never hurts)
-        rates = [m.sampling_rate if relation == "add-remove" else None for m in mechs]
-        eps = composed_epsilon([m.multiplier_under(relation) for m in mechs], total_delta, rates)
-        lines.append(
-            f"== composition of {len(mechs)} DP releases on the same examples (PLD accountant, "
-            f"relation {relation}): ε = {eps:.6g} at δ = {total_delta:.3g}"
-        )
-    if seeded:
-        lines.append(
-            f"== total: SIMULATION, NO PRIVACY GUARANTEE ({', '.join(seeded)} used seeded noise)"
-        )
-    skipped = len(metas) - len(reading)
-    if skipped:
-        lines.append(f"({skipped} noise-only control(s) read no data and cost no privacy)")
-    return lines
+
+# Released numbers up to which the noise is sampled exactly: OpenDP's measurement costs about
+# 10 µs per number here (benchmarks/results/noise.md), 10 s at this bound.
+EXACT_MAX_COORDINATES = 1 << 20
+
+
+def sampler_for(coordinates: int, noise_seed: int | None) -> str:
+    """The sampler a release of ``coordinates`` numbers draws its noise with."""
+    if noise_seed is not None:
+        return SEEDED_SAMPLER
+    return EXACT_SAMPLER if coordinates <= EXACT_MAX_COORDINATES else SECURE_SAMPLER

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gradmm.data.tasks import encode_text
+from gradmm.core.tokens import encode_text
 from gradmm.errors import UserError
 from gradmm.files import STAMP, check_result_file, read_json, read_jsonl, write_json
 from gradmm.stages.generate import load_run_release
-from gradmm.stages.release import planted_pool, private_pool, private_pool_exclusions
+from gradmm.stages.release import audited_pool
 
 PRIVATE_LABEL = (
     "PRIVATE: computed from the private pool and not covered by any DP release; do not publish "
@@ -132,8 +132,8 @@ def membership_auc(model: str, task, examples, members: list[int], others: list[
     """ROC AUC of the loss-threshold attack on ``model`` (lower loss = predicted member)."""
     import torch
 
-    from gradmm.core.lm import load_model
-    from gradmm.data.tasks import tokenize_prompt
+    from gradmm.core.tokens import tokenize_prompt
+    from gradmm.models.loading import load_model
     from gradmm.stages.evaluate import label_log_probs
 
     lm = load_model(model)
@@ -181,23 +181,9 @@ def audit_run(
     model = meta.model.path or resolve_model_name(meta.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model)
     assert meta.split is not None
-    if meta.config.sampling == "poisson":
-        raise UserError(
-            "the release drew a Poisson sample that nobody recorded (that is its privacy): "
-            "there is no pool to audit against; see gradmm canary-audit"
-        )
     # the release does not record where the data lives: --data-dir or $GRADMM_DATA_DIR
-    examples, picked = private_pool(task, meta.split, meta.config.n_per_class, meta.seed,
-                                    data_dir)  # fmt: skip
-    found = f"{task.name}/{Path(examples.source).name}"
-    if meta.data_source is not None and meta.data_source != found:
-        raise UserError(f"the data found ({examples.source}) is not the release's "
-                        f"{meta.data_source}: pass the --data-dir the release read")  # fmt: skip
-    exclude = private_pool_exclusions(task, meta.split, examples)
-    if meta.planted is not None:  # a canary audit's release: its planted rows were pooled too
-        examples, picked = planted_pool(task, examples, picked, planted_file(release))
-    if [len(ix) for ix in picked] != meta.counts:
-        raise UserError("the private pool cannot be re-derived from the release's settings")
+    canaries = planted_file(release) if meta.planted is not None else None
+    examples, picked, held_out = audited_pool(meta, data_dir, canaries)
     # each text as far as the release read it (its task's cut), the synthetic ones whole
     prompt = release.prompt
     pool = [encode_text(tokenizer, examples.texts[i])[: prompt.max_text_tokens]
@@ -238,11 +224,9 @@ def audit_run(
     }
     if finetuned is not None:
         members = [i for ix in picked for i in ix]
-        taken = set(members) | set(exclude)
-        rest = [i for i in range(len(examples.labels)) if i not in taken]
-        if len(rest) < len(members):
+        if len(held_out) < len(members):
             raise UserError("too few held-out examples in the split for the membership test")
-        others = sorted(np.random.default_rng(seed).choice(rest, len(members), replace=False))
+        others = sorted(np.random.default_rng(seed).choice(held_out, len(members), replace=False))
         result["membership_inference"] = {
             "model": finetuned,
             "members": len(members),

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradmm.data.tasks import Task, encode_text
+from gradmm.core.tokens import encode_text
+from gradmm.data.tasks import Task
 from gradmm.errors import UserError
 from gradmm.files import (
     OutputKind,
@@ -164,17 +165,12 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     """Make canaries, plant half in the pool, release, generate, attack; writes ``out``
     (``canaries.jsonl``, ``release/``, ``run/``, ``report.json``, all private) and returns the
     report. A rerun resumes: finished steps are kept."""
-    from gradmm.core.lm import load_model
-    from gradmm.data.tasks import load_examples, load_task
+    from gradmm.data.tasks import load_task
+    from gradmm.models.loading import load_model
     from gradmm.options import build_config
     from gradmm.stages.configs import ReleaseConfig, resolve_config
     from gradmm.stages.generate import generate
-    from gradmm.stages.release import (
-        check_release_settings,
-        private_pool,
-        private_pool_exclusions,
-        release_targets,
-    )
+    from gradmm.stages.release import check_release_settings, release_targets, rows_outside_pool
 
     out = Path(out)
     # every setting and the folder first: nothing is loaded or written before they pass
@@ -190,12 +186,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     if not canary_file.exists():
         # prefixes from rows outside the dev slice and, for a fixed pool, outside the pool (a
         # Poisson sample is drawn at release: any row may join it, members and others alike)
-        examples = load_examples(task, split, rc.data_dir)
-        taken = set(private_pool_exclusions(task, split, examples))
-        if rc.sampling == "fixed":
-            _, picked = private_pool(task, split, rc.n_per_class, rc.seed, rc.data_dir)
-            taken |= {i for ix in picked for i in ix}
-        candidates = [i for i in range(len(examples.labels)) if i not in taken]
+        examples, candidates = rows_outside_pool(rc, task, split)
         canaries = make_canaries(task, tokenizer, examples.texts, candidates, cfg)
         planted = (
             np.random.default_rng(cfg.seed + 1).permutation(len(canaries)) < len(canaries) // 2

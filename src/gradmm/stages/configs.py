@@ -11,16 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gradmm.core.settings import (
+    MatchParams,
+    ProjectionOrder,
+    SelectRule,
+    SolverConfig,
+    TokenFilter,
+)
 from gradmm.data import paper
 from gradmm.errors import UserError
 from gradmm.options import build_config, read_options_file
-
-SelectRule = Literal["projected", "augmented"]
-TokenFilter = Literal["fixed", "paper"]
-ProjectionOrder = Literal["cosine-first", "lm-first"]
-# Which gradient is released and matched (see gradmm.core.matching.GradientSpace).
-MatchParams = Literal["output", "last-block", "label-rows", "sketch"]
-Neighbouring = Literal["replace", "add-remove"]
+from gradmm.privacy.accounting import Neighbouring
 
 
 class ReleaseConfig(BaseModel):
@@ -127,40 +128,6 @@ class ReleaseConfig(BaseModel):
         """The settings ``release.json`` records: all but the noise seed (recorded, when set, in
         the mechanism) and the local paths of the data folder and of any canary file."""
         return self.model_dump(mode="json")
-
-
-class SolverConfig(BaseModel):
-    """Settings of the ADMM solver (``gradmm generate`` adds its own on top of these)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
-    steps: int = Field(30, ge=0, description="T: outer ADMM iterations")
-    inner_steps: int = Field(50, ge=1, description="I: Adam steps per x-update")
-    rho: float = Field(1.0, gt=0, description="ADMM penalty ρ")
-    lr: float = Field(0.008, gt=0, description="Adam learning rate on x")
-    grad_clip: float | None = Field(1.0, gt=0, description="x-gradient norm clip per problem")
-    init_candidates: int = Field(500, ge=1, description="K: random init batches, best kept")
-    init_scale: float | None = Field(
-        None, gt=0, description="per-position init norm (default: mean token embedding norm)"
-    )
-    score_init_scaled: bool = Field(
-        True, description="score init candidates at the scale they are used at"
-    )
-    freeze_template: bool = Field(True, description="zero the template positions' x-gradient")
-    select: SelectRule = Field(
-        "projected", description="'projected': best tokens seen; 'augmented': the authors' rule"
-    )
-    patience: int | None = Field(
-        None,
-        ge=1,
-        description="stop once no problem's best loss improved for this many outer iterations "
-        "(select: projected)",
-    )
-
-    @model_validator(mode="after")
-    def _patience_needs_projected(self) -> SolverConfig:
-        if self.patience is not None and self.select != "projected":
-            raise ValueError("patience needs select: projected (the rule that tracks the loss)")
-        return self
 
 
 class GenerateConfig(SolverConfig):

@@ -16,15 +16,8 @@ import torch
 from torch import Tensor
 
 from gradmm.core.lm import LoadedModel, Runtime, final_hidden, prefix_cache, right_padded
-from gradmm.data.tasks import (
-    DEV_SEED,
-    Examples,
-    PromptTokens,
-    dev_indices,
-    encode_text,
-    examples_from_rows,
-    load_examples,
-)
+from gradmm.core.tokens import PromptTokens, encode_text
+from gradmm.data.tasks import DEV_SEED, Examples, dev_indices, examples_from_rows, load_examples
 from gradmm.errors import UserError
 from gradmm.files import read_jsonl_numbered
 
@@ -171,8 +164,10 @@ def evaluate_task(
 ) -> dict:
     """``gradmm evaluate``: zero- or ``few_shot``-shot accuracy on the task's test split, with
     demonstrations from ``dev_file`` (public) or the dev slice of the private split."""
-    from gradmm.core.lm import load_model, place
-    from gradmm.data.tasks import load_task, tokenize_prompt
+    from gradmm.core.lm import place
+    from gradmm.core.tokens import tokenize_prompt
+    from gradmm.data.tasks import load_task
+    from gradmm.models.loading import load_model
 
     task = load_task(task_name)
     test = test_set(task, data_dir, max_test, seed)

@@ -19,13 +19,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gradmm.core.lm import LoadedModel, Runtime, final_hidden
-from gradmm.core.matching import LabelTokens, MatchingLoss
+from gradmm.core.lm import LoadedModel, Runtime
+from gradmm.core.matching import MatchingLoss
+from gradmm.core.tokens import LabelTokens, label_hidden
 from gradmm.errors import UserError, warn
 from gradmm.files import check_output_dir, read_jsonl, write_json, write_jsonl
 from gradmm.stages.evaluate import label_log_probs
 from gradmm.stages.generate import RUN_DIR, data_read_entry, load_run_release
-from gradmm.stages.release import Release, load_release_model
+from gradmm.stages.record import Release, load_release_model
 
 
 class FilterConfig(BaseModel):
@@ -51,10 +52,7 @@ def per_example_rec(
     out = []
     for start in range(0, len(seqs), batch_size):
         classes = labels[start : start + batch_size]
-        batch = label_tokens.batch(seqs[start : start + batch_size], classes)
-        ids, mask, pos = (t.to(lm.device) for t in batch)
-        hidden = final_hidden(lm.model, input_ids=ids, attention_mask=mask)
-        h = hidden[torch.arange(len(classes), device=lm.device)[:, None], pos]  # (n, K, d)
+        h = label_hidden(lm, label_tokens, seqs[start : start + batch_size], classes)
         out.append(loss(h[:, None], torch.tensor(classes, device=lm.device)).cpu())
     return torch.cat(out)
 

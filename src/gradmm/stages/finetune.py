@@ -25,14 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradmm.core.lm import Runtime, fingerprint, load_model, place
-from gradmm.data.tasks import (
-    examples_from_rows,
-    load_task,
-    tokenize_prompt,
-)
+from gradmm.core.lm import Runtime, fingerprint, place
+from gradmm.core.tokens import tokenize_prompt
+from gradmm.data.tasks import examples_from_rows, load_task
 from gradmm.errors import UserError
 from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
+from gradmm.models.loading import load_model
 from gradmm.stages.configs import FinetuneConfig
 from gradmm.stages.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
 

@@ -36,10 +36,11 @@ from gradmm.core.distributed import (
     spawn,
 )
 from gradmm.core.lm import LoadedModel, Runtime, matched_parameters
-from gradmm.core.matching import AutogradMatchingLoss, LabelTokens, MatchingLoss
+from gradmm.core.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.core.projection import Projector, allowed_tokens
+from gradmm.core.settings import SolverConfig
+from gradmm.core.tokens import LabelTokens, encode_text
 from gradmm.data import paper
-from gradmm.data.tasks import encode_text
 from gradmm.errors import UserError, stopped_keeping
 from gradmm.files import (
     STAMP,
@@ -51,9 +52,9 @@ from gradmm.files import (
     write_json,
     write_jsonl,
 )
-from gradmm.privacy.accounting import report as privacy_report
-from gradmm.stages.configs import GenerateConfig, SolverConfig
-from gradmm.stages.release import Release, load_release, load_release_model
+from gradmm.privacy.report import report as privacy_report
+from gradmm.stages.configs import GenerateConfig
+from gradmm.stages.record import Release, load_release, load_release_model
 
 # A run folder: generate's outputs, then filter's (and audit reports of older versions).
 RUN_DIR = OutputKind(
