@@ -129,8 +129,17 @@ def main() -> None:
         )
         engines = {}
         for run in args.runs:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", run,
-                   "--release", str(release), "--workdir", work]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                *sys.argv[1:],
+                "--child",
+                run,
+                "--release",
+                str(release),
+                "--workdir",
+                work,
+            ]
             print(f"running {run} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             engines[run] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,7 +164,7 @@ def main() -> None:
                 "init_candidates",
                 "length",
             )
-        },  # fmt: skip
+        },
         "engines": engines,
     }
     if "reference" in engines:

@@ -82,8 +82,9 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    lm.model = get_peft_model(lm.model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                   lora_dropout=0.0))  # fmt: skip
+    lm.model = get_peft_model(
+        lm.model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+    )
     train_batch = texts[: args.batch_size]
 
     def step(scores_fn):
@@ -102,27 +103,45 @@ def main() -> None:
 
     cases = {
         f"LoRA training step (batch {args.batch_size})": (
-            step(full_logits_scores), step(label_log_probs)),
+            step(full_logits_scores),
+            step(label_log_probs),
+        ),
         f"zero-shot scoring ({len(texts)} texts)": (
-            scoring(full_logits_scores, None), scoring(label_log_probs, None)),
+            scoring(full_logits_scores, None),
+            scoring(label_log_probs, None),
+        ),
         f"2-shot scoring ({len(texts)} texts, {len(prefix)}-token demonstrations)": (
-            scoring(full_logits_scores, prefix), scoring(label_log_probs, prefix)),
-    }  # fmt: skip
+            scoring(full_logits_scores, prefix),
+            scoring(label_log_probs, prefix),
+        ),
+    }
     with torch.no_grad():  # the two ways agree before they are timed
-        torch.testing.assert_close(label_log_probs(lm, prompt, texts[:8], prefix),
-                                   full_logits_scores(lm, prompt, texts[:8], prefix),
-                                   rtol=1e-3, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            label_log_probs(lm, prompt, texts[:8], prefix),
+            full_logits_scores(lm, prompt, texts[:8], prefix),
+            rtol=1e-3,
+            atol=1e-4,
+        )
     rows = []
     for name, (plain, ours) in cases.items():
         before, after = timed(plain, args.repeats), timed(ours, args.repeats)
-        rows.append({"case": name, "full_logits_seconds": round(before, 3), "gradmm_seconds":
-                     round(after, 3), "speedup": round(before / after, 2)})  # fmt: skip
+        rows.append(
+            {
+                "case": name,
+                "full_logits_seconds": round(before, 3),
+                "gradmm_seconds": round(after, 3),
+                "speedup": round(before / after, 2),
+            }
+        )
         print(rows[-1], flush=True)
     record = {
         "model": args.model,
         "rows": rows,
-        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform()},  # fmt: skip
+        "machine": {
+            "cpu": cpu_model(),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -138,8 +157,10 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['full_logits_seconds']} | {r['gradmm_seconds']} | "
-                     f"{r['speedup']}x |")  # fmt: skip
+        lines.append(
+            f"| {r['case']} | {r['full_logits_seconds']} | {r['gradmm_seconds']} | "
+            f"{r['speedup']}x |"
+        )
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
 
 

@@ -55,14 +55,16 @@ def main() -> None:
         prompt = tokenize_prompt(task, lm.tokenizer)
         started = time.perf_counter()
         result = accuracy(lm, prompt, test, task.label_names)
-        rows.append({
-            "verbalizer": name,
-            "label_words": list(task.label_words),
-            "tokens": [[lm.tokenizer.decode([i]) for i in w] for w in prompt.label_ids],
-            "accuracy": round(result["accuracy"], 4),
-            "per_class_accuracy": result["per_class_accuracy"],
-            "seconds": round(time.perf_counter() - started, 1),
-        })  # fmt: skip
+        rows.append(
+            {
+                "verbalizer": name,
+                "label_words": list(task.label_words),
+                "tokens": [[lm.tokenizer.decode([i]) for i in w] for w in prompt.label_ids],
+                "accuracy": round(result["accuracy"], 4),
+                "per_class_accuracy": result["per_class_accuracy"],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
         print(rows[-1], flush=True)
     record = {
         "model": args.model,
@@ -73,7 +75,7 @@ def main() -> None:
             "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "platform": platform.platform(),
-        },  # fmt: skip
+        },
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -89,8 +91,9 @@ def main() -> None:
     ]
     for r in rows:
         per = " / ".join(f"{v:.3f}" for v in r["per_class_accuracy"].values())
-        lines.append(f"| {r['verbalizer']} | {r['tokens']} | {r['accuracy']:.3f} | {per} | "
-                     f"{r['seconds']} |")  # fmt: skip
+        lines.append(
+            f"| {r['verbalizer']} | {r['tokens']} | {r['accuracy']:.3f} | {per} | {r['seconds']} |"
+        )
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
 
 

@@ -16,9 +16,19 @@ from pathlib import Path
 
 from gradmm.files import read_json, write_json
 
-PUBLIC = ["config", "synthetic_examples", "attack", "planted", "members", "non_members",
-          "roc_auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.1", "suffix_ngrams_seen_members",
-          "suffix_ngrams_seen_non_members"]  # fmt: skip
+PUBLIC = [
+    "config",
+    "synthetic_examples",
+    "attack",
+    "planted",
+    "members",
+    "non_members",
+    "roc_auc",
+    "tpr_at_fpr_0.01",
+    "tpr_at_fpr_0.1",
+    "suffix_ngrams_seen_members",
+    "suffix_ngrams_seen_non_members",
+]
 
 
 def main() -> None:
@@ -27,8 +37,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="public JSON to write")
     args = parser.parse_args()
     report = read_json(args.audit_dir / "report.json")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     public = {k: report[k] for k in PUBLIC if k in report}
     note = "public numbers of a PRIVATE canary-audit report.json"
     write_json(args.out, {**public, "commit": commit, "note": note})

@@ -64,21 +64,39 @@ def main() -> None:
                 if (task, n, match) in done:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    rel = release_targets(ReleaseConfig(
-                        task=task, model=cfg.model, n_per_class=n, seed=0, data_dir=args.data_dir,
-                        epsilon=SIGNAL_EPSILON, delta=cfg.dp_delta, clip=cfg.dp_clip,
-                        match_params=match, noise_seed=0,
-                        sketch_dim=cfg.dp_sketch_dim if match == "sketch" else None,
-                    ), Path(tmp) / "release", runtime=cfg.runtime)  # fmt: skip
+                    rel = release_targets(
+                        ReleaseConfig(
+                            task=task,
+                            model=cfg.model,
+                            n_per_class=n,
+                            seed=0,
+                            data_dir=args.data_dir,
+                            epsilon=SIGNAL_EPSILON,
+                            delta=cfg.dp_delta,
+                            clip=cfg.dp_clip,
+                            match_params=match,
+                            noise_seed=0,
+                            sketch_dim=cfg.dp_sketch_dim if match == "sketch" else None,
+                        ),
+                        Path(tmp) / "release",
+                        runtime=cfg.runtime,
+                    )
                     norms, numbers = class_norms(rel)
-                entry = {"task": task, "n_per_class": n, "match_params": match,
-                         "sampling_rate": rate, "numbers_per_class": numbers,
-                         "signal_norm": sum(norms) / len(norms), "by_epsilon": []}  # fmt: skip
+                entry = {
+                    "task": task,
+                    "n_per_class": n,
+                    "match_params": match,
+                    "sampling_rate": rate,
+                    "numbers_per_class": numbers,
+                    "signal_norm": sum(norms) / len(norms),
+                    "by_epsilon": [],
+                }
                 for eps in cfg.dp_epsilons:
                     sigma = privacy.poisson_noise_multiplier(eps, cfg.dp_delta, rate)
                     noise = sigma * cfg.dp_clip * math.sqrt(numbers) / n
-                    entry["by_epsilon"].append({"epsilon": eps, "noise_multiplier": sigma,
-                                                "noise_norm": noise})  # fmt: skip
+                    entry["by_epsilon"].append(
+                        {"epsilon": eps, "noise_multiplier": sigma, "noise_norm": noise}
+                    )
                 print(entry, flush=True)
                 record["entries"].append(entry)
                 now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -96,15 +114,18 @@ def summary(record: dict) -> str:
         "signal: the norm of a class mean of clipped gradients (C = 1), pool seed 0.",
         "",
         "| task | n per class | released gradient | D per class | q | signal norm | "
-        "noise norm at ε = " + " / ".join(f"{e['epsilon']:g}" for e in
-                                         record["entries"][0]["by_epsilon"]) + " |",  # fmt: skip
+        "noise norm at ε = "
+        + " / ".join(f"{e['epsilon']:g}" for e in record["entries"][0]["by_epsilon"])
+        + " |",
         "|---|---|---|---|---|---|---|",
     ]
     for e in record["entries"]:
         noise = " / ".join(f"{b['noise_norm']:.3g}" for b in e["by_epsilon"])
-        lines.append(f"| {e['task']} | {e['n_per_class']} | {e['match_params']} | "
-                     f"{e['numbers_per_class']} | {e['sampling_rate']:.3g} | "
-                     f"{e['signal_norm']:.3g} | {noise} |")  # fmt: skip
+        lines.append(
+            f"| {e['task']} | {e['n_per_class']} | {e['match_params']} | "
+            f"{e['numbers_per_class']} | {e['sampling_rate']:.3g} | "
+            f"{e['signal_norm']:.3g} | {noise} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -70,17 +70,24 @@ def main() -> None:
     ap = sweep_parser(__doc__)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", required=True, help="the JSON of results")
-    ap.add_argument("--work", default=None, help="folder of the generated sets [sweep_work/ next "
-                    "to OUT]")  # fmt: skip
+    ap.add_argument(
+        "--work", default=None, help="folder of the generated sets [sweep_work/ next to OUT]"
+    )
     args = ap.parse_args()
     cfg = experiment.load_experiment(Path(args.config))
     cfg.data_dir = args.data_dir
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "sweep_work"
-    settings = {"task": args.task, "seed": args.seed, "model": cfg.model,
-                "n_per_class": cfg.n_per_class, "synthetic_per_class": cfg.synthetic_per_class,
-                "generate": cfg.generate, "filter": cfg.filter,
-                "finetune": cfg.finetune}  # fmt: skip
+    settings = {
+        "task": args.task,
+        "seed": args.seed,
+        "model": cfg.model,
+        "n_per_class": cfg.n_per_class,
+        "synthetic_per_class": cfg.synthetic_per_class,
+        "generate": cfg.generate,
+        "filter": cfg.filter,
+        "finetune": cfg.finetune,
+    }
     previous = read_json(out) if out.exists() else {}
     done = previous.get("variants", {}) if previous.get("settings") == settings else {}
     release = methods.shared_release(cfg, work, args.task, args.seed, "default")
@@ -104,8 +111,11 @@ def main() -> None:
             "samples": result["samples"],
             "seconds": round(time.perf_counter() - started, 1),
         }
-        print(f"{name}: dev {result['dev_accuracy']:.3f}, ppl {result['train_perplexity']}, "
-              f"rec {manifest['mean_rec_loss']:.4f}", flush=True)  # fmt: skip
+        print(
+            f"{name}: dev {result['dev_accuracy']:.3f}, ppl {result['train_perplexity']}, "
+            f"rec {manifest['mean_rec_loss']:.4f}",
+            flush=True,
+        )
         record = {
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -49,7 +49,10 @@ def main() -> None:
     # resumable: learning rates already in the file (same task, seed, settings) are kept
     previous = read_json(out) if out.exists() else {}
     same = {k: previous.get(k) for k in ("task", "seed", "finetune")} == {
-        "task": args.task, "seed": args.seed, "finetune": cfg.finetune}  # fmt: skip
+        "task": args.task,
+        "seed": args.seed,
+        "finetune": cfg.finetune,
+    }
     curves = previous.get("curves", {}) if same else {}
     with tempfile.TemporaryDirectory() as tmp:  # real text never lands in the repo
         train = Path(tmp) / "train.jsonl"
@@ -57,9 +60,17 @@ def main() -> None:
         for lr in args.lrs:
             if f"{lr:g}" in curves:
                 continue
-            ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": args.task,
-                                   "train": str(train), "data_dir": args.data_dir,
-                                   "seed": args.seed, "lr": lr})  # fmt: skip
+            ft = FinetuneConfig(
+                **{
+                    **cfg.finetune,
+                    "model": cfg.model,
+                    "task": args.task,
+                    "train": str(train),
+                    "data_dir": args.data_dir,
+                    "seed": args.seed,
+                    "lr": lr,
+                }
+            )
             started = time.perf_counter()
             result = finetune(ft, progress=False)
             curves[f"{lr:g}"] = {

@@ -93,8 +93,13 @@ def build_model(kind: str, vocab: int, seed: int = 0):
             **common,
         )
         return PhiForCausalLM(cfg).eval()
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=128)  # fmt: skip
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+    )
     if kind == "gpt_neox":  # untied, parallel residual, partial rotary
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -119,8 +124,9 @@ def build_model(kind: str, vocab: int, seed: int = 0):
 
         if kind == "gemma3-256k":  # a real Gemma vocabulary: nothing V x d per example
             common = {**common, "vocab_size": 262_144}
-        cfg = Gemma3TextConfig(**small, num_key_value_heads=1, head_dim=16, sliding_window=16,
-                               **common)  # fmt: skip
+        cfg = Gemma3TextConfig(
+            **small, num_key_value_heads=1, head_dim=16, sliding_window=16, **common
+        )
         return Gemma3ForCausalLM(cfg).eval()
     if kind == "gemma2":  # logits soft-capped: not W h + b
         from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -130,8 +136,17 @@ def build_model(kind: str, vocab: int, seed: int = 0):
     raise ValueError(kind)
 
 
-ARCHITECTURES = ("llama", "gpt2", "phi", "gpt_neox", "qwen2", "mistral", "gemma", "gemma3",
-                 "gemma3-256k")  # fmt: skip
+ARCHITECTURES = (
+    "llama",
+    "gpt2",
+    "phi",
+    "gpt_neox",
+    "qwen2",
+    "mistral",
+    "gemma",
+    "gemma3",
+    "gemma3-256k",
+)
 
 
 @pytest.fixture(scope="session")
@@ -181,8 +196,19 @@ def one_line_error(result, *needles) -> None:
 
 def release_args(model, data, out, task="sst2", n=4) -> list:
     """Arguments of a `gradmm release` of ``n`` examples per class."""
-    return ["release", "--task", task, "--model", model, "--data-dir", data, "--out", out,
-            "--n-per-class", n]  # fmt: skip
+    return [
+        "release",
+        "--task",
+        task,
+        "--model",
+        model,
+        "--data-dir",
+        data,
+        "--out",
+        out,
+        "--n-per-class",
+        n,
+    ]
 
 
 def cli(*args):
@@ -199,11 +225,30 @@ def tiny_run(
 ) -> tuple[Path, Path]:
     """`gradmm release` (sst2) then a very short `gradmm generate`; returns (release, run)."""
     rel, run = tmp_path / "rel", tmp_path / "run"
-    r = cli("release", "--task", "sst2", "--model", model, "--data-dir", data_dir, "--out", rel,
-            "--n-per-class", n_per_class)  # fmt: skip
+    r = cli(
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        model,
+        "--data-dir",
+        data_dir,
+        "--out",
+        rel,
+        "--n-per-class",
+        n_per_class,
+    )
     assert r.exit_code == 0, r.output
-    options = {"per_class": 2, "batch": 2, "length": 5, "steps": 1, "inner_steps": 1,
-               "init_candidates": 2, "topk": 10, **generate}  # fmt: skip
+    options = {
+        "per_class": 2,
+        "batch": 2,
+        "length": 5,
+        "steps": 1,
+        "inner_steps": 1,
+        "init_candidates": 2,
+        "topk": 10,
+        **generate,
+    }
     flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", v)]
     r = cli("generate", "--release", rel, "--out", run, *flags, "--quiet")
     assert r.exit_code == 0, r.output

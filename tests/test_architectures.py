@@ -33,8 +33,9 @@ def test_release_generate_filter_on_every_architecture(kind, model_dirs, data_di
     # inputs_embeds built from the solver's embedding rows are what input_ids give the model
     release = load_release(rel)
     lm = load_release_model(release)
-    solver, problems, _ = build_solver(lm, release, resolve_config({"per_class": 2, "batch": 2,
-                                                                    "length": 5}))  # fmt: skip
+    solver, problems, _ = build_solver(
+        lm, release, resolve_config({"per_class": 2, "batch": 2, "length": 5})
+    )
     free = torch.randint(
         0, len(lm.tokenizer), (len(problems), 2, 5), generator=torch.Generator().manual_seed(0)
     )
@@ -60,8 +61,17 @@ def test_soft_capped_logits_are_a_clear_error(tokenizer, data_dir, tmp_path):
     folder = tmp_path / "gemma2"
     build_model("gemma2", len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    r = cli("release", "--task", "sst2", "--model", folder, "--data-dir", data_dir, "--out",
-            tmp_path / "rel")  # fmt: skip
+    r = cli(
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        folder,
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "rel",
+    )
     assert r.exit_code == 2 and "final_logit_softcapping" in r.stderr
     assert "Traceback" not in r.output
 
@@ -71,9 +81,17 @@ def test_a_scaled_head_is_a_clear_error(tokenizer):
     other scaling, by comparing the model's own logits with the output layer's on a probe."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    granite = GraniteForCausalLM(GraniteConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0)).eval()  # fmt: skip
+    granite = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            logits_scaling=8.0,
+        )
+    ).eval()
     with pytest.raises(UserError, match="logits_scaling"):
         output_layer(granite)
     llama = build_model("llama", len(tokenizer))

@@ -18,8 +18,23 @@ from conftest import cli, one_line_error, release_args, tiny_run
 from gradmm.cli import app
 from gradmm.stages.record import record_digest
 
-SMALL = ["--per-class", 2, "--batch", 2, "--length", 5, "--steps", 1, "--inner-steps", 1,
-         "--init-candidates", 2, "--topk", 10, "--quiet"]  # fmt: skip
+SMALL = [
+    "--per-class",
+    2,
+    "--batch",
+    2,
+    "--length",
+    5,
+    "--steps",
+    1,
+    "--inner-steps",
+    1,
+    "--init-candidates",
+    2,
+    "--topk",
+    10,
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +63,15 @@ def env(model_dirs, data_dir, tmp_path_factory):
     (other_data / "sst2" / "train.csv").write_text(
         "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)
     )
-    return SimpleNamespace(model=model_dirs["llama"], data=data_dir, tmp=tmp, rel=rel, run=run,
-                           bad_config=bad_config, no_tokenizer=no_tokenizer)  # fmt: skip
+    return SimpleNamespace(
+        model=model_dirs["llama"],
+        data=data_dir,
+        tmp=tmp,
+        rel=rel,
+        run=run,
+        bad_config=bad_config,
+        no_tokenizer=no_tokenizer,
+    )
 
 
 def release_with(e, out, *extra):
@@ -58,47 +80,117 @@ def release_with(e, out, *extra):
 
 # (id, arguments given the env, what the one error line must say)
 CASES = [
-    ("task YAML not UTF-8", lambda e: release_with(e, "o", "--task", e.tmp / "latin1.yaml"),
-     "not a UTF-8 text file"),
-    ("task YAML malformed", lambda e: release_with(e, "o", "--task", e.tmp / "broken.yaml"),
-     "not valid YAML"),
+    (
+        "task YAML not UTF-8",
+        lambda e: release_with(e, "o", "--task", e.tmp / "latin1.yaml"),
+        "not a UTF-8 text file",
+    ),
+    (
+        "task YAML malformed",
+        lambda e: release_with(e, "o", "--task", e.tmp / "broken.yaml"),
+        "not valid YAML",
+    ),
     ("negative seed", lambda e: release_with(e, "o", "--seed", -1), "seed"),
     ("clip without DP", lambda e: release_with(e, "o", "--clip", 2), "clip is a DP setting"),
-    ("noise seed without DP", lambda e: release_with(e, "o", "--noise-seed", 3),
-     "noise_seed is a DP setting"),
-    ("sketch seed without sketch", lambda e: release_with(e, "o", "--sketch-seed", 3),
-     "sketch_seed is only for match_params sketch"),
-    ("sketch without its dimension", lambda e: release_with(e, "o", "--match-params", "sketch"),
-     "match_params sketch needs sketch_dim"),
-    ("sketch larger than the model",
-     lambda e: release_with(e, "o", "--match-params", "sketch", "--sketch-dim", 100000),
-     "--sketch-dim 100000 is larger than the model's hidden size (32)"),
-    ("epsilon without bound", lambda e: release_with(e, "o", "--epsilon", 1e6, "--delta", 1e-5),
-     "above 100"),
-    ("privacy epsilon without bound",
-     lambda e: ["privacy", "--epsilon", 1e6, "--delta", 1e-5], "above 100"),
-    ("truncated GGUF", lambda e: ["evaluate", "--model", e.tmp / "trunc.gguf", "--task", "sst2",
-                                  "--data-dir", e.data], "could not read GGUF file"),
-    ("config that does not fit the weights",
-     lambda e: ["evaluate", "--model", e.bad_config, "--task", "sst2", "--data-dir", e.data],
-     "does not match the shapes of its weights"),
-    ("missing tokenizer: the whole message",
-     lambda e: ["evaluate", "--model", e.no_tokenizer, "--task", "sst2", "--data-dir", e.data],
-     "(3)"),
-    ("evaluate on no test examples", lambda e: ["evaluate", "--model", e.model, "--task", "sst2",
-                                                "--data-dir", e.data, "--max-test", 0],
-     "max_test"),
-    ("more demonstrations than the dev slice",
-     lambda e: ["evaluate", "--model", e.model, "--task", "sst2", "--data-dir", e.data,
-                "--few-shot", 1000], "1000 demonstrations per class asked for"),
-    ("lm train of no steps", lambda e: ["lm", "train", "--out", e.tmp / "lm", "--data-dir",
-                                        e.data, "--max-steps", 0], "max_steps"),
-    ("audit against another data folder",
-     lambda e: ["audit", e.run, "--data-dir", e.tmp / "other-data", "--out", e.tmp / "a.json"],
-     "is not the release's sst2/train.jsonl: pass the --data-dir"),
-    ("filter of a folder that is not a run", lambda e: ["filter", e.tmp / "latin1.yaml"],
-     "exists and is not a folder"),
-]  # fmt: skip
+    (
+        "noise seed without DP",
+        lambda e: release_with(e, "o", "--noise-seed", 3),
+        "noise_seed is a DP setting",
+    ),
+    (
+        "sketch seed without sketch",
+        lambda e: release_with(e, "o", "--sketch-seed", 3),
+        "sketch_seed is only for match_params sketch",
+    ),
+    (
+        "sketch without its dimension",
+        lambda e: release_with(e, "o", "--match-params", "sketch"),
+        "match_params sketch needs sketch_dim",
+    ),
+    (
+        "sketch larger than the model",
+        lambda e: release_with(e, "o", "--match-params", "sketch", "--sketch-dim", 100000),
+        "--sketch-dim 100000 is larger than the model's hidden size (32)",
+    ),
+    (
+        "epsilon without bound",
+        lambda e: release_with(e, "o", "--epsilon", 1e6, "--delta", 1e-5),
+        "above 100",
+    ),
+    (
+        "privacy epsilon without bound",
+        lambda e: ["privacy", "--epsilon", 1e6, "--delta", 1e-5],
+        "above 100",
+    ),
+    (
+        "truncated GGUF",
+        lambda e: [
+            "evaluate",
+            "--model",
+            e.tmp / "trunc.gguf",
+            "--task",
+            "sst2",
+            "--data-dir",
+            e.data,
+        ],
+        "could not read GGUF file",
+    ),
+    (
+        "config that does not fit the weights",
+        lambda e: ["evaluate", "--model", e.bad_config, "--task", "sst2", "--data-dir", e.data],
+        "does not match the shapes of its weights",
+    ),
+    (
+        "missing tokenizer: the whole message",
+        lambda e: ["evaluate", "--model", e.no_tokenizer, "--task", "sst2", "--data-dir", e.data],
+        "(3)",
+    ),
+    (
+        "evaluate on no test examples",
+        lambda e: [
+            "evaluate",
+            "--model",
+            e.model,
+            "--task",
+            "sst2",
+            "--data-dir",
+            e.data,
+            "--max-test",
+            0,
+        ],
+        "max_test",
+    ),
+    (
+        "more demonstrations than the dev slice",
+        lambda e: [
+            "evaluate",
+            "--model",
+            e.model,
+            "--task",
+            "sst2",
+            "--data-dir",
+            e.data,
+            "--few-shot",
+            1000,
+        ],
+        "1000 demonstrations per class asked for",
+    ),
+    (
+        "lm train of no steps",
+        lambda e: ["lm", "train", "--out", e.tmp / "lm", "--data-dir", e.data, "--max-steps", 0],
+        "max_steps",
+    ),
+    (
+        "audit against another data folder",
+        lambda e: ["audit", e.run, "--data-dir", e.tmp / "other-data", "--out", e.tmp / "a.json"],
+        "is not the release's sst2/train.jsonl: pass the --data-dir",
+    ),
+    (
+        "filter of a folder that is not a run",
+        lambda e: ["filter", e.tmp / "latin1.yaml"],
+        "exists and is not a folder",
+    ),
+]
 
 
 @pytest.mark.parametrize("args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -133,13 +225,20 @@ def swap_label_ids(record):
     ids[0], ids[1] = ids[1], ids[0]
 
 
-@pytest.mark.parametrize("change, digest, message", [
-    (lambda r: r.update(counts=[400, 400]), False, "does not match its record_sha256"),
-    (lambda r: r.update(counts=[400, 400]), True, "counts are not the pool size"),
-    (swap_label_ids, True, "prompt_tokens are not its task's template and label words"),
-    (lambda r: r["task"].update(template="Review: {text} Verdict:"), True,
-     "prompt_tokens are not its task's template and label words"),
-], ids=["counts", "counts, digest recomputed", "label ids swapped", "template edited"])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, digest, message",
+    [
+        (lambda r: r.update(counts=[400, 400]), False, "does not match its record_sha256"),
+        (lambda r: r.update(counts=[400, 400]), True, "counts are not the pool size"),
+        (swap_label_ids, True, "prompt_tokens are not its task's template and label words"),
+        (
+            lambda r: r["task"].update(template="Review: {text} Verdict:"),
+            True,
+            "prompt_tokens are not its task's template and label words",
+        ),
+    ],
+    ids=["counts", "counts, digest recomputed", "label ids swapped", "template edited"],
+)
 def test_edited_release_records_are_refused(change, digest, message, env, tmp_path):
     rel = edit_release(env, tmp_path, change, digest)
     one_line_error(cli("generate", "--release", rel, "--out", tmp_path / "g", *SMALL), message)
@@ -173,8 +272,9 @@ def test_read_only_file_system_is_named(env, tmp_path, monkeypatch):
             self.f_flag = real(path).f_flag | os.ST_RDONLY
 
     monkeypatch.setattr(os, "statvfs", ReadOnly)
-    one_line_error(cli(*release_args(env.model, env.data, tmp_path / "r", n=3)),
-                   "read-only file system")  # fmt: skip
+    one_line_error(
+        cli(*release_args(env.model, env.data, tmp_path / "r", n=3)), "read-only file system"
+    )
 
 
 def test_truncated_checkpoint_says_overwrite(tmp_path):
@@ -205,8 +305,9 @@ def test_sigterm_says_what_was_kept(env, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_interrupted_generate_keeps_a_checkpoint_or_nothing(checkpointed, env, tmp_path,
-                                                            monkeypatch):  # fmt: skip
+def test_interrupted_generate_keeps_a_checkpoint_or_nothing(
+    checkpointed, env, tmp_path, monkeypatch
+):
     """Ctrl-C before the first checkpoint leaves no folder (it once left run.lock.json and
     claimed a checkpoint was kept); after one, the folder is kept to resume."""
     from gradmm.core.admm import ADMMSolver
@@ -222,8 +323,11 @@ def test_interrupted_generate_keeps_a_checkpoint_or_nothing(checkpointed, env, t
     assert r.exit_code == 130
     if checkpointed:
         assert "the last checkpoint in" in r.stderr and "resume" in r.stderr
-        assert sorted(p.name for p in out.iterdir()) == [".gradmm.json", "checkpoint.pt",
-                                                         "run.lock.json"]  # fmt: skip
+        assert sorted(p.name for p in out.iterdir()) == [
+            ".gradmm.json",
+            "checkpoint.pt",
+            "run.lock.json",
+        ]
     else:
         assert "no checkpoint had been written, so nothing was kept" in r.stderr
         assert not out.exists()
@@ -251,18 +355,46 @@ FOREIGN = {
     ("release",): lambda e, d: release_args(e.model, e.data, d, n=3),
     ("generate",): lambda e, d: ["generate", "--release", e.rel, "--out", d, *SMALL],
     ("filter",): lambda e, d: ["filter", d],
-    ("finetune",): lambda e, d: ["finetune", "--model", e.model, "--task", "sst2", "--train",
-                                 e.run / "synthetic.jsonl", "--data-dir", e.data, "--steps", 1,
-                                 "--out", d],
-    ("evaluate",): lambda e, d: ["evaluate", "--model", e.model, "--task", "sst2", "--data-dir",
-                                 e.data, "--out", d / "report.json"],
+    ("finetune",): lambda e, d: [
+        "finetune",
+        "--model",
+        e.model,
+        "--task",
+        "sst2",
+        "--train",
+        e.run / "synthetic.jsonl",
+        "--data-dir",
+        e.data,
+        "--steps",
+        1,
+        "--out",
+        d,
+    ],
+    ("evaluate",): lambda e, d: [
+        "evaluate",
+        "--model",
+        e.model,
+        "--task",
+        "sst2",
+        "--data-dir",
+        e.data,
+        "--out",
+        d / "report.json",
+    ],
     ("run",): lambda e, d: ["run", "--config", e.tmp / "exp.yaml", "--out", d],
     ("audit",): lambda e, d: ["audit", e.run, "--data-dir", e.data, "--out", d / "report.json"],
-    ("canary-audit",): lambda e, d: ["canary-audit", "--config", e.tmp / "canary.yaml",
-                                     "--out", d],
-    ("lm", "train"): lambda e, d: ["lm", "train", "--out", d, "--data-dir", e.data,
-                                   "--max-steps", 1],
-}  # fmt: skip
+    ("canary-audit",): lambda e, d: ["canary-audit", "--config", e.tmp / "canary.yaml", "--out", d],
+    ("lm", "train"): lambda e, d: [
+        "lm",
+        "train",
+        "--out",
+        d,
+        "--data-dir",
+        e.data,
+        "--max-steps",
+        1,
+    ],
+}
 WRITE_NOTHING_NAMED = {("privacy",), ("model", "list"), ("model", "fetch")}  # fetch: the cache
 
 
@@ -279,8 +411,12 @@ def test_every_command_refuses_a_folder_it_did_not_write(words, env, tmp_path):
     )
     mine = tmp_path / "mine"
     mine.mkdir()
-    files = {"report.json": '{"mine": 1}', "synthetic.jsonl": "", "notes.txt": "years of work",
-             "manifest.json": "{}"}  # fmt: skip
+    files = {
+        "report.json": '{"mine": 1}',
+        "synthetic.jsonl": "",
+        "notes.txt": "years of work",
+        "manifest.json": "{}",
+    }
     for name, text in files.items():
         (mine / name).write_text(text)
     r = cli(*FOREIGN[words](env, mine))

@@ -52,8 +52,10 @@ def test_attack_detects_leaky_text_and_not_independent_text(model_dirs, data_dir
     assert leaky_report["suffix_ngrams_seen_members"] == 1.0  # every planted suffix echoed
     assert leaky_report["suffix_ngrams_seen_non_members"] < 0.2
     rng = np.random.default_rng(0)
-    aucs = [attack(canaries, list(rng.permutation(planted)), ex.texts, lm.tokenizer,
-                   2)["roc_auc"] for _ in range(20)]  # fmt: skip
+    aucs = [
+        attack(canaries, list(rng.permutation(planted)), ex.texts, lm.tokenizer, 2)["roc_auc"]
+        for _ in range(20)
+    ]
     assert 0.4 < float(np.mean(aucs)) < 0.6
 
 
@@ -121,19 +123,23 @@ def test_audit_of_a_canary_audit_run_audits_the_released_pool(model_dirs, data_d
     one_line_error(r, "planted canary rows", "planted.jsonl")
 
 
-def test_canary_audit_never_writes_into_a_folder_it_did_not_make(model_dirs, data_dir, tmp_path,
-                                                                 monkeypatch):  # fmt: skip
+def test_canary_audit_never_writes_into_a_folder_it_did_not_make(
+    model_dirs, data_dir, tmp_path, monkeypatch
+):
     import gradmm.models.loading
 
     spec = tmp_path / "canary.yaml"
-    spec.write_text(f"release: {{task: sst2, model: {model_dirs['llama']}, n_per_class: 4, "
-                    f"data_dir: {data_dir}}}\ncanaries: 8\n")  # fmt: skip
+    spec.write_text(
+        f"release: {{task: sst2, model: {model_dirs['llama']}, n_per_class: 4, "
+        f"data_dir: {data_dir}}}\ncanaries: 8\n"
+    )
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.json").write_text("mine")
     (mine / "canaries.jsonl").write_text('{"text": "not yours", "label": 0, "planted": true}\n')
-    one_line_error(cli("canary-audit", "--config", spec, "--out", mine),
-                   "not a gradmm canary-audit")  # fmt: skip
+    one_line_error(
+        cli("canary-audit", "--config", spec, "--out", mine), "not a gradmm canary-audit"
+    )
     assert sorted(p.name for p in mine.iterdir()) == ["canaries.jsonl", "report.json"]
     assert (mine / "report.json").read_text() == "mine"
 

@@ -91,14 +91,24 @@ def test_unfetched_short_name_says_how_to_fetch(tmp_path, monkeypatch, model_dir
     monkeypatch.setenv("GRADMM_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="gradmm model fetch smollm2-135m"):
         resolve_model_name("smollm2-135m")
-    r = cli("release", "--task", "sst2", "--model", "smollm2-135m", "--data-dir", data_dir,
-            "--out", tmp_path / "rel")  # fmt: skip
+    r = cli(
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        "smollm2-135m",
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "rel",
+    )
     assert r.exit_code == 2 and "run `gradmm model fetch smollm2-135m` once" in r.stderr
     r = cli("model", "fetch", "no-such-model")
     assert r.exit_code == 2 and "unknown model 'no-such-model'" in r.stderr
     r = cli("model", "list")
     assert r.exit_code == 0 and "smollm2-135m" in r.stdout and "not fetched" in r.stdout
     assert r.stdout.count("\n") == len(KNOWN_MODELS)
-    r = cli("release", "--task", "sst2", "--model", tmp_path / "missing.gguf", "--out",
-            tmp_path / "rel")  # fmt: skip
+    r = cli(
+        "release", "--task", "sst2", "--model", tmp_path / "missing.gguf", "--out", tmp_path / "rel"
+    )
     assert r.exit_code == 2 and "GGUF file not found" in r.stderr

@@ -217,11 +217,27 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     assert (
         invoke(*release_args(model_dirs["llama"], data_dir, tmp_path / "rel", n=3)).exit_code == 0
     )
-    options = {"per_class": 6, "batch": 2, "length": 5, "steps": 3, "inner_steps": 3, "topk": 10,
-               "init_candidates": 4}  # fmt: skip
+    options = {
+        "per_class": 6,
+        "batch": 2,
+        "length": 5,
+        "steps": 3,
+        "inner_steps": 3,
+        "topk": 10,
+        "init_candidates": 4,
+    }
     flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", v)]
-    r = invoke("generate", "--release", tmp_path / "rel", "--out", tmp_path / "two", *flags,
-               "--nproc", 2, "--quiet")  # fmt: skip
+    r = invoke(
+        "generate",
+        "--release",
+        tmp_path / "rel",
+        "--out",
+        tmp_path / "two",
+        *flags,
+        "--nproc",
+        2,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["processes"] == 2
@@ -249,8 +265,7 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     assert [row["text"] for row in read_rows(tmp_path / "two" / "synthetic.jsonl")] == texts
 
 
-def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, data_dir,
-                                                                     tmp_path):  # fmt: skip
+def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, data_dir, tmp_path):
     from gradmm.stages.configs import resolve_config
     from gradmm.stages.generate import build_solver
     from gradmm.stages.record import load_release, load_release_model

@@ -128,18 +128,30 @@ def test_size_matched_methods_must_follow_gradmm(tmp_path):
 
 
 def _row(task, method, seed, acc, eps=None, n=20, step=5):
-    return {"task": task, "method": method, "seed": seed, "epsilon": eps, "test_accuracy": acc,
-            "train_examples": n, "selected_step": step}  # fmt: skip
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "epsilon": eps,
+        "test_accuracy": acc,
+        "train_examples": n,
+        "selected_step": step,
+    }
 
 
 def test_comparison_table_pairs_by_task_and_seed():
     rows = [
-        _row("sst2", "zero_shot", 0, 0.50), _row("sst2", "zero_shot", 1, 0.60),
-        _row("sst2", "gradmm", 0, 0.70), _row("sst2", "gradmm", 1, 0.60),
-        _row("sst2", "dp_gradmm", 0, 0.55, eps=8.0), _row("sst2", "dp_gradmm", 1, 0.65, eps=8.0),
-        _row("sst2", "dp_noise", 0, 0.50, eps=1.0), _row("sst2", "dp_noise", 1, 0.50, eps=1.0),
-        _row("sst2", "dp_noise", 0, 0.60, eps=8.0), _row("sst2", "dp_noise", 1, 0.70, eps=8.0),
-    ]  # fmt: skip
+        _row("sst2", "zero_shot", 0, 0.50),
+        _row("sst2", "zero_shot", 1, 0.60),
+        _row("sst2", "gradmm", 0, 0.70),
+        _row("sst2", "gradmm", 1, 0.60),
+        _row("sst2", "dp_gradmm", 0, 0.55, eps=8.0),
+        _row("sst2", "dp_gradmm", 1, 0.65, eps=8.0),
+        _row("sst2", "dp_noise", 0, 0.50, eps=1.0),
+        _row("sst2", "dp_noise", 1, 0.50, eps=1.0),
+        _row("sst2", "dp_noise", 0, 0.60, eps=8.0),
+        _row("sst2", "dp_noise", 1, 0.70, eps=8.0),
+    ]
     lines = report.comparison_table(rows).splitlines()
     # paired: (70-50, 60-60) = +10 ± 14.1, one seed won, the tie counts for neither
     assert "| gradmm − zero_shot | +10.0 ± 14.1 (1/2) |" in lines
@@ -165,11 +177,17 @@ def test_cells_expand_epsilons():
 
 def test_exclude_leaves_out_the_matching_cells_and_refuses_a_typo(tmp_path):
     cfg = experiment.ExperimentConfig(
-        tasks=["sst2"], seeds=[0, 1], dp_epsilons=[1, 4], methods=["zero_shot", "dp_gradmm"],
-        dp_pool_sizes=[25, 250], dp_match_params=["output", "label-rows"],
-        exclude=[{"method": "dp_gradmm", "match_params": "output", "n_per_class": 25},
-                 {"seed": 1, "epsilon": 4}],
-    )  # fmt: skip
+        tasks=["sst2"],
+        seeds=[0, 1],
+        dp_epsilons=[1, 4],
+        methods=["zero_shot", "dp_gradmm"],
+        dp_pool_sizes=[25, 250],
+        dp_match_params=["output", "label-rows"],
+        exclude=[
+            {"method": "dp_gradmm", "match_params": "output", "n_per_class": 25},
+            {"seed": 1, "epsilon": 4},
+        ],
+    )
     kept = experiment.cells(cfg)
     full = experiment._grid(cfg)
     assert len(full) == 2 * (1 + 2 * 2 * 2)
@@ -183,10 +201,14 @@ def test_exclude_leaves_out_the_matching_cells_and_refuses_a_typo(tmp_path):
     spec.write_text("tasks: [sst2]\nmethods: [dp_gradmm]\nexclude: [{n_per_class: 25}]\n")
     with pytest.raises(UserError, match="exclude: {'n_per_class': 25} matches no cell"):
         experiment.load_experiment(spec)
-    spec.write_text("tasks: [sst2]\nmethods: [gradmm, real_private_size_matched]\n"
-                    "exclude: [{method: gradmm, seed: 2}]\n")  # fmt: skip
-    with pytest.raises(UserError, match="real_private_size_matched of sst2 seed 2 reads the "
-                       "gradmm cell, which is excluded"):  # fmt: skip
+    spec.write_text(
+        "tasks: [sst2]\nmethods: [gradmm, real_private_size_matched]\n"
+        "exclude: [{method: gradmm, seed: 2}]\n"
+    )
+    with pytest.raises(
+        UserError,
+        match="real_private_size_matched of sst2 seed 2 reads the gradmm cell, which is excluded",
+    ):
         experiment.load_experiment(spec)
 
 
@@ -194,8 +216,12 @@ def test_one_noise_release_per_target_is_the_control_of_every_epsilon_and_n():
     def dp(method, seed, acc, eps, n, match):
         return {**_row("sst2", method, seed, acc, eps=eps), "n_per_class": n, "match_params": match}
 
-    rows = [dp("dp_gradmm", s, 0.6 + 0.1 * s, eps, n, "sketch")
-            for s in (0, 1) for eps in (1.0, 4.0) for n in (25, 250)]  # fmt: skip
+    rows = [
+        dp("dp_gradmm", s, 0.6 + 0.1 * s, eps, n, "sketch")
+        for s in (0, 1)
+        for eps in (1.0, 4.0)
+        for n in (25, 250)
+    ]
     rows += [dp("dp_gradmm", s, 0.6, 1.0, 2500, None) for s in (0, 1)]
     rows += [dp("dp_noise", s, 0.5, 1.0, 25, "sketch") for s in (0, 1)]
     lines = report.comparison_table(rows).splitlines()
@@ -216,17 +242,26 @@ def test_dp_study_plot_legend_names_every_series_of_every_panel(monkeypatch, tmp
     def dp(method, seed, eps, n, match):
         return {**_row("sst2", method, seed, 0.6, eps=eps), "n_per_class": n, "match_params": match}
 
-    rows = [dp("dp_gradmm", s, eps, n, m) for s in (0, 1) for eps in (1.0, 4.0)
-            for n, m in ((25, "sketch"), (2500, None))]  # fmt: skip
+    rows = [
+        dp("dp_gradmm", s, eps, n, m)
+        for s in (0, 1)
+        for eps in (1.0, 4.0)
+        for n, m in ((25, "sketch"), (2500, None))
+    ]
     rows += [dp("dp_noise", s, 1.0, 25, m) for s in (0, 1) for m in ("sketch", None)]
     rows += [_row("sst2", "zero_shot", s, 0.5) for s in (0, 1)]
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
     report.plot_dp_study(rows, tmp_path / "dp.png")
-    labels = [t.get_text() for ax in figures[0].axes if ax.get_legend()
-              for t in ax.get_legend().get_texts()]  # fmt: skip
-    assert sorted(labels) == sorted(["dp_gradmm n=25", "dp_gradmm n=2500",
-                                     "dp_noise (any ε, n)", "zero_shot"])  # fmt: skip
+    labels = [
+        t.get_text()
+        for ax in figures[0].axes
+        if ax.get_legend()
+        for t in ax.get_legend().get_texts()
+    ]
+    assert sorted(labels) == sorted(
+        ["dp_gradmm n=25", "dp_gradmm n=2500", "dp_noise (any ε, n)", "zero_shot"]
+    )
 
 
 def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_dir, tmp_path):
@@ -248,8 +283,17 @@ def test_dp_study_axes_pair_each_release_with_its_own_control(model_dirs, data_d
     assert len(rows) == 8
     with (out / "results.csv").open() as f:
         table = list(csv.DictReader(f))
-    for column in ("task", "method", "seed", "epsilon", "n_per_class", "match_params",
-                   "test_accuracy", "dev_accuracy", "mean_matching_loss"):  # fmt: skip
+    for column in (
+        "task",
+        "method",
+        "seed",
+        "epsilon",
+        "n_per_class",
+        "match_params",
+        "test_accuracy",
+        "dev_accuracy",
+        "mean_matching_loss",
+    ):
         assert all(row[column] != "" for row in table), column
     seeds = set()
     for n in (10, 20):  # rates 0.5 and 1 of the 40 rows outside the dev slice
@@ -292,7 +336,9 @@ def test_docs_quote_the_committed_results():
     holds verbatim tables of that committed, generated file (paths relative to the repository)."""
     root = Path(__file__).parents[1]
     blocks = {
-        doc: re.findall(r"<!-- from (\S+) -->(.*?)<!-- end -->", (root / doc).read_text(), re.DOTALL)
+        doc: re.findall(
+            r"<!-- from (\S+) -->(.*?)<!-- end -->", (root / doc).read_text(), re.DOTALL
+        )
         for doc in ("README.md", "docs/results.md")
     }
     assert blocks["README.md"], "the README quotes a headline table"
@@ -342,12 +388,15 @@ def test_text_perplexity_of_a_text_longer_than_the_context(model_dirs):
     assert math.isfinite(ppl) and ppl > 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("dp_match_params: [last-block]", "no closed-form clipping"),
-    ("dp_match_params: [sketch]", "dp_sketch_dim goes with a sketch"),
-    ("dp_sketch_dim: 8", "dp_sketch_dim goes with a sketch"),
-    ("synthetic_per_class: 25\ngenerate: {batch: 10}", "must be a multiple of --batch"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("dp_match_params: [last-block]", "no closed-form clipping"),
+        ("dp_match_params: [sketch]", "dp_sketch_dim goes with a sketch"),
+        ("dp_sketch_dim: 8", "dp_sketch_dim goes with a sketch"),
+        ("synthetic_per_class: 25\ngenerate: {batch: 10}", "must be a multiple of --batch"),
+    ],
+)
 def test_settings_are_checked_before_any_cell(extra, message, tmp_path):
     spec = tmp_path / "exp.yaml"
     spec.write_text(f"tasks: [sst2]\nmethods: [dp_gradmm]\n{extra}\n")

@@ -27,8 +27,9 @@ def test_per_example_loss_equals_matching_loss_of_a_batch_of_one(model_dirs, dat
     lm = load_release_model(rel)
     texts, labels = ["the film was great", "a dull plot"], [1, 0]
     ours = per_example_rec(lm, rel, texts, labels)
-    loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output,
-                        LabelTokens.of(rel.prompt.label_ids))  # fmt: skip
+    loss = MatchingLoss(
+        rel.target_weight, rel.target_bias, lm.output, LabelTokens.of(rel.prompt.label_ids)
+    )
     for i, (t, y) in enumerate(zip(texts, labels, strict=True)):
         ids = torch.tensor(rel.prompt.encode(lm.tokenizer, t))
         x = lm.embeddings[ids][None, None]

@@ -140,24 +140,38 @@ def test_selected_weights_are_restored_under_python_O(model_dirs, data_dir, trai
     )
     flipped = flipped_train_file(train_file, tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-O", "-c", script, str(model_dirs["llama"]), str(flipped),
-         str(data_dir)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [sys.executable, "-O", "-c", script, str(model_dirs["llama"]), str(flipped), str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     step, test_accuracy = json.loads(proc.stdout.strip().splitlines()[-1])
     lm = load_model(str(model_dirs["llama"]))
-    untrained = accuracy(lm, tokenize_prompt(TASK, lm.tokenizer),
-                         eval_sets(TASK, str(data_dir), None, 0)[1], TASK.label_names)  # fmt: skip
+    untrained = accuracy(
+        lm,
+        tokenize_prompt(TASK, lm.tokenizer),
+        eval_sets(TASK, str(data_dir), None, 0)[1],
+        TASK.label_names,
+    )
     assert step == 0 and test_accuracy == untrained["accuracy"]
 
 
-def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, tmp_path,
-                                              monkeypatch):  # fmt: skip
+def test_selections_that_read_no_private_data(
+    model_dirs, data_dir, train_file, tmp_path, monkeypatch
+):
     import gradmm.stages.evaluate
     import gradmm.stages.finetune
 
-    base = dict(model=str(model_dirs["llama"]), task="sst2", train=str(train_file),
-                data_dir=str(data_dir), lr=3e-3, steps=6, batch_size=8, eval_every=3)  # fmt: skip
+    base = dict(
+        model=str(model_dirs["llama"]),
+        task="sst2",
+        train=str(train_file),
+        data_dir=str(data_dir),
+        lr=3e-3,
+        steps=6,
+        batch_size=8,
+        eval_every=3,
+    )
     result = finetune(FinetuneConfig(**base), progress=False)
     (entry,) = [d for d in result["data_read"] if "dev slice" in d["data"]]
     assert entry["private"] and not entry["covered_by_dp"]
@@ -174,8 +188,9 @@ def test_selections_that_read_no_private_data(model_dirs, data_dir, train_file, 
     assert last["selected_step"] == 6 and last["dev_accuracy"] is None
     assert not any(d.get("private") is True for d in last["data_read"])
     dev = tmp_path / "public_dev.jsonl"
-    dev.write_text('{"text": "the film was great", "label": 1}\n'
-                   '{"text": "the plot was dull", "label": 0}\n')  # fmt: skip
+    dev.write_text(
+        '{"text": "the film was great", "label": 1}\n{"text": "the plot was dull", "label": 0}\n'
+    )
     chosen = finetune(FinetuneConfig(**base, dev_file=str(dev)), progress=False)
     assert chosen["dev_examples"] == 2 and chosen["history"][0]["dev"]["n"] == 2
     assert any("public dev file" in d["data"] for d in chosen["data_read"])
@@ -196,9 +211,18 @@ def test_untrained_dev_accuracy_is_computed_once(model_dirs, data_dir, train_fil
         return accuracy(*args, **kwargs)
 
     monkeypatch.setattr(gradmm.stages.finetune, "accuracy", counted)
-    base = dict(model=str(model_dirs["llama"]), task="sst2", train=str(train_file),
-                data_dir=str(data_dir), method="lora", lr=1e-2, steps=2, batch_size=4,
-                eval_every=2, max_dev=40)  # fmt: skip
+    base = dict(
+        model=str(model_dirs["llama"]),
+        task="sst2",
+        train=str(train_file),
+        data_dir=str(data_dir),
+        method="lora",
+        lr=1e-2,
+        steps=2,
+        batch_size=4,
+        eval_every=2,
+        max_dev=40,
+    )
     first = finetune(FinetuneConfig(**base), progress=False)
     scored_first = len(calls)  # step 0, step 2, test
     second = finetune(FinetuneConfig(**base, seed=1), progress=False)

@@ -38,8 +38,9 @@ def split_dirs(tmp_path_factory) -> dict[str, str]:
     lines += [sentence(rng, NEGATIVE) + " It was bad" for _ in range(300)]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(lines, vocab_size=300, special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  bos_token="<|endoftext|>")  # fmt: skip
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     for word in (" optimism", " anger", " sadness", " joy"):
         assert len(tok(word, add_special_tokens=False).input_ids) > 1, word
     dirs = {}
@@ -119,10 +120,17 @@ def test_class_scores_and_their_gradients_equal_the_models_own(model_dirs, kind,
     texts = ["the movie was sad", "a great plot and a bright cast"]
     scores = label_log_probs(lm, prompt, texts)
     reduce = torch.mean if prompt.label_score == "mean" else torch.sum
-    expected = torch.stack([
-        torch.stack([reduce(word_log_probs(lm, prompt.encode(lm.tokenizer, t), w))
-                     for w in prompt.label_ids]) for t in texts
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            torch.stack(
+                [
+                    reduce(word_log_probs(lm, prompt.encode(lm.tokenizer, t), w))
+                    for w in prompt.label_ids
+                ]
+            )
+            for t in texts
+        ]
+    )
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
     grads = torch.autograd.grad(scores[:, 1].sum(), trained)
     oracle = torch.autograd.grad(expected[:, 1].sum(), trained)
@@ -133,10 +141,16 @@ def test_class_scores_and_their_gradients_equal_the_models_own(model_dirs, kind,
     assert all(moved) if method == "lora" else moved[head.index(True)]
 
 
-def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs, tasks_data,
-                                                                     tmp_path):  # fmt: skip
-    cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["phi"], n_per_class=4,
-                        data_dir=tasks_data, batch_size=3)  # fmt: skip
+def test_release_targets_and_norms_equal_a_per_example_autograd_loop(
+    split_dirs, tasks_data, tmp_path
+):
+    cfg = ReleaseConfig(
+        task="tweet_emotion",
+        model=split_dirs["phi"],
+        n_per_class=4,
+        data_dir=tasks_data,
+        batch_size=3,
+    )
     rel = release_targets(cfg, tmp_path / "rel")
     lm = load_model(split_dirs["phi"])
     task = BUILTIN_TASKS["tweet_emotion"]
@@ -166,8 +180,9 @@ def test_release_targets_and_norms_equal_a_per_example_autograd_loop(split_dirs,
 
 
 @pytest.mark.parametrize("space", ["label-rows", "sketch"])
-def test_mapped_release_clips_and_sums_in_its_space(space, split_dirs, tasks_data, tmp_path,
-                                                    monkeypatch):  # fmt: skip
+def test_mapped_release_clips_and_sums_in_its_space(
+    space, split_dirs, tasks_data, tmp_path, monkeypatch
+):
     """A label-rows or sketch release (DP with a tiny σ, clip binding for some examples): each
     class's target equals the oracle loop's per-example autograd gradients mapped into the space
     (``G[rows]`` / ``A G Bᵀ``), clipped by their norm there, averaged. (ε = 10⁶ makes the noise
@@ -176,9 +191,18 @@ def test_mapped_release_clips_and_sums_in_its_space(space, split_dirs, tasks_dat
 
     monkeypatch.setattr(gradmm.privacy.accounting, "MAX_EPSILON", 1e7)
     sketch = {"sketch_dim": 6, "sketch_seed": 3} if space == "sketch" else {}
-    cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["phi"], n_per_class=4,
-                        data_dir=tasks_data, match_params=space, epsilon=1e6, delta=1e-5,
-                        clip=0.05, noise_seed=1, **sketch)  # fmt: skip
+    cfg = ReleaseConfig(
+        task="tweet_emotion",
+        model=split_dirs["phi"],
+        n_per_class=4,
+        data_dir=tasks_data,
+        match_params=space,
+        epsilon=1e6,
+        delta=1e-5,
+        clip=0.05,
+        noise_seed=1,
+        **sketch,
+    )
     rel = release_targets(cfg, tmp_path / "rel")
     mapped = rel.space
     lm = load_release_model(rel)
@@ -217,23 +241,38 @@ def test_mapped_release_clips_and_sums_in_its_space(space, split_dirs, tasks_dat
 @pytest.mark.parametrize("space", ["output", "label-rows", "sketch"])
 def test_solver_and_filter_losses_equal_the_release_path(space, split_dirs, tasks_data, tmp_path):
     sketch = {"sketch_dim": 5} if space == "sketch" else {}
-    cfg = ReleaseConfig(task="tweet_emotion", model=split_dirs["llama"], n_per_class=3,
-                        data_dir=tasks_data, match_params=space, **sketch)  # fmt: skip
+    cfg = ReleaseConfig(
+        task="tweet_emotion",
+        model=split_dirs["llama"],
+        n_per_class=3,
+        data_dir=tasks_data,
+        match_params=space,
+        **sketch,
+    )
     rel = release_targets(cfg, tmp_path / "rel")
     lm = load_release_model(rel)
-    options = {"per_class": 2, "batch": 2, "length": 4, "steps": 1, "inner_steps": 2,
-               "init_candidates": 3, "topk": 5}  # fmt: skip
+    options = {
+        "per_class": 2,
+        "batch": 2,
+        "length": 4,
+        "steps": 1,
+        "inner_steps": 2,
+        "init_candidates": 3,
+        "topk": 5,
+    }
     solver, problems, _ = build_solver(lm, rel, resolve_config(options))
     labels = LabelTokens.of(rel.prompt.label_ids, rel.prompt.label_score)
     loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output, labels, rel.space)
-    free = torch.randint(3, len(lm.tokenizer), (len(problems), 2, 4),
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    free = torch.randint(
+        3, len(lm.tokenizer), (len(problems), 2, 4), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         via_layout = solver.rec(solver.embed(free, problems), problems)
         # the reference engine's loss (autograd, the gradient mapped explicitly) agrees
         authors, _, _ = build_solver(lm, rel, resolve_config({**options, "engine": "reference"}))
-        torch.testing.assert_close(authors.rec(authors.embed(free, problems), problems),
-                                   via_layout, rtol=1e-4, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            authors.rec(authors.embed(free, problems), problems), via_layout, rtol=1e-4, atol=1e-6
+        )
         for p, c in enumerate(problems.classes.tolist()):
             # the same sequences built as the release builds real ones (prompt + feed, padded)
             prompts = [rel.prompt.head + s.tolist() + rel.prompt.tail for s in free[p]]
@@ -253,8 +292,9 @@ def test_solver_and_filter_losses_equal_the_release_path(space, split_dirs, task
     for i, (text, c) in enumerate(zip(texts, [3, 2], strict=True)):
         seq = rel.prompt.encode(lm.tokenizer, text) + labels.feed(c)
         x = lm.embeddings[torch.tensor(seq)][None, None]
-        torch.testing.assert_close(ours[i], loss.rec(lm.model, x, torch.tensor([c]))[0],
-                                   rtol=1e-4, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            ours[i], loss.rec(lm.model, x, torch.tensor([c]))[0], rtol=1e-4, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("task", sorted(BUILTIN_TASKS))
@@ -262,25 +302,83 @@ def test_every_builtin_task_runs_on_a_tokenizer_that_splits_label_words(
     task, split_dirs, tasks_data, tmp_path
 ):
     model, rel, run = split_dirs["llama"], tmp_path / "rel", tmp_path / "run"
-    r = cli("release", "--task", task, "--model", model, "--data-dir", tasks_data, "--out", rel,
-            "--n-per-class", 3)  # fmt: skip
+    r = cli(
+        "release",
+        "--task",
+        task,
+        "--model",
+        model,
+        "--data-dir",
+        tasks_data,
+        "--out",
+        rel,
+        "--n-per-class",
+        3,
+    )
     assert r.exit_code == 0, r.output
     label_ids = json.loads((rel / "release.json").read_text())["prompt_tokens"]["label_ids"]
     assert (max(map(len, label_ids)) > 1) == (task == "tweet_emotion")
-    r = cli("generate", "--release", rel, "--out", run, "--per-class", 2, "--batch", 2,
-            "--length", 4, "--steps", 1, "--inner-steps", 1, "--init-candidates", 2, "--topk", 5,
-            "--quiet")  # fmt: skip
+    r = cli(
+        "generate",
+        "--release",
+        rel,
+        "--out",
+        run,
+        "--per-class",
+        2,
+        "--batch",
+        2,
+        "--length",
+        4,
+        "--steps",
+        1,
+        "--inner-steps",
+        1,
+        "--init-candidates",
+        2,
+        "--topk",
+        5,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     r = cli("filter", run, "--keep-per-class", 2)
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (run / "synthetic.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * BUILTIN_TASKS[task].num_classes
-    r = cli("finetune", "--model", model, "--task", task, "--train", run / "synthetic.jsonl",
-            "--data-dir", tasks_data, "--out", tmp_path / "ft", "--steps", 2, "--batch-size", 4,
-            "--eval-every", 1, "--quiet")  # fmt: skip
+    r = cli(
+        "finetune",
+        "--model",
+        model,
+        "--task",
+        task,
+        "--train",
+        run / "synthetic.jsonl",
+        "--data-dir",
+        tasks_data,
+        "--out",
+        tmp_path / "ft",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--eval-every",
+        1,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert all(loss > 0 for loss in result["train_loss"])
-    r = cli("evaluate", "--model", model, "--task", task, "--data-dir", tasks_data,
-            "--few-shot", 1, "--out", tmp_path / "eval.json")  # fmt: skip
+    r = cli(
+        "evaluate",
+        "--model",
+        model,
+        "--task",
+        task,
+        "--data-dir",
+        tasks_data,
+        "--few-shot",
+        1,
+        "--out",
+        tmp_path / "eval.json",
+    )
     assert r.exit_code == 0, r.output

@@ -56,8 +56,9 @@ def with_feeds(model, prompts: torch.Tensor, labels: LabelTokens, classes) -> to
     return torch.cat([prompts, feeds[:, None].expand(-1, prompts.shape[1], -1, -1)], 2)
 
 
-@pytest.mark.parametrize("kind, score", [("gpt2", "sum"), ("llama", "mean"), ("phi", "sum"),
-                                         ("phi", "mean")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, score", [("gpt2", "sum"), ("llama", "mean"), ("phi", "sum"), ("phi", "mean")]
+)
 def test_closed_form_loss_and_x_gradient_equal_autograd(kind, score):
     model = build_model(kind, vocab=50).double()
     out = output_layer(model)
@@ -160,8 +161,10 @@ def test_label_tokens_pad_and_feed():
     assert mask.sum(1).tolist() == [5, 3]
 
 
-@pytest.mark.parametrize("kind, space_kind", [("phi", "label-rows"), ("llama", "label-rows"),
-                                              ("phi", "sketch"), ("gpt2", "sketch")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, space_kind",
+    [("phi", "label-rows"), ("llama", "label-rows"), ("phi", "sketch"), ("gpt2", "sketch")],
+)
 def test_closed_form_in_a_released_space_equals_autograd(kind, space_kind):
     """The matched loss and its x-gradient in the label-rows and sketch spaces: closed form on
     (A r, B h) vs autograd's full gradient mapped explicitly, and the generic autograd loss."""
@@ -182,16 +185,18 @@ def test_closed_form_in_a_released_space_equals_autograd(kind, space_kind):
     ours = loss.rec(model, x, classes)
     (g_ours,) = torch.autograd.grad(ours.sum(), prompts)
     for p, c in enumerate(classes.tolist()):
-        ref = autograd_rec(model, prompts[p], WORDS[c], tw[c], None if tb is None else tb[c],
-                           "sum", space)  # fmt: skip
+        ref = autograd_rec(
+            model, prompts[p], WORDS[c], tw[c], None if tb is None else tb[c], "sum", space
+        )
         (g_ref,) = torch.autograd.grad(ref, prompts)
         torch.testing.assert_close(ours[p], ref, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g_ours[p], g_ref[p], rtol=1e-8, atol=1e-12)
     params = matched_parameters(model, "output")
     names = list(params)
     targets = dict(zip(names, [tw] + ([tb] if tb is not None else []), strict=True))
-    generic = AutogradMatchingLoss(params, targets, labels, space,
-                                   (names[0], names[1] if len(names) > 1 else None))  # fmt: skip
+    generic = AutogradMatchingLoss(
+        params, targets, labels, space, (names[0], names[1] if len(names) > 1 else None)
+    )
     torch.testing.assert_close(generic.rec(model, x, classes), ours, rtol=1e-10, atol=1e-12)
 
 

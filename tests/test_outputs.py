@@ -15,8 +15,23 @@ from safetensors.torch import load_file, save_file
 from gradmm.errors import UserError
 from gradmm.files import OutputKind, check_output_dir, staged_dir
 
-SMALL = ["--per-class", 2, "--batch", 2, "--length", 5, "--steps", 1, "--inner-steps", 1,
-         "--init-candidates", 2, "--topk", 10, "--quiet"]  # fmt: skip
+SMALL = [
+    "--per-class",
+    2,
+    "--batch",
+    2,
+    "--length",
+    5,
+    "--steps",
+    1,
+    "--inner-steps",
+    1,
+    "--init-candidates",
+    2,
+    "--topk",
+    10,
+    "--quiet",
+]
 KIND = OutputKind("thing", "done.json", ("done.json", "data.bin", "sub"))
 
 
@@ -72,8 +87,20 @@ def test_release_and_finetune_never_delete_a_folder_they_did_not_write(
         one_line_error(release(model, data_dir, mine, *extra), "not a gradmm release folder")
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "the film was great", "label": 1}\n')
-    ft = ["finetune", "--model", model, "--task", "sst2", "--train", train, "--data-dir",
-          data_dir, "--steps", 1, "--quiet"]  # fmt: skip
+    ft = [
+        "finetune",
+        "--model",
+        model,
+        "--task",
+        "sst2",
+        "--train",
+        train,
+        "--data-dir",
+        data_dir,
+        "--steps",
+        1,
+        "--quiet",
+    ]
     one_line_error(cli(*ft, "--out", mine), "not a gradmm finetune folder")
     assert sorted(os.listdir(mine)) == ["thesis.tex"]
     monkeypatch.chdir(mine)
@@ -99,8 +126,10 @@ def test_generate_and_run_refuse_foreign_folders(model_dirs, data_dir, tmp_path)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "data.csv").write_text("a,b")
-    one_line_error(cli("generate", "--release", rel, "--out", mine, *SMALL, "--overwrite"),
-                   "not a gradmm run folder")  # fmt: skip
+    one_line_error(
+        cli("generate", "--release", rel, "--out", mine, *SMALL, "--overwrite"),
+        "not a gradmm run folder",
+    )
     config = tmp_path / "exp.yaml"
     config.write_text("tasks: [sst2]\nmethods: [zero_shot]\n")
     one_line_error(cli("run", "--config", config, "--out", mine), "not a gradmm experiment")
@@ -119,10 +148,19 @@ def test_release_destination_is_checked_before_private_data_is_read(
     (tmp_path / "file").write_text("x")
     one_line_error(release(model_dirs["llama"], data_dir, tmp_path / "file" / "rel"), "is a file")
     one_line_error(
-        release(model_dirs["llama"], data_dir, tmp_path / "r", "--epsilon", 1, "--delta", 1e-5,
-                "--clip", "inf"),
+        release(
+            model_dirs["llama"],
+            data_dir,
+            tmp_path / "r",
+            "--epsilon",
+            1,
+            "--delta",
+            1e-5,
+            "--clip",
+            "inf",
+        ),
         "clip",
-    )  # fmt: skip
+    )
     assert not (tmp_path / "r").exists()
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
@@ -154,8 +192,22 @@ def rewrite_targets(rel: Path, change) -> None:
 def test_tampered_or_swapped_releases_are_refused_by_every_reader(model_dirs, data_dir, tmp_path):
     rel, run = tiny_run(tmp_path, model_dirs["llama"], data_dir)
     other = tmp_path / "other"
-    assert cli("release", "--task", "sst2", "--model", model_dirs["llama"], "--data-dir",
-               data_dir, "--out", other, "--n-per-class", 2).exit_code == 0  # fmt: skip
+    assert (
+        cli(
+            "release",
+            "--task",
+            "sst2",
+            "--model",
+            model_dirs["llama"],
+            "--data-dir",
+            data_dir,
+            "--out",
+            other,
+            "--n-per-class",
+            2,
+        ).exit_code
+        == 0
+    )
     pristine = (rel / "targets.safetensors").read_bytes()
     tensors = load_file(rel / "targets.safetensors")
     tensors = {k: v + 1e-3 for k, v in tensors.items()}
@@ -193,8 +245,10 @@ def test_generate_refuses_malformed_releases(defect, message, model_dirs, data_d
     rel = tmp_path / "rel"
     assert release(model_dirs["llama"], data_dir, rel).exit_code == 0
     if defect == "nan":
-        rewrite_targets(rel, lambda t: {k: v.index_fill(1, torch.tensor([0]), float("nan"))
-                                        for k, v in t.items()})  # fmt: skip
+        rewrite_targets(
+            rel,
+            lambda t: {k: v.index_fill(1, torch.tensor([0]), float("nan")) for k, v in t.items()},
+        )
     elif defect == "shape":
         rewrite_targets(rel, lambda t: {k: v[:, :-1].contiguous() for k, v in t.items()})
     elif defect == "classes":  # 3 classes for the 2-class sst2
@@ -257,31 +311,44 @@ def test_a_local_folder_named_reference_does_not_shadow_the_shipped_lm(
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     task = tmp_path / "task.yaml"  # the shipped LM's tokenizer has these label words
-    task.write_text(f"label_names: [neg, pos]\nlabel_words: [' bad', ' great']\n"
-                    f"local_dir: {data / 'sst2'}\n")  # fmt: skip
-    r = cli("release", "--task", task, "--model", "reference", "--out", tmp_path / "rel",
-            "--n-per-class", 2)  # fmt: skip
+    task.write_text(
+        f"label_names: [neg, pos]\nlabel_words: [' bad', ' great']\nlocal_dir: {data / 'sst2'}\n"
+    )
+    r = cli(
+        "release",
+        "--task",
+        task,
+        "--model",
+        "reference",
+        "--out",
+        tmp_path / "rel",
+        "--n-per-class",
+        2,
+    )
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "rel" / "release.json").read_text())
     assert meta["model"]["path"] == str(REFERENCE_LM_DIR.resolve())
 
 
-def test_file_names_alone_never_make_a_folder_gradmms(model_dirs, data_dir, tmp_path,
-                                                       monkeypatch):  # fmt: skip
+def test_file_names_alone_never_make_a_folder_gradmms(model_dirs, data_dir, tmp_path, monkeypatch):
     """A Hugging Face model folder has the file names `lm train` writes, and a folder of someone
     else's checkpoints those of a run: without gradmm's stamp both are refused, untouched."""
     hf = tmp_path / "some-llama"
     shutil.copytree(model_dirs["llama"], hf)
     before = sorted(os.listdir(hf))
-    one_line_error(cli("lm", "train", "--out", hf, "--data-dir", data_dir, "--max-steps", 1),
-                   "not a gradmm model folder")  # fmt: skip
+    one_line_error(
+        cli("lm", "train", "--out", hf, "--data-dir", data_dir, "--max-steps", 1),
+        "not a gradmm model folder",
+    )
     one_line_error(
         cli("lm", "train", "--out", tmp_path / "new", "--work", hf, "--data-dir", data_dir),
         "not a gradmm training work folder",
     )
     monkeypatch.chdir(tmp_path)
-    one_line_error(cli("lm", "train", "--out", tmp_path / "new", "--work", ".", "--data-dir",
-                       data_dir), "refusing to write outputs")  # fmt: skip
+    one_line_error(
+        cli("lm", "train", "--out", tmp_path / "new", "--work", ".", "--data-dir", data_dir),
+        "refusing to write outputs",
+    )
     assert sorted(os.listdir(hf)) == before and not (tmp_path / "new").exists()
 
     rel = tmp_path / "rel"
@@ -290,25 +357,50 @@ def test_file_names_alone_never_make_a_folder_gradmms(model_dirs, data_dir, tmp_
     theirs.mkdir()
     (theirs / "manifest.json").write_text("{}")
     (theirs / "checkpoint_best.pt").write_bytes(b"weights")
-    one_line_error(cli("generate", "--release", rel, "--out", theirs, *SMALL, "--overwrite"),
-                   "not a gradmm run folder")  # fmt: skip
+    one_line_error(
+        cli("generate", "--release", rel, "--out", theirs, *SMALL, "--overwrite"),
+        "not a gradmm run folder",
+    )
     assert (theirs / "checkpoint_best.pt").read_bytes() == b"weights"
 
 
 def test_unreadable_inputs_are_one_line(model_dirs, data_dir, tmp_path):
     binary = tmp_path / "train.jsonl"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    one_line_error(cli("finetune", "--model", model_dirs["llama"], "--task", "sst2", "--train",
-                       binary, "--data-dir", data_dir, "--out", tmp_path / "ft"),
-                   "not a UTF-8 text file")  # fmt: skip
-    r = cli("evaluate", "--model", model_dirs["llama"], "--task", "sst2", "--data-dir", data_dir,
-            "--out", binary)  # fmt: skip
+    one_line_error(
+        cli(
+            "finetune",
+            "--model",
+            model_dirs["llama"],
+            "--task",
+            "sst2",
+            "--train",
+            binary,
+            "--data-dir",
+            data_dir,
+            "--out",
+            tmp_path / "ft",
+        ),
+        "not a UTF-8 text file",
+    )
+    r = cli(
+        "evaluate",
+        "--model",
+        model_dirs["llama"],
+        "--task",
+        "sst2",
+        "--data-dir",
+        data_dir,
+        "--out",
+        binary,
+    )
     one_line_error(r, "not written by gradmm evaluate")
     assert binary.read_bytes() == b"\xff\xfe\x00garbage"
 
 
-def test_audit_of_the_working_directory_writes_beside_it(model_dirs, data_dir, tmp_path,
-                                                         monkeypatch):  # fmt: skip
+def test_audit_of_the_working_directory_writes_beside_it(
+    model_dirs, data_dir, tmp_path, monkeypatch
+):
     _, run = tiny_run(tmp_path, model_dirs["llama"], data_dir)
     monkeypatch.chdir(run)
     r = cli("audit", ".", "--data-dir", data_dir)

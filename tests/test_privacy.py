@@ -206,8 +206,9 @@ def test_dp_run_outputs_hold_no_private_text(model_dirs, tmp_path):
     task = BUILTIN_TASKS["sst2"]
     for slot in (i for i, y in enumerate(labels) if y == 1):  # a row the private pool is sure
         trial = rows[:slot] + [(canary, 1)] + rows[slot + 1 :]  # to contain (seed 0's pool)
-        exclude = private_pool_exclusions(task, "train", Examples([t for t, _ in trial], labels,
-                                                                  "rows"))  # fmt: skip
+        exclude = private_pool_exclusions(
+            task, "train", Examples([t for t, _ in trial], labels, "rows")
+        )
         n = min(sum(1 for i, y in enumerate(labels) if y == c and i not in exclude) for c in (0, 1))
         if slot in sample_per_class(labels, task.label_names, n, 0, exclude)[1]:
             rows = trial
@@ -317,8 +318,12 @@ def exact_means(model_dir, data_dir, n, clip=None):
     exclude = private_pool_exclusions(task, "train", ex)
     out = []
     for c, ix in enumerate(sample_per_class(ex.labels, task.label_names, n, 0, exclude)):
-        r, h, w = example_gradients(lm, [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix],
-                                    [c] * n, LabelTokens.of(prompt.label_ids))  # fmt: skip
+        r, h, w = example_gradients(
+            lm,
+            [prompt.encode(lm.tokenizer, ex.texts[i]) for i in ix],
+            [c] * n,
+            LabelTokens.of(prompt.label_ids),
+        )
         if clip is not None:
             w = w * torch.clamp(clip / per_example_grad_norms(r, h, w, True), max=1.0)[:, None]
         out.append(summed_grads(r, h, w)[0] / n)
@@ -334,8 +339,9 @@ def sampler(request, monkeypatch) -> str:
     return dp.EXACT_SAMPLER if request.param == "exact" else dp.SECURE_SAMPLER
 
 
-def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_dir, tmp_path,
-                                                              monkeypatch, sampler):  # fmt: skip
+def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(
+    model_dirs, data_dir, tmp_path, monkeypatch, sampler
+):
     """The attack that removed the noise: torch keeps 32 bits of a seed, so an attacker tries
     every 32-bit stream. Record every seed handed to torch or numpy during a release and check
     that none of their streams is the realised noise, which came from the OS CSPRNG (or
@@ -392,10 +398,12 @@ def test_dp_noise_is_not_any_replayable_torch_or_numpy_stream(model_dirs, data_d
 def test_realised_noise_has_the_documented_std(model_dirs, data_dir, tmp_path, sampler):
     """DP release minus a non-DP release of the same pool (no clipping at this C) = the noise:
     zero mean, std σ/n on every coordinate, independent between classes; by either sampler."""
-    exact = release_targets(dp_config(model_dirs, data_dir, epsilon=None, delta=None),
-                            tmp_path / "exact")  # fmt: skip
-    noisy = release_targets(dp_config(model_dirs, data_dir, noise_seed=None, clip=1e3),
-                            tmp_path / "dp")  # fmt: skip
+    exact = release_targets(
+        dp_config(model_dirs, data_dir, epsilon=None, delta=None), tmp_path / "exact"
+    )
+    noisy = release_targets(
+        dp_config(model_dirs, data_dir, noise_seed=None, clip=1e3), tmp_path / "dp"
+    )
     assert noisy.meta.mechanism.sampler == sampler
     sigma = noisy.meta.mechanism.sigma_target
     for name in noisy.targets:
@@ -437,8 +445,10 @@ def test_exact_sampler_is_opendps_gaussian_on_a_grid_with_no_rounding_penalty():
     assert float((z**4).mean()) == pytest.approx(3.0, rel=0.1)
     k = math.floor(math.log2(sens)) - 54 - math.ceil(math.log2(math.sqrt(values.size)))
     opendp.enable_features("contrib")
-    space = (opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=values.size),
-             opendp.l2_distance(T=float))  # fmt: skip
+    space = (
+        opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=values.size),
+        opendp.l2_distance(T=float),
+    )
     coarse = opendp.m.make_gaussian(*space, scale=sigma, k=-10)  # a coarse grid costs privacy
     fine = opendp.m.make_gaussian(*space, scale=sigma, k=k)
     assert coarse.map(sens) > 1.01 * sens**2 / (2 * sigma**2)
@@ -449,18 +459,19 @@ def test_dp_release_and_its_noise_control_never_share_noise(model_dirs, data_dir
     """Given the same seed, a DP release and its noise-only control get independent noise (the
     stream is keyed by every public setting), and so do two ε."""
     dp_rel = release_targets(dp_config(model_dirs, data_dir, clip=1e3), tmp_path / "dp")
-    control = release_targets(dp_config(model_dirs, data_dir, clip=1e3, target="noise"),
-                              tmp_path / "noise")  # fmt: skip
-    other_eps = release_targets(dp_config(model_dirs, data_dir, clip=1e3, epsilon=4.0),
-                                tmp_path / "eps4")  # fmt: skip
+    control = release_targets(
+        dp_config(model_dirs, data_dir, clip=1e3, target="noise"), tmp_path / "noise"
+    )
+    other_eps = release_targets(
+        dp_config(model_dirs, data_dir, clip=1e3, epsilon=4.0), tmp_path / "eps4"
+    )
     exact = exact_means(model_dirs["phi"], data_dir, 5)
     a = (dp_rel.target_weight - exact).flatten()
     for other in (control.target_weight.flatten(), (other_eps.target_weight - exact).flatten()):
         assert abs(float(torch.corrcoef(torch.stack([a, other]))[0, 1])) < 0.05
 
 
-def test_composition_converts_relations_and_flags_non_dp_and_seeded(model_dirs, data_dir,
-                                                                    tmp_path):  # fmt: skip
+def test_composition_converts_relations_and_flags_non_dp_and_seeded(model_dirs, data_dir, tmp_path):
     from dp_accounting import GaussianDpEvent
     from dp_accounting.pld import pld_privacy_accountant
 
@@ -469,8 +480,9 @@ def test_composition_converts_relations_and_flags_non_dp_and_seeded(model_dirs, 
         dp_config(model_dirs, data_dir, noise_seed=None, neighbouring="add-remove"),
         tmp_path / "ar",
     )
-    release_targets(dp_config(model_dirs, data_dir, noise_seed=None, target="noise"),
-                    tmp_path / "noise")  # fmt: skip
+    release_targets(
+        dp_config(model_dirs, data_dir, noise_seed=None, target="noise"), tmp_path / "noise"
+    )
     r = invoke("privacy", tmp_path / "rep", tmp_path / "ar", tmp_path / "noise")
     assert r.exit_code == 0, r.output
     z = dp.noise_multiplier(2.0, 1e-5)
@@ -564,13 +576,20 @@ def test_poisson_calibration_against_independent_accountants():
     assert 1.0 <= rdp.get_epsilon(1e-5) < 1.5  # RDP is an upper bound, and not a loose one
 
 
-def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, data_dir,
-                                                                    tmp_path, capsys):  # fmt: skip
+def test_poisson_release_samples_the_split_and_states_the_guarantee(
+    model_dirs, data_dir, tmp_path, capsys
+):
     from gradmm.data.pools import poisson_pool
     from gradmm.stages.record import load_release
 
-    cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=0.5,
-                    neighbouring="add-remove", n_per_class=10)  # fmt: skip
+    cfg = dp_config(
+        model_dirs,
+        data_dir,
+        sampling="poisson",
+        sampling_rate=0.5,
+        neighbouring="add-remove",
+        n_per_class=10,
+    )
     rel = release_targets(cfg, tmp_path / "r")
     # 80 rows: the dev slice is half the split, and one row may move another across it
     assert "guarantee holds for groups of two rows" in capsys.readouterr().err
@@ -597,8 +616,9 @@ def test_poisson_release_samples_the_split_and_states_the_guarantee(model_dirs, 
     dev = set(private_pool_exclusions(task, "train", ex))
     _, picked = poisson_pool(task, "train", 0.5, str(data_dir), None)
     chosen = [i for ix in picked for i in ix]
-    assert not dev & set(chosen) and all(ex.labels[i] == c for c, ix in enumerate(picked)
-                                         for i in ix)  # fmt: skip
+    assert not dev & set(chosen) and all(
+        ex.labels[i] == c for c, ix in enumerate(picked) for i in ix
+    )
     eligible = len(ex.labels) - len(dev)
     assert abs(len(chosen) - 0.5 * eligible) < 4 * math.sqrt(0.25 * eligible)
     again = [i for ix in poisson_pool(task, "train", 0.5, str(data_dir), None)[1] for i in ix]
@@ -615,14 +635,20 @@ def test_poisson_refusals_come_before_any_data_is_read(model_dirs, tmp_path):
         r = invoke(*release_args(model_dirs["phi"], missing, tmp_path / "r"), *base, *extra)
         assert r.exit_code == 2 and message in r.stderr, r.output
         assert not (tmp_path / "r").exists()
-    r = invoke(*release_args(model_dirs["phi"], missing, tmp_path / "r"), "--sampling",
-               "poisson", "--sampling-rate", "0.1")  # fmt: skip
+    r = invoke(
+        *release_args(model_dirs["phi"], missing, tmp_path / "r"),
+        "--sampling",
+        "poisson",
+        "--sampling-rate",
+        "0.1",
+    )
     assert r.exit_code == 2 and "Poisson sampling is for DP releases" in r.stderr
 
 
 def test_poisson_releases_compose_with_amplification(model_dirs, data_dir, tmp_path):
-    cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=0.5,
-                    neighbouring="add-remove")  # fmt: skip
+    cfg = dp_config(
+        model_dirs, data_dir, sampling="poisson", sampling_rate=0.5, neighbouring="add-remove"
+    )
     a = release_targets(cfg, tmp_path / "a")
     b = release_targets(cfg.model_copy(update={"noise_seed": 8}), tmp_path / "b")
     lines = privacy_report.composition([a.meta, b.meta], ["a", "b"])
@@ -631,30 +657,39 @@ def test_poisson_releases_compose_with_amplification(model_dirs, data_dir, tmp_p
     assert f"ε = {amplified:.6g}" in lines[0] and amplified < dp.composed_epsilon([z, z], 2e-5)
 
 
-def test_poisson_sample_that_misses_a_class_releases_noise_for_it(model_dirs, data_dir,
-                                                                  tmp_path):  # fmt: skip
+def test_poisson_sample_that_misses_a_class_releases_noise_for_it(model_dirs, data_dir, tmp_path):
     """At a tiny rate the sample is almost surely empty: the release still succeeds (a class
     without examples has a zero sum, then noise), and says nothing about the sample."""
-    cfg = dp_config(model_dirs, data_dir, sampling="poisson", sampling_rate=1e-6,
-                    neighbouring="add-remove", epsilon=8.0)  # fmt: skip
+    cfg = dp_config(
+        model_dirs,
+        data_dir,
+        sampling="poisson",
+        sampling_rate=1e-6,
+        neighbouring="add-remove",
+        epsilon=8.0,
+    )
     rel = release_targets(cfg, tmp_path / "r")
     sigma = rel.meta.mechanism.sigma_target
     assert float(rel.target_weight.std()) == pytest.approx(sigma, rel=0.03)
     assert rel.meta.counts == [5, 5]
 
 
-def test_canaries_planted_in_a_poisson_sample_add_their_clipped_gradients(model_dirs, data_dir,
-                                                                          tmp_path):  # fmt: skip
+def test_canaries_planted_in_a_poisson_sample_add_their_clipped_gradients(
+    model_dirs, data_dir, tmp_path
+):
     """A canary audit of a Poisson release: the planted rows join the sample (the same sample
     and noise as without them: the canary file is not a public setting), so the two releases
     differ by the canaries' clipped gradients over the public normaliser, nothing else."""
     canaries = tmp_path / "canaries.jsonl"
-    canaries.write_text('{"text": "zebra umbrellas quietly", "label": 1}\n'
-                        '{"text": "forty purple councils", "label": 1}\n')  # fmt: skip
+    canaries.write_text(
+        '{"text": "zebra umbrellas quietly", "label": 1}\n'
+        '{"text": "forty purple councils", "label": 1}\n'
+    )
     kw = dict(sampling="poisson", sampling_rate=0.3, neighbouring="add-remove", epsilon=8.0)
     plain = release_targets(dp_config(model_dirs, data_dir, **kw), tmp_path / "plain")
-    audit = release_targets(dp_config(model_dirs, data_dir, canary_file=str(canaries), **kw),
-                            tmp_path / "audit")  # fmt: skip
+    audit = release_targets(
+        dp_config(model_dirs, data_dir, canary_file=str(canaries), **kw), tmp_path / "audit"
+    )
     diff = [audit.targets[k] - plain.targets[k] for k in plain.targets]
     assert all(float(d[0].abs().max()) == 0 for d in diff)  # no canary of class 0
     norm = float(sum(d[1].pow(2).sum() for d in diff).sqrt())
@@ -662,12 +697,26 @@ def test_canaries_planted_in_a_poisson_sample_add_their_clipped_gradients(model_
     assert 0 < norm <= 2 * clip / n + 1e-6
     # the sample's size stays private: the counts are the normaliser plus the planted rows
     assert audit.meta.planted == [0, 2] and audit.meta.counts == [5, 7] == [
-        n + k for n, k in zip(plain.meta.counts, audit.meta.planted, strict=True)]  # fmt: skip
+        n + k for n, k in zip(plain.meta.counts, audit.meta.planted, strict=True)
+    ]
 
 
 def test_privacy_command_with_a_sampling_rate():
-    r = invoke("privacy", "--epsilon", "2", "--delta", "1e-5", "--sampling-rate", "0.5",
-               "--neighbouring", "add-remove", "--clip", "1", "--n-per-class", "10")  # fmt: skip
+    r = invoke(
+        "privacy",
+        "--epsilon",
+        "2",
+        "--delta",
+        "1e-5",
+        "--sampling-rate",
+        "0.5",
+        "--neighbouring",
+        "add-remove",
+        "--clip",
+        "1",
+        "--n-per-class",
+        "10",
+    )
     z = dp.poisson_noise_multiplier(2.0, 1e-5, 0.5)
     assert r.exit_code == 0 and f"σ/Δ = {z:.6g}" in r.stdout and "Poisson sample" in r.stdout
     assert f"{z / 10:.6g} on each released class mean" in r.stdout  # add-remove: Δ = C

@@ -97,8 +97,9 @@ def test_text_longer_than_context_is_refused(model_dirs, tmp_path):
     assert not (tmp_path / "rel").exists()
 
 
-def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(model_dirs, tmp_path,
-                                                                  monkeypatch):  # fmt: skip
+def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(
+    model_dirs, tmp_path, monkeypatch
+):
     """Whether a DP release stops must not depend on which rows it read: it cuts every text to
     the longest that fits, the same release (noise aside) as asking for that cut explicitly."""
     from conftest import write_split
@@ -113,8 +114,15 @@ def test_dp_release_cuts_texts_to_the_context_instead_of_stopping(model_dirs, tm
     long_text = " ".join(["the movie was great"] * 60)  # > 128 positions of the tiny model
     rows = [(f"fine film {i}", 1) for i in range(8)] + [(f"{long_text} {i}", 0) for i in range(8)]
     write_split(tmp_path / "sst2", "train", rows)  # half of them the dev slice
-    dp = dict(task="sst2", model=str(model_dirs["llama"]), n_per_class=1, data_dir=str(tmp_path),
-              epsilon=1.0, delta=1e-5, noise_seed=3)  # fmt: skip
+    dp = dict(
+        task="sst2",
+        model=str(model_dirs["llama"]),
+        n_per_class=1,
+        data_dir=str(tmp_path),
+        epsilon=1.0,
+        delta=1e-5,
+        noise_seed=3,
+    )
     cut = release_targets(ReleaseConfig(**dp), tmp_path / "rel")
     fitting = cut.meta.task.max_text_tokens
     assert fitting is not None and fitting < 60 * 4

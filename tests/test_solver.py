@@ -63,8 +63,9 @@ def test_projection_cached_equals_uncached_and_brute_force(order, model_dirs):
     contexts = [encode_text(lm.tokenizer, "The"), encode_text(lm.tokenizer, "I")]
     k = 7
     cached = Projector(lm.model, lm.embeddings, allowed, k, contexts, row_chunk=3, order=order)
-    uncached = Projector(lm.model, lm.embeddings, allowed, k, contexts, use_cache=False,
-                         order=order)  # fmt: skip
+    uncached = Projector(
+        lm.model, lm.embeddings, allowed, k, contexts, use_cache=False, order=order
+    )
     v = torch.randn(5, 6, lm.embeddings.shape[1], generator=torch.Generator().manual_seed(0))
     classes = torch.tensor([0, 1, 0, 1, 1])
     ids = cached(v, classes)
@@ -263,8 +264,7 @@ def test_solver_equals_a_plain_admm_loop(model_dirs, release_dir):
 
 def test_patience_stops_a_stalled_solve(model_dirs, release_dir):
     lm, rel = lm_and_release(model_dirs, release_dir)
-    solver, problems, _ = build_solver(lm, rel, small(steps=40, inner_steps=1, lr=1e-6,
-                                                      patience=2))  # fmt: skip
+    solver, problems, _ = build_solver(lm, rel, small(steps=40, inner_steps=1, lr=1e-6, patience=2))
     solution = solver.solve(problems, progress=False)
     best = [h[1] for h in solution.history]
     assert 2 <= len(best) < 40  # stopped early: the tiny steps stop changing the tokens

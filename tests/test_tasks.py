@@ -157,8 +157,12 @@ def test_demonstrations_belong_to_the_task(tmp_path, data_dir, model_dirs):
 def test_experiment_file_typos_are_one_line_before_any_cell(tmp_path, model_dirs):
     from conftest import cli
 
-    cases = [("generate: {stpes: 3}", "stpes"), ("filter: {keep: 3}", "keep"),
-             ("finetune: {lr: -1}", "lr"), ("finetune: {seed: 3}", "seed")]  # fmt: skip
+    cases = [
+        ("generate: {stpes: 3}", "stpes"),
+        ("filter: {keep: 3}", "keep"),
+        ("finetune: {lr: -1}", "lr"),
+        ("finetune: {seed: 3}", "seed"),
+    ]
     for section, message in cases:
         exp = tmp_path / "exp.yaml"
         exp.write_text(f"model: {model_dirs['llama']}\ntasks: [sst2]\n{section}\n")
@@ -177,8 +181,17 @@ def test_long_texts_are_cut_only_when_asked(model_dirs, data_dir, tmp_path):
     long_text = " ".join(["the film was great and"] * 60)  # > 128 tokens of the tiny models
     rows = [(f"{long_text} {i}", 1) for i in range(30)] + [(f"dull plot {i}", 0) for i in range(30)]
     write_split(tmp_path / "data" / "sst2", "train", rows)
-    args = ["release", "--task", "sst2", "--model", model_dirs["gpt2"], "--data-dir",
-            tmp_path / "data", "--n-per-class", 3]  # fmt: skip
+    args = [
+        "release",
+        "--task",
+        "sst2",
+        "--model",
+        model_dirs["gpt2"],
+        "--data-dir",
+        tmp_path / "data",
+        "--n-per-class",
+        3,
+    ]
     r = cli(*args, "--out", tmp_path / "r1")
     assert r.exit_code == 2 and "longer than the model's context" in r.stderr
     assert "--max-text-tokens" in r.stderr

@@ -59,16 +59,56 @@ def runtime_of(device: str | None, dtype: str | None = None):
 
 
 # generate's options on the command line (the rest: --config); each defined in gradmm.stages.configs
-GENERATE_OPTIONS = ("per_class", "batch", "length", "steps", "inner_steps", "rho", "topk",
-                    "projection", "lr", "init_candidates", "patience", "seed", "engine", "target",
-                    "preset")  # fmt: skip
+GENERATE_OPTIONS = (
+    "per_class",
+    "batch",
+    "length",
+    "steps",
+    "inner_steps",
+    "rho",
+    "topk",
+    "projection",
+    "lr",
+    "init_candidates",
+    "patience",
+    "seed",
+    "engine",
+    "target",
+    "preset",
+)
 # release's options on the command line, each defined in gradmm.stages.configs.ReleaseConfig
-RELEASE_OPTIONS = ("n_per_class", "sampling", "sampling_rate", "split", "seed", "preset",
-                   "match_params", "sketch_dim", "sketch_seed", "max_text_tokens", "epsilon",
-                   "delta", "clip", "neighbouring", "target", "noise_seed")  # fmt: skip
+RELEASE_OPTIONS = (
+    "n_per_class",
+    "sampling",
+    "sampling_rate",
+    "split",
+    "seed",
+    "preset",
+    "match_params",
+    "sketch_dim",
+    "sketch_seed",
+    "max_text_tokens",
+    "epsilon",
+    "delta",
+    "clip",
+    "neighbouring",
+    "target",
+    "noise_seed",
+)
 # finetune's options on the command line, each defined in gradmm.stages.configs.FinetuneConfig
-FINETUNE_OPTIONS = ("method", "lr", "steps", "batch_size", "eval_every", "selection", "dev_file",
-                    "max_dev", "lora_rank", "max_test", "seed")  # fmt: skip
+FINETUNE_OPTIONS = (
+    "method",
+    "lr",
+    "steps",
+    "batch_size",
+    "eval_every",
+    "selection",
+    "dev_file",
+    "max_dev",
+    "lora_rank",
+    "max_test",
+    "seed",
+)
 # evaluate's options on the command line, each defined in gradmm.stages.configs.EvaluateConfig
 EVALUATE_OPTIONS = ("few_shot", "dev_file", "max_test", "seed")
 
@@ -86,8 +126,11 @@ def config_options(
         params = [p for p in signature.parameters.values() if p.name != "options"]
         for name in names:
             annotation = _option_annotation(name, model.model_fields[name], presets or {})
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=annotation))  # fmt: skip
+            params.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+                )
+            )
 
         def run(**kwargs):
             return fn(options={n: kwargs.pop(n) for n in names}, **kwargs)
@@ -132,8 +175,9 @@ def command(
                 except UserError as e:
                     fail(str(e))
                 except KeyboardInterrupt as e:
-                    how, status = ("terminated", 143) if isinstance(e, Terminated) else (
-                        "interrupted", 130)  # fmt: skip
+                    how, status = (
+                        ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+                    )
                     typer.echo(f"gradmm: {how}; {getattr(e, 'kept', interrupted)}", err=True)
                     raise typer.Exit(status) from None
                 except OSError as e:
@@ -198,8 +242,9 @@ def release(
     """Stage 1: sample private examples and release their per-class target gradients (fp32)."""
     from gradmm.stages.release import release_targets
 
-    cfg = build_config(ReleaseConfig, dict(task=task, model=model, data_dir=data_dir, **options),
-                       config)  # fmt: skip
+    cfg = build_config(
+        ReleaseConfig, dict(task=task, model=model, data_dir=data_dir, **options), config
+    )
     result = release_targets(cfg, out, overwrite=overwrite, runtime=runtime_of(device))
     counts = ", ".join(
         f"{n} {name}" for n, name in zip(result.meta.counts, result.task.label_names, strict=True)
@@ -229,8 +274,15 @@ def generate(
     from gradmm.stages.generate import generate as run_generate
 
     cfg = resolve_config(options, config)
-    path = run_generate(release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc,
-                        runtime=runtime_of(device, dtype))  # fmt: skip
+    path = run_generate(
+        release,
+        out,
+        cfg,
+        overwrite=overwrite,
+        progress=not quiet,
+        nproc=nproc,
+        runtime=runtime_of(device, dtype),
+    )
     from gradmm.core.distributed import rank_and_world
 
     if rank_and_world()[0] == 0:
@@ -287,12 +339,19 @@ def finetune(
 
     cfg = build_config(
         FinetuneConfig,
-        dict(model=model, task=task, train=str(train), data_dir=data_dir,
-             save_model=save_model or None, **options),
+        dict(
+            model=model,
+            task=task,
+            train=str(train),
+            data_dir=data_dir,
+            save_model=save_model or None,
+            **options,
+        ),
         config,
-    )  # fmt: skip
-    result = run_finetune(cfg, out, progress=not quiet, overwrite=overwrite,
-                          runtime=runtime_of(device))  # fmt: skip
+    )
+    result = run_finetune(
+        cfg, out, progress=not quiet, overwrite=overwrite, runtime=runtime_of(device)
+    )
     dev = result["dev_accuracy"]
     chosen = "last step" if dev is None else f"best dev {dev:.4f}"
     typer.echo(
@@ -322,8 +381,16 @@ def evaluate(
     cfg = build_config(EvaluateConfig, dict(model=model, task=task, data_dir=data_dir, **options))
     if out is not None:
         check_result_file(out, "evaluate", overwrite)
-    result = evaluate_task(cfg.model, cfg.task, cfg.few_shot, cfg.data_dir, cfg.max_test,
-                           cfg.seed, cfg.dev_file, runtime=runtime_of(device, dtype))  # fmt: skip
+    result = evaluate_task(
+        cfg.model,
+        cfg.task,
+        cfg.few_shot,
+        cfg.data_dir,
+        cfg.max_test,
+        cfg.seed,
+        cfg.dev_file,
+        runtime=runtime_of(device, dtype),
+    )
     if out is not None:
         write_json(out, result)
     per_class = ", ".join(
@@ -379,16 +446,21 @@ def privacy(
         raise UserError(f"--neighbouring must be 'replace' or 'add-remove', not {neighbouring!r}")
     if sampling_rate is None:
         z = dp.noise_multiplier(epsilon, delta)
-        typer.echo(f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian "
-                   "release")  # fmt: skip
+        typer.echo(
+            f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian release"
+        )
     else:
         if neighbouring != "add-remove":
-            raise UserError("Poisson sampling is accounted for add-or-remove neighbours: "
-                            "pass --neighbouring add-remove")  # fmt: skip
+            raise UserError(
+                "Poisson sampling is accounted for add-or-remove neighbours: "
+                "pass --neighbouring add-remove"
+            )
         z = dp.poisson_noise_multiplier(epsilon, delta, sampling_rate)
-        typer.echo(f"noise multiplier σ/Δ = {z:.6g} for one Gaussian release on a Poisson "
-                   f"sample at rate {sampling_rate:g}, ({epsilon}, {delta})-DP for the split "
-                   "(PLD accountant)")  # fmt: skip
+        typer.echo(
+            f"noise multiplier σ/Δ = {z:.6g} for one Gaussian release on a Poisson "
+            f"sample at rate {sampling_rate:g}, ({epsilon}, {delta})-DP for the split "
+            "(PLD accountant)"
+        )
     if n_per_class is not None:
         if n_per_class < 1:
             raise UserError("--n-per-class must be >= 1")
@@ -433,8 +505,9 @@ def audit(
     typer.echo(f"wrote {out or default_report_path(run)} (PRIVATE: do not publish)")
 
 
-@command(app, "finished steps were kept in OUT: rerun the same command to resume",
-         name="canary-audit")  # fmt: skip
+@command(
+    app, "finished steps were kept in OUT: rerun the same command to resume", name="canary-audit"
+)
 def canary_audit(
     config: Annotated[
         Path,
@@ -454,9 +527,11 @@ def canary_audit(
     from gradmm.privacy.canary import canary_audit as run_audit
 
     report = run_audit(build_config(CanaryAuditConfig, {}, config), out, progress=not quiet)
-    typer.echo(f"canary membership inference: ROC AUC {report['roc_auc']}, TPR at FPR 0.1 "
-               f"{report['tpr_at_fpr_0.1']} ({report['members']} planted, "
-               f"{report['non_members']} not); wrote {out / 'report.json'} (PRIVATE)")  # fmt: skip
+    typer.echo(
+        f"canary membership inference: ROC AUC {report['roc_auc']}, TPR at FPR 0.1 "
+        f"{report['tpr_at_fpr_0.1']} ({report['members']} planted, "
+        f"{report['non_members']} not); wrote {out / 'report.json'} (PRIVATE)"
+    )
 
 
 model_app = typer.Typer(no_args_is_help=True, help="Real pretrained checkpoints, no hub needed.")
@@ -489,8 +564,11 @@ lm_app = typer.Typer(no_args_is_help=True, help="The project's reference languag
 app.add_typer(lm_app, name="lm")
 
 
-@command(lm_app, "checkpoints in the work folder were kept: rerun the same command to resume",
-         name="train")  # fmt: skip
+@command(
+    lm_app,
+    "checkpoints in the work folder were kept: rerun the same command to resume",
+    name="train",
+)
 def lm_train(
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = ...,
     data_dir: Annotated[
@@ -510,10 +588,11 @@ def lm_train(
 
     cfg = build_config(
         LMTrainConfig,
-        dict(data_dir=data_dir or os.environ.get("GRADMM_DATA_DIR"), max_steps=max_steps,
-             seed=seed),
+        dict(
+            data_dir=data_dir or os.environ.get("GRADMM_DATA_DIR"), max_steps=max_steps, seed=seed
+        ),
         config,
-    )  # fmt: skip
+    )
     path = train_lm(cfg, out, work)
     typer.echo(f"wrote {path}")
 

@@ -134,15 +134,18 @@ class SolverState:
         try:
             return cls(**torch.load(path, map_location=device))
         except (RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
-            raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass "
-                            "--overwrite to start the run again") from None  # fmt: skip
+            raise UserError(
+                f"{path} is not a readable checkpoint ({type(e).__name__}): pass "
+                "--overwrite to start the run again"
+            ) from None
 
 
 class Selection(Protocol):
     """Which tokens a solve returns: sees every projection and every x-update."""
 
-    def observe_projection(self, solver: ADMMSolver, state: SolverState, problems: Problems,
-                           ids: Tensor) -> None: ...  # fmt: skip
+    def observe_projection(
+        self, solver: ADMMSolver, state: SolverState, problems: Problems, ids: Tensor
+    ) -> None: ...
 
     def observe_iterate(self, state: SolverState, objective: Tensor) -> None: ...
 
@@ -165,8 +168,9 @@ class ProjectedSelection:
         pass
 
     def finish(self, solver, state, problems):
-        self.observe_projection(solver, state, problems, solver.project(state.x + state.u,
-                                                                        problems))  # fmt: skip
+        self.observe_projection(
+            solver, state, problems, solver.project(state.x + state.u, problems)
+        )
 
 
 class AugmentedSelection:
@@ -304,8 +308,9 @@ class ADMMSolver:
 
         Draws come from one CPU generator per problem, so they do not depend on the device."""
         length, dim = self.layout.length, self.emb.shape[1]
-        out = torch.empty(len(problems), self.batch, length, dim, dtype=self.dtype,
-                          device=self.device)  # fmt: skip
+        out = torch.empty(
+            len(problems), self.batch, length, dim, dtype=self.dtype, device=self.device
+        )
         with self.timed("init"):
             for p in range(len(problems)):
                 gen = torch.Generator().manual_seed(problems.seeds[p])
@@ -332,16 +337,21 @@ class ADMMSolver:
             x=x,
             u=torch.zeros_like(x),
             best_rec=inf,
-            best_ids=torch.zeros(n_problems, self.batch, self.layout.n_free, dtype=torch.long,
-                                 device=self.device),
+            best_ids=torch.zeros(
+                n_problems, self.batch, self.layout.n_free, dtype=torch.long, device=self.device
+            ),
             best_obj=inf.clone(),
             best_x=x.clone(),
-        )  # fmt: skip
+        )
 
     def x_update(
-        self, state: SolverState, opt: torch.optim.Optimizer, z: Tensor, z_ids: Tensor,
+        self,
+        state: SolverState,
+        opt: torch.optim.Optimizer,
+        z: Tensor,
+        z_ids: Tensor,
         problems: Problems,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """``I`` Adam steps on ``rec(x) + ρ/2 ‖x − z + u‖²``; returns the last (P,) objective."""
         x, u, rho = state.x, state.u, self.cfg.rho
         with self.timed("x_steps"):
@@ -366,8 +376,10 @@ class ADMMSolver:
     ) -> Solution:
         """Run ADMM on all problems; resumes from ``checkpoint`` if that file exists."""
         if self.sequential:
-            parts = [self._solve(problems[p : p + 1], None, checkpoint_every, progress)
-                     for p in range(len(problems))]  # fmt: skip
+            parts = [
+                self._solve(problems[p : p + 1], None, checkpoint_every, progress)
+                for p in range(len(problems))
+            ]
             return Solution(
                 ids=torch.cat([s.ids for s in parts]),
                 rec=torch.cat([s.rec for s in parts]),
@@ -388,8 +400,14 @@ class ADMMSolver:
         if state.adam is not None:
             opt.load_state_dict(state.adam)
 
-        bar = tqdm(range(state.step, cfg.steps), desc="generate: ADMM", unit="iter",
-                   initial=state.step, total=cfg.steps, disable=not progress)  # fmt: skip
+        bar = tqdm(
+            range(state.step, cfg.steps),
+            desc="generate: ADMM",
+            unit="iter",
+            initial=state.step,
+            total=cfg.steps,
+            disable=not progress,
+        )
         for step in bar:
             with torch.no_grad():
                 self._with_template(state.x, problems.classes)
@@ -403,8 +421,9 @@ class ADMMSolver:
                 self._with_template(state.x, problems.classes)
             self.selection.observe_iterate(state, objective)
             state.step, state.stalled = step + 1, state.stalled + 1
-            state.history.append((elapsed + time.perf_counter() - started,
-                                  float(state.best_rec.mean())))  # fmt: skip
+            state.history.append(
+                (elapsed + time.perf_counter() - started, float(state.best_rec.mean()))
+            )
             if cfg.select == "projected":
                 bar.set_postfix(rec=f"{state.history[-1][1]:.4f}")
             if cfg.patience is not None and state.stalled >= cfg.patience:
@@ -416,8 +435,12 @@ class ADMMSolver:
         bar.close()
         state.x = state.x.detach()
         self.selection.finish(self, state, problems)
-        return Solution(ids=state.best_ids, rec=state.best_rec, timings=dict(self.timings),
-                        history=state.history)  # fmt: skip
+        return Solution(
+            ids=state.best_ids,
+            rec=state.best_rec,
+            timings=dict(self.timings),
+            history=state.history,
+        )
 
     @torch.no_grad()
     def _condition_gradient(self, grad: Tensor) -> None:
@@ -465,5 +488,7 @@ class AuthorsOverhead(SolverHooks):
             solver.rec(solver.embed(ids, problems), problems)
             solver.model(input_ids=solver.layout.full_ids(ids, problems.classes).flatten(0, 1))
             if step % 10 == 0:
-                solver.projector(x[:, :, solver.layout.free].flatten(0, 1),
-                                 problems.classes.repeat_interleave(x.shape[1]))  # fmt: skip
+                solver.projector(
+                    x[:, :, solver.layout.free].flatten(0, 1),
+                    problems.classes.repeat_interleave(x.shape[1]),
+                )

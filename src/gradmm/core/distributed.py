@@ -92,8 +92,13 @@ def _free_port() -> int:
 def _worker(
     rank: int, world: int, port: int, fn: Callable, args: tuple, threads: int, device_type: str
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(threads)
     if device_type == "cuda":
         torch.cuda.set_device(rank)
@@ -110,6 +115,8 @@ def spawn(fn: Callable, args: tuple, nproc: int, device_type: str = "cpu") -> No
     on CUDA). The machine's CPU threads are divided among the processes."""
     threads = max(1, torch.get_num_threads() // nproc)
     torch.multiprocessing.spawn(
-        _worker, args=(nproc, _free_port(), fn, args, threads, device_type), nprocs=nproc,
+        _worker,
+        args=(nproc, _free_port(), fn, args, threads, device_type),
+        nprocs=nproc,
         join=True,
-    )  # fmt: skip
+    )

@@ -40,8 +40,15 @@ class GradientSpace:
     b: Tensor | None = None  # (R, d) (sketch)
 
     @classmethod
-    def of(cls, kind: str, label_ids: Sequence[Sequence[int]], vocab_rows: int, hidden: int,
-           sketch_dim: int | None = None, sketch_seed: int = 0) -> GradientSpace:  # fmt: skip
+    def of(
+        cls,
+        kind: str,
+        label_ids: Sequence[Sequence[int]],
+        vocab_rows: int,
+        hidden: int,
+        sketch_dim: int | None = None,
+        sketch_seed: int = 0,
+    ) -> GradientSpace:
         """The space of ``kind`` (``output``, ``last-block``: the identity)."""
         if kind == "label-rows":
             return cls(kind, rows=torch.tensor(sorted({t for word in label_ids for t in word})))
@@ -164,15 +171,17 @@ def summed_autograd_grads(
     try:
         for start in range(0, len(prompts), batch_size):
             cls = classes[start : start + batch_size]
-            h = label_hidden(lm, labels, prompts[start : start + batch_size], cls,
-                             detached_embeddings=True)  # fmt: skip
+            h = label_hidden(
+                lm, labels, prompts[start : start + batch_size], cls, detached_embeddings=True
+            )
             logits = lm.output.logits(h)  # (n, K, V)
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), labels.ids[cls].flatten(), reduction="none"
             )
             loss = (ce.reshape(len(cls), -1) * labels.weights[cls]).sum()
-            for name, g in zip(params, torch.autograd.grad(loss, list(params.values())),
-                               strict=True):  # fmt: skip
+            for name, g in zip(
+                params, torch.autograd.grad(loss, list(params.values())), strict=True
+            ):
                 sums[name] += g
     finally:
         for p in params.values():

@@ -110,8 +110,11 @@ def place(lm: LoadedModel, runtime: Runtime | None) -> LoadedModel:
     lm.model.to(device=runtime.torch_device(), dtype=runtime.torch_dtype())
     out = output_layer(lm.model)
     dtype = loss_dtype(out.weight.dtype)
-    lm.output = OutputLayer(weight=out.weight.to(dtype), tied=out.tied,
-                            bias=None if out.bias is None else out.bias.to(dtype))  # fmt: skip
+    lm.output = OutputLayer(
+        weight=out.weight.to(dtype),
+        tied=out.tied,
+        bias=None if out.bias is None else out.bias.to(dtype),
+    )
     lm.__dict__.pop("embeddings", None)  # recomputed on the new device
     return lm
 
@@ -142,8 +145,10 @@ def check_logits_are_the_output_layers(model: torch.nn.Module, layer: OutputLaye
     own = model(input_ids=probe).logits.float()
     ours = layer.logits(final_hidden(model, input_ids=probe)).float()
     if not torch.allclose(own, ours, rtol=1e-3, atol=1e-3 * float(own.abs().max()) + 1e-5):
-        raise UserError(f"{type(model).__name__}'s logits are not W h + b of its output layer "
-                        "(a scaled or capped head is not supported)")  # fmt: skip
+        raise UserError(
+            f"{type(model).__name__}'s logits are not W h + b of its output layer "
+            "(a scaled or capped head is not supported)"
+        )
 
 
 def matched_parameters(model: torch.nn.Module, which: MatchParams = "output") -> dict[str, Tensor]:

@@ -128,9 +128,14 @@ class AutogradMatchingLoss:
         self.labels = labels.to(self.params[0].device)
         space = (space or GradientSpace("output")).to(self.params[0].device)
         weight, bias = output_names or (None, None)
-        self.maps = [space.map_weight_grad if n == weight else
-                     space.map_bias_grad if n == bias else (lambda g: g)
-                     for n in self.names]  # fmt: skip
+        self.maps = [
+            space.map_weight_grad
+            if n == weight
+            else space.map_bias_grad
+            if n == bias
+            else (lambda g: g)
+            for n in self.names
+        ]
 
     def rec(self, model, x: Tensor, classes: Tensor) -> Tensor:
         """(P, B, L, d) input embeddings -> (P,) ``rec``; differentiable in ``x``."""

@@ -118,8 +118,9 @@ class Projector:
         ids = torch.empty(v.shape[:2], dtype=torch.long, device=v.device)
         for c in classes.unique().tolist():
             rows = (classes == c).nonzero(as_tuple=True)[0]
-            ids[rows] = self._decode(v[rows], None if cand is None else cand[rows],
-                                     self.contexts[c])  # fmt: skip
+            ids[rows] = self._decode(
+                v[rows], None if cand is None else cand[rows], self.contexts[c]
+            )
         return ids
 
     def _choose(self, logits: Tensor, v_pos: Tensor, cand_pos: Tensor | None) -> Tensor:
@@ -129,8 +130,9 @@ class Projector:
             return cand_pos.gather(1, scores.argmax(1, keepdim=True))
         # lm-first: the cosine favourite of the LM's k most probable allowed tokens
         top = (logits.to(self.dtype) + self.penalty).topk(self.k, dim=-1).indices  # (n, k)
-        cos = torch.einsum("nd,nkd->nk", torch.nn.functional.normalize(v_pos, dim=-1),
-                           self.unit[top])  # fmt: skip
+        cos = torch.einsum(
+            "nd,nkd->nk", torch.nn.functional.normalize(v_pos, dim=-1), self.unit[top]
+        )
         return top.gather(1, cos.argmax(1, keepdim=True))
 
     def _decode(self, v: Tensor, cand: Tensor | None, context: list[int]) -> Tensor:

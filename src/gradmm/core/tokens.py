@@ -79,8 +79,13 @@ def tokenize_prompt(task: Task, tokenizer) -> PromptTokens:
     if len(set(map(tuple, label_ids))) != len(label_ids):
         which = "first tokens" if task.label_token_policy == "first" else "tokens"
         raise UserError(f"label words {list(task.label_words)} do not map to distinct {which}")
-    return PromptTokens(head=head, tail=tail, label_ids=label_ids, label_score=task.label_score,
-                        max_text_tokens=task.max_text_tokens)  # fmt: skip
+    return PromptTokens(
+        head=head,
+        tail=tail,
+        label_ids=label_ids,
+        label_score=task.label_score,
+        max_text_tokens=task.max_text_tokens,
+    )
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,9 @@ class LabelTokens:
     def batch(self, prompts: list[list[int]], classes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Each prompt followed by its class's :meth:`feed`: (N, L) right-padded ids, (N, L)
         attention mask and (N, K) positions of the label tokens' predictions."""
-        ids, mask, last = right_padded([p + self.feed(c) for p, c in zip(prompts, classes,
-                                                                         strict=True)])  # fmt: skip
+        ids, mask, last = right_padded(
+            [p + self.feed(c) for p, c in zip(prompts, classes, strict=True)]
+        )
         return ids, mask, last[:, None] - (self.length - 1) + torch.arange(self.length)
 
 

@@ -64,10 +64,12 @@ def poisson_pool(
     examples = load_examples(task, split, data_dir)
     excluded = set(private_pool_exclusions(task, split, examples))
     if excluded and len(examples.labels) < 2 * task.dev_size:
-        warn(f"{examples.source} has {len(examples.labels)} rows, fewer than twice the dev slice's "
-             f"{task.dev_size}: the slice is half the split, so one row added or removed may "
-             "also move another row across it, and the guarantee holds for groups of two rows "
-             "(docs/privacy.md)")  # fmt: skip
+        warn(
+            f"{examples.source} has {len(examples.labels)} rows, fewer than twice the dev slice's "
+            f"{task.dev_size}: the slice is half the split, so one row added or removed may "
+            "also move another row across it, and the guarantee holds for groups of two rows "
+            "(docs/privacy.md)"
+        )
     kept = uniforms(len(examples.labels), random_bytes) < rate
     picked = [[] for _ in task.label_names]
     for i, (label, keep) in enumerate(zip(examples.labels, kept, strict=True)):
@@ -76,13 +78,13 @@ def poisson_pool(
     return examples, picked
 
 
-def planted_pool(task: Task, examples: Examples, picked: list[list[int]],
-                 canary_file: str | Path) -> tuple[Examples, list[list[int]]]:  # fmt: skip
+def planted_pool(
+    task: Task, examples: Examples, picked: list[list[int]], canary_file: str | Path
+) -> tuple[Examples, list[list[int]]]:
     """The pool with the rows of ``canary_file`` added to their classes (canary audits)."""
     extra = examples_from_rows(task, read_jsonl_numbered(Path(canary_file)), canary_file)
     start = len(examples.texts)
-    merged = Examples(examples.texts + extra.texts, examples.labels + extra.labels,
-                      examples.source)  # fmt: skip
+    merged = Examples(examples.texts + extra.texts, examples.labels + extra.labels, examples.source)
     picked = [list(ix) for ix in picked]
     for j, label in enumerate(extra.labels):
         picked[label].append(start + j)

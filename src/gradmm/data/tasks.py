@@ -313,12 +313,9 @@ def dev_indices(examples: Examples, size: int) -> list[int]:
     the boundary, so the rows outside the dev slice of neighbouring splits differ by one row, as
     a guarantee for the whole split (Poisson releases, ``docs/privacy.md``) needs."""
     key = DEV_SEED.to_bytes(8, "little")
-    digests = [hashlib.blake2b(f"{y}\0{t}".encode(), key=key, digest_size=16).digest()
-               for t, y in zip(examples.texts, examples.labels, strict=True)]  # fmt: skip
+    digests = [
+        hashlib.blake2b(f"{y}\0{t}".encode(), key=key, digest_size=16).digest()
+        for t, y in zip(examples.texts, examples.labels, strict=True)
+    ]
     ranked = sorted(range(len(digests)), key=lambda i: (digests[i], i))
     return sorted(ranked[: min(size, len(digests) // 2)])
-
-
-
-
-

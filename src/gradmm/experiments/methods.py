@@ -101,16 +101,29 @@ def method(name: str, **flags) -> Callable[[Callable[[Cell], dict]], Callable[[C
 # ------------------------------------------------------------------------------------ stages
 
 
-def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None,
-                   n: int | None = None, match: str | None = None) -> Path:  # fmt: skip
+def shared_release(
+    cfg,
+    out,
+    task,
+    seed,
+    kind: str,
+    eps: float | None = None,
+    n: int | None = None,
+    match: str | None = None,
+) -> Path:
     """A release shared by the cells of (task, seed): default, paper, dp or noise (the DP ones
     of pool size ``n`` and released gradient ``match`` in a DP study)."""
     name = Cell(None, out, task, kind, seed, eps, n, match).name
     path = out / "releases" / task / f"seed{seed}" / name
     if (path / "release.json").exists():
         return path
-    rc = dict(task=task, model=cfg.model, n_per_class=n or cfg.n_per_class, seed=seed,
-              data_dir=cfg.data_dir)  # fmt: skip
+    rc = dict(
+        task=task,
+        model=cfg.model,
+        n_per_class=n or cfg.n_per_class,
+        seed=seed,
+        data_dir=cfg.data_dir,
+    )
     if kind == "paper":
         rc["preset"] = "paper"
     if kind in ("dp", "noise"):
@@ -123,9 +136,11 @@ def shared_release(cfg, out, task, seed, kind: str, eps: float | None = None,
             rc["match_params"] = match
             rc["sketch_dim"] = cfg.dp_sketch_dim if match == "sketch" else None
         if cfg.dp_sampling == "poisson":
-            rc.update(sampling="poisson", neighbouring="add-remove",
-                      sampling_rate=poisson_rate(load_task(task), rc["n_per_class"],
-                                                 cfg.data_dir))  # fmt: skip
+            rc.update(
+                sampling="poisson",
+                neighbouring="add-remove",
+                sampling_rate=poisson_rate(load_task(task), rc["n_per_class"], cfg.data_dir),
+            )
     release_targets(ReleaseConfig(**rc), path, runtime=cfg.runtime)
     return path
 
@@ -160,17 +175,32 @@ def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> di
     """Fine-tune on ``train`` and describe the training texts: per-class counts, the median and
     mean of their perplexities under the experiment's model (the same scoring for every method)
     and, when ``samples`` (never for real text), the first three texts of each class."""
-    ft = FinetuneConfig(**{**cfg.finetune, "model": cfg.model, "task": task, "train": str(train),
-                           "data_dir": cfg.data_dir, "seed": seed})  # fmt: skip
+    ft = FinetuneConfig(
+        **{
+            **cfg.finetune,
+            "model": cfg.model,
+            "task": task,
+            "train": str(train),
+            "data_dir": cfg.data_dir,
+            "seed": seed,
+        }
+    )
     result = finetune(ft, progress=False, runtime=cfg.runtime)
-    keep = ("test_accuracy", "dev_accuracy", "selected_step", "train_examples",
-            "test_per_class_accuracy", "train_loss")  # fmt: skip
+    keep = (
+        "test_accuracy",
+        "dev_accuracy",
+        "selected_step",
+        "train_examples",
+        "test_per_class_accuracy",
+        "train_loss",
+    )
     out = {k: result[k] for k in keep}
     rows = read_jsonl(train)
     num_classes = load_task(task).num_classes
     out["train_per_class"] = [sum(r["label"] == c for r in rows) for c in range(num_classes)]
-    perplexities = text_perplexities(place(load_model(cfg.model), cfg.runtime),
-                                     [r["text"] for r in rows])  # fmt: skip
+    perplexities = text_perplexities(
+        place(load_model(cfg.model), cfg.runtime), [r["text"] for r in rows]
+    )
     out["train_perplexity"] = round(statistics.median(perplexities), 2)
     out["train_perplexity_mean"] = round(statistics.mean(perplexities), 2)
     if samples:
@@ -208,10 +238,14 @@ def lm_prompted_examples(
             attempts += 1
             batch = torch.tensor([ids], device=lm.device).repeat(per_class, 1)
             gen = lm.model.generate(
-                batch, attention_mask=torch.ones_like(batch), max_new_tokens=40,
-                do_sample=True, top_k=50, temperature=0.9,
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=40,
+                do_sample=True,
+                top_k=50,
+                temperature=0.9,
                 pad_token_id=lm.tokenizer.eos_token_id,
-            )  # fmt: skip
+            )
             for seq in gen[:, len(ids) :]:
                 text = lm.tokenizer.decode(seq, skip_special_tokens=True).split("\n")[0]
                 text = text.split(tail)[0].strip() if tail else text.strip()
@@ -225,11 +259,20 @@ def lm_prompted_examples(
 
 
 def _evaluate(cell: Cell, k: int) -> dict:
-    res = evaluate_task(cell.cfg.model, cell.task, k, cell.cfg.data_dir,
-                        cell.cfg.finetune.get("max_test"), cell.seed,
-                        runtime=cell.cfg.runtime)  # fmt: skip
-    return {"test_accuracy": res["accuracy"], "test_per_class_accuracy": res["per_class_accuracy"],
-            "dev_accuracy": None}  # fmt: skip
+    res = evaluate_task(
+        cell.cfg.model,
+        cell.task,
+        k,
+        cell.cfg.data_dir,
+        cell.cfg.finetune.get("max_test"),
+        cell.seed,
+        runtime=cell.cfg.runtime,
+    )
+    return {
+        "test_accuracy": res["accuracy"],
+        "test_per_class_accuracy": res["per_class_accuracy"],
+        "dev_accuracy": None,
+    }
 
 
 @method("zero_shot")
@@ -245,8 +288,9 @@ def few_shot(cell: Cell) -> dict:
 def _real(cell: Cell) -> dict:
     with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
         train = Path(tmp) / "train.jsonl"
-        write_jsonl(train, real_training_rows(cell.cfg, load_task(cell.task), cell.seed,
-                                              cell.method))  # fmt: skip
+        write_jsonl(
+            train, real_training_rows(cell.cfg, load_task(cell.task), cell.seed, cell.method)
+        )
         return train_and_describe(cell.cfg, cell.task, cell.seed, train, samples=False)
 
 
@@ -259,9 +303,13 @@ def _lm_prompted_set(cell: Cell) -> Path:
     train = Cell(cell.cfg, cell.out, cell.task, "lm_prompted", cell.seed, None).folder
     train = train / "synthetic.jsonl"
     if not train.exists():
-        rows = lm_prompted_examples(cell.cfg.model, load_task(cell.task),
-                                    cell.cfg.synthetic_per_class, cell.seed,
-                                    cell.cfg.runtime)  # fmt: skip
+        rows = lm_prompted_examples(
+            cell.cfg.model,
+            load_task(cell.task),
+            cell.cfg.synthetic_per_class,
+            cell.seed,
+            cell.cfg.runtime,
+        )
         write_jsonl(train, rows)
     return train
 
@@ -278,8 +326,9 @@ def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
         eps = cell.epsilon if kind in ("dp", "noise") else None
         if cell.method == "dp_none":  # no matching, so any DP release serves; the first ε's
             eps = cell.cfg.dp_epsilons[0]
-        rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, kind, eps, cell.pool_size,
-                             cell.match_params)  # fmt: skip
+        rel = shared_release(
+            cell.cfg, cell.out, cell.task, cell.seed, kind, eps, cell.pool_size, cell.match_params
+        )
         train = synthetic_set(cell, rel, **generate_options)
         result = train_and_describe(cell.cfg, cell.task, cell.seed, train)
         result["mean_rec_loss"] = read_json(train.parent / "manifest.json")["mean_rec_loss"]
@@ -330,8 +379,10 @@ def _size_matched(base: str) -> Callable[[Cell], dict]:
             cut = cut_per_class(rows, counts, seed)
             done = Cell(cfg, cell.out, cell.task, base, seed, None).folder / "result.json"
             if len(cut) == len(rows) and done.exists():
-                return {**{k: v for k, v in read_json(done).items() if k != "samples"},
-                        "same_as": base}  # fmt: skip
+                return {
+                    **{k: v for k, v in read_json(done).items() if k != "samples"},
+                    "same_as": base,
+                }
             train = Path(tmp) / "train.jsonl"
             write_jsonl(train, cut)
             return train_and_describe(cfg, cell.task, seed, train, samples=False)

@@ -41,10 +41,22 @@ COMPARISONS = {
 def write_tables(rows: list[dict], out: Path) -> None:
     """Write ``results.csv`` (one row per cell) and ``results.md`` (accuracy, training-set sizes,
     paired differences)."""
-    fields = ["task", "method", "epsilon", "n_per_class", "match_params", "seed",
-              "test_accuracy", "dev_accuracy", "selected_step", "train_examples",
-              "mean_matching_loss", "train_perplexity", "train_perplexity_mean",
-              "seconds"]  # fmt: skip
+    fields = [
+        "task",
+        "method",
+        "epsilon",
+        "n_per_class",
+        "match_params",
+        "seed",
+        "test_accuracy",
+        "dev_accuracy",
+        "selected_step",
+        "train_examples",
+        "mean_matching_loss",
+        "train_perplexity",
+        "train_perplexity_mean",
+        "seconds",
+    ]
     lines = [",".join(fields)]
     for r in rows:
         r = {**r, "mean_matching_loss": r.get("mean_rec_loss")}
@@ -148,8 +160,11 @@ def comparison_table(rows: list[dict]) -> str:
                 base = noise_control(rows, m)
             cells_ = []
             for t in tasks:
-                diffs = [100 * (a - acc[(t, base, s)]) for (t_, m_, s), a in acc.items()
-                         if t_ == t and m_ == m and (t, base, s) in acc]  # fmt: skip
+                diffs = [
+                    100 * (a - acc[(t, base, s)])
+                    for (t_, m_, s), a in acc.items()
+                    if t_ == t and m_ == m and (t, base, s) in acc
+                ]
                 if not diffs:
                     cells_.append("")
                     continue
@@ -168,8 +183,11 @@ def noise_control(rows: list[dict], label: str) -> str:
     target's scale irrelevant, so its distribution is the same at every ε and n."""
     exact = "dp_noise@" + label.partition("@")[2]
     target = next(r.get("match_params") for r in rows if method_label(r) == label)
-    same = {method_label(r) for r in rows
-            if r["method"] == "dp_noise" and r.get("match_params") == target}  # fmt: skip
+    same = {
+        method_label(r)
+        for r in rows
+        if r["method"] == "dp_noise" and r.get("match_params") == target
+    }
     return exact if exact in same or len(same) != 1 else same.pop()
 
 
@@ -190,8 +208,14 @@ def plot(rows: list[dict], out: Path) -> None:
             accs = [r["test_accuracy"] for r in rows if r["task"] == t and method_label(r) == m]
             means.append(np.mean(accs) if accs else np.nan)
             sds.append(np.std(accs, ddof=1) if len(accs) > 1 else 0)  # as in results.md
-        ax.bar(np.arange(len(tasks)) + j * width, means, width, yerr=sds, label=m,
-               color=colors[j % len(colors)])  # fmt: skip
+        ax.bar(
+            np.arange(len(tasks)) + j * width,
+            means,
+            width,
+            yerr=sds,
+            label=m,
+            color=colors[j % len(colors)],
+        )
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=7, ncol=2)
@@ -208,8 +232,11 @@ def plot(rows: list[dict], out: Path) -> None:
     _save(fig, out / "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    pts = [(r["mean_rec_loss"], r["test_accuracy"], method_label(r)) for r in rows
-           if r.get("mean_rec_loss") is not None]  # fmt: skip
+    pts = [
+        (r["mean_rec_loss"], r["test_accuracy"], method_label(r))
+        for r in rows
+        if r.get("mean_rec_loss") is not None
+    ]
     for m in dict.fromkeys(p[2] for p in pts):
         xs = [p[0] for p in pts if p[2] == m]
         ax.scatter(xs, [p[1] for p in pts if p[2] == m], label=m, s=12)
@@ -233,38 +260,66 @@ def plot_dp_study(rows: list[dict], path: Path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in study))
     targets = list(dict.fromkeys(r.get("match_params") or "output" for r in study))
     sizes = sorted({r["n_per_class"] for r in study if r.get("n_per_class") is not None})
-    fig, axes = plt.subplots(len(tasks), len(targets), squeeze=False,
-                             figsize=(3.6 * len(targets), 3 * len(tasks)), sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(tasks),
+        len(targets),
+        squeeze=False,
+        figsize=(3.6 * len(targets), 3 * len(tasks)),
+        sharey=True,
+    )
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(sizes), 1)))
     for i, task in enumerate(tasks):
-        flat = {m: [100 * r["test_accuracy"] for r in rows if r["task"] == task
-                    and r["method"] == m] for m in ("dp_none", "zero_shot")}  # fmt: skip
+        flat = {
+            m: [100 * r["test_accuracy"] for r in rows if r["task"] == task and r["method"] == m]
+            for m in ("dp_none", "zero_shot")
+        }
         for j, target in enumerate(targets):
             ax = axes[i][j]
-            noise = [r for r in study if r["method"] == "dp_noise"
-                     and (r.get("match_params") or "output") == target]  # fmt: skip
+            noise = [
+                r
+                for r in study
+                if r["method"] == "dp_noise" and (r.get("match_params") or "output") == target
+            ]
             # one noise-only release stands for every ε and n, as in noise_control
             single_noise = len({method_label(r) for r in noise}) == 1
             noise = [r for r in noise if r["task"] == task]
             if single_noise and noise:
-                ax.axhline(np.mean([100 * r["test_accuracy"] for r in noise]), color="black",
-                           ls="--", lw=1, label="dp_noise (any ε, n)")  # fmt: skip
+                ax.axhline(
+                    np.mean([100 * r["test_accuracy"] for r in noise]),
+                    color="black",
+                    ls="--",
+                    lw=1,
+                    label="dp_noise (any ε, n)",
+                )
             for n, color in zip(sizes, colors, strict=True):
                 for method, style in (("dp_gradmm", "-"), ("dp_noise", "--")):
                     if method == "dp_noise" and single_noise:
                         continue
-                    group = [r for r in study if r["task"] == task and r["method"] == method
-                             and (r.get("match_params") or "output") == target
-                             and r["n_per_class"] == n]  # fmt: skip
+                    group = [
+                        r
+                        for r in study
+                        if r["task"] == task
+                        and r["method"] == method
+                        and (r.get("match_params") or "output") == target
+                        and r["n_per_class"] == n
+                    ]
                     eps = sorted({r["epsilon"] for r in group})
                     if not eps:
                         continue
-                    accs = [[100 * r["test_accuracy"] for r in group if r["epsilon"] == e]
-                            for e in eps]  # fmt: skip
-                    ax.errorbar(eps, [np.mean(a) for a in accs],
-                                yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
-                                ls=style, color=color, marker="o", ms=3, capsize=2,
-                                label=f"{method} n={n}")  # fmt: skip
+                    accs = [
+                        [100 * r["test_accuracy"] for r in group if r["epsilon"] == e] for e in eps
+                    ]
+                    ax.errorbar(
+                        eps,
+                        [np.mean(a) for a in accs],
+                        yerr=[np.std(a, ddof=1) if len(a) > 1 else 0 for a in accs],
+                        ls=style,
+                        color=color,
+                        marker="o",
+                        ms=3,
+                        capsize=2,
+                        label=f"{method} n={n}",
+                    )
             for m, style in (("dp_none", ":"), ("zero_shot", "-.")):
                 if flat[m]:
                     ax.axhline(np.mean(flat[m]), color="grey", ls=style, lw=1, label=m)

@@ -57,8 +57,14 @@ class CellFilter(BaseModel):
         task, method, seed, eps, n, match = key
         if match is None and eps is not None:  # a per-ε cell's plain release: the output layer
             match = "output"
-        fields = {"task": task, "method": method, "seed": seed, "epsilon": eps,
-                  "n_per_class": n, "match_params": match}  # fmt: skip
+        fields = {
+            "task": task,
+            "method": method,
+            "seed": seed,
+            "epsilon": eps,
+            "n_per_class": n,
+            "match_params": match,
+        }
         return all(fields[f] == v for f, v in self.model_dump(exclude_none=True).items())
 
 
@@ -106,8 +112,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
     for section in ("model", "task", "train", "data_dir", "seed"):
         if section in cfg.finetune:
             raise UserError(f"finetune: {section!r} is set by the runner, not the experiment file")
-    build_config(FinetuneConfig, {**cfg.finetune, "model": cfg.model, "task": cfg.tasks[0],
-                                  "train": "-"})  # fmt: skip
+    build_config(
+        FinetuneConfig, {**cfg.finetune, "model": cfg.model, "task": cfg.tasks[0], "train": "-"}
+    )
     if "last-block" in cfg.dp_match_params:
         raise UserError("dp_match_params: last-block has no closed-form clipping for DP")
     if ("sketch" in cfg.dp_match_params) != (cfg.dp_sketch_dim is not None):
@@ -120,8 +127,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
     for task, method, seed, *_ in kept:
         after = METHODS[method].after
         if after is not None and (task, after, seed, None, None, None) not in kept:
-            raise UserError(f"exclude: {method} of {task} seed {seed} reads the {after} cell, "
-                            "which is excluded")  # fmt: skip
+            raise UserError(
+                f"exclude: {method} of {task} seed {seed} reads the {after} cell, which is excluded"
+            )
     # methods that need a task's public demonstrations: refused now, not an hour into the run
     chosen = [METHODS[m] for m in cfg.methods]
     for i, m in enumerate(chosen):
@@ -133,8 +141,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
             if m.demonstrations:
                 task.require_demonstrations(f"the {m.name} method")
         if classifier and any(m.synthetic for m in chosen):
-            task.require_demonstrations("the filter's few-shot classifier (filter: {classifier: "
-                                        "false} turns it off)")  # fmt: skip
+            task.require_demonstrations(
+                "the filter's few-shot classifier (filter: {classifier: false} turns it off)"
+            )
     return cfg
 
 
@@ -154,8 +163,12 @@ def _grid(cfg: ExperimentConfig) -> list[CellKey]:
         for seed in cfg.seeds:
             for method in cfg.methods:
                 if METHODS[method].per_epsilon:
-                    out += [(task, method, seed, eps, n, match) for eps in cfg.dp_epsilons
-                            for n in sizes for match in matches]  # fmt: skip
+                    out += [
+                        (task, method, seed, eps, n, match)
+                        for eps in cfg.dp_epsilons
+                        for n in sizes
+                        for match in matches
+                    ]
                 else:
                     out.append((task, method, seed, None, None, None))
     return out
@@ -172,8 +185,11 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     check_output_dir(out, EXPERIMENT_DIR)
     make_output_dir(out, EXPERIMENT_DIR)
     weights = fingerprint(load_model(cfg.model).model)
-    settings = {**cfg.model_dump(mode="json"), "model_fingerprint": weights,
-                "dev_slice_rule": DEV_SLICE_RULE}  # fmt: skip
+    settings = {
+        **cfg.model_dump(mode="json"),
+        "model_fingerprint": weights,
+        "dev_slice_rule": DEV_SLICE_RULE,
+    }
     _check_same_settings(settings, out / "experiment.json")
     write_json(out / "experiment.json", settings)
     todo = cells(cfg)
@@ -189,8 +205,15 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
         result = run_cell(cfg, out, *key)
         if match is None and eps is not None and cfg.dp_match_params != ["output"]:
             match = "output"  # named in the table when the study varies the released gradient
-        result.update(task=task, method=method, seed=seed, epsilon=eps, n_per_class=n,
-                      match_params=match, seconds=round(time.time() - started, 1))  # fmt: skip
+        result.update(
+            task=task,
+            method=method,
+            seed=seed,
+            epsilon=eps,
+            n_per_class=n,
+            match_params=match,
+            seconds=round(time.time() - started, 1),
+        )
         write_json(path, result)
     rows = [read_json(cell_dir(out, *c) / "result.json") for c in todo]
     write_tables(rows, out)
@@ -199,8 +222,15 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
 
 
 # Fields that only select cells: a resumed run may change them (e.g. add a seed).
-CELL_SELECTION = ("tasks", "methods", "seeds", "dp_epsilons", "dp_pool_sizes", "dp_match_params",
-                  "exclude")  # fmt: skip
+CELL_SELECTION = (
+    "tasks",
+    "methods",
+    "seeds",
+    "dp_epsilons",
+    "dp_pool_sizes",
+    "dp_match_params",
+    "exclude",
+)
 
 
 def _check_same_settings(settings: dict, recorded: Path) -> None:
@@ -212,9 +242,10 @@ def _check_same_settings(settings: dict, recorded: Path) -> None:
     # a setting added to gradmm since, at its default, changes nothing
     defaults = ExperimentConfig(tasks=["-"]).model_dump(mode="json")
     changed = sorted(
-        k for k, v in settings.items() if k not in CELL_SELECTION
-        and before.get(k, defaults.get(k)) != v
-    )  # fmt: skip
+        k
+        for k, v in settings.items()
+        if k not in CELL_SELECTION and before.get(k, defaults.get(k)) != v
+    )
     if changed:
         raise UserError(
             f"{recorded.parent} holds cells run with different {', '.join(changed)}; "

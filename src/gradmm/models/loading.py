@@ -45,8 +45,11 @@ def load_model(
             source, dtype=dtype, attn_implementation=attn_implementation
         )
     except RuntimeError as e:  # what transformers raises when config and weights disagree
-        why = ("its config does not match the shapes of its weights" if "mismatched_sizes"
-               in str(e) else describe(e))  # fmt: skip
+        why = (
+            "its config does not match the shapes of its weights"
+            if "mismatched_sizes" in str(e)
+            else describe(e)
+        )
         raise UserError(f"could not load model {name!r}: {why}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {name!r}: {describe(e)}") from None

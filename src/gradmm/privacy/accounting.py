@@ -83,8 +83,17 @@ class Mechanism(BaseModel):
     @model_validator(mode="after")
     def _complete(self) -> Mechanism:
         if self.type == "gaussian":
-            needed = ("epsilon", "delta", "clip", "neighbouring", "sensitivity",
-                      "noise_multiplier", "sigma_sum", "normaliser", "sampler")  # fmt: skip
+            needed = (
+                "epsilon",
+                "delta",
+                "clip",
+                "neighbouring",
+                "sensitivity",
+                "noise_multiplier",
+                "sigma_sum",
+                "normaliser",
+                "sampler",
+            )
             missing = [k for k in needed if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"gaussian mechanism without {', '.join(missing)}")
@@ -118,9 +127,11 @@ def check_settings(epsilon: float | None, delta: float | None) -> None:
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise UserError(f"--epsilon must be a positive number, got {epsilon}")
     if epsilon > MAX_EPSILON:
-        raise UserError(f"--epsilon {epsilon:g} is above {MAX_EPSILON:g}: such a release "
-                        "carries no meaningful guarantee; release without --epsilon/--delta "
-                        "instead")  # fmt: skip
+        raise UserError(
+            f"--epsilon {epsilon:g} is above {MAX_EPSILON:g}: such a release "
+            "carries no meaningful guarantee; release without --epsilon/--delta "
+            "instead"
+        )
     if not (0 < delta < 1):
         raise UserError(f"--delta must be in (0, 1), got {delta}")
 
@@ -178,14 +189,18 @@ def poisson_noise_multiplier(epsilon: float, delta: float, rate: float) -> float
     from dp_accounting.pld import pld_privacy_accountant
 
     upper = 1.1 * noise_multiplier(epsilon, delta)  # no subsampling: always enough
-    return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: pld_privacy_accountant.PLDAccountant(
-            dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE),
-        lambda z: dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z)),
-        epsilon, delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(MIN_POISSON_MULTIPLIER, upper),
-        tol=1e-3,
-    ))  # fmt: skip
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: pld_privacy_accountant.PLDAccountant(
+                dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+            ),
+            lambda z: dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(z)),
+            epsilon,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(MIN_POISSON_MULTIPLIER, upper),
+            tol=1e-3,
+        )
+    )
 
 
 def sensitivity(clip: float, neighbouring: Neighbouring) -> float:
@@ -207,8 +222,10 @@ def mechanism(
     public normaliser. ``multiplier`` skips the calibration (a recorded σ/Δ whose ε was
     checked)."""
     if sampling_rate is not None and settings.neighbouring != "add-remove":
-        raise UserError("Poisson sampling is accounted for add-or-remove neighbours: "
-                        "pass --neighbouring add-remove")  # fmt: skip
+        raise UserError(
+            "Poisson sampling is accounted for add-or-remove neighbours: "
+            "pass --neighbouring add-remove"
+        )
     if multiplier is not None:
         z = multiplier
     elif sampling_rate is None:

@@ -109,16 +109,23 @@ def planted_file(release) -> Path:
     folder = release.path.resolve().parent
     path = folder / PLANTED_FILE
     stamp = read_json(folder / STAMP) if (folder / STAMP).is_file() else None
-    if not path.is_file() or not isinstance(stamp, dict) or stamp.get("kind") != (
-            CANARY_AUDIT_DIR.name):  # fmt: skip
-        raise UserError(f"{release.path} planted canary rows in its pool; they are in the "
-                        f"{PLANTED_FILE} of its canary-audit folder, not beside it")  # fmt: skip
+    if (
+        not path.is_file()
+        or not isinstance(stamp, dict)
+        or stamp.get("kind") != (CANARY_AUDIT_DIR.name)
+    ):
+        raise UserError(
+            f"{release.path} planted canary rows in its pool; they are in the "
+            f"{PLANTED_FILE} of its canary-audit folder, not beside it"
+        )
     per_class = [0] * release.task.num_classes
     for row in read_jsonl(path):
         per_class[int(row["label"])] += 1
     if per_class != release.meta.planted:
-        raise UserError(f"{path} holds {per_class} rows per class, not the {release.meta.planted} "
-                        "planted in the release")  # fmt: skip
+        raise UserError(
+            f"{path} holds {per_class} rows per class, not the {release.meta.planted} "
+            "planted in the release"
+        )
     return path
 
 
@@ -186,8 +193,11 @@ def audit_run(
     examples, picked, held_out = audited_pool(meta, data_dir, canaries)
     # each text as far as the release read it (its task's cut), the synthetic ones whole
     prompt = release.prompt
-    pool = [encode_text(tokenizer, examples.texts[i])[: prompt.max_text_tokens]
-            for ix in picked for i in ix]  # fmt: skip
+    pool = [
+        encode_text(tokenizer, examples.texts[i])[: prompt.max_text_tokens]
+        for ix in picked
+        for i in ix
+    ]
     index, pool_sets = SubstringIndex(pool), [set(p) for p in pool]
     per_example = []
     for row in rows:
@@ -210,7 +220,7 @@ def audit_run(
                 "private": True,
                 "covered_by_dp": False,
             },
-        ],  # fmt: skip
+        ],
         "pool": {"examples": len(pool), "split": meta.split, "seed": meta.seed},
         "summary": {
             "max_longest_common_ngram": max(ngrams),

@@ -47,9 +47,10 @@ REPORT_LABEL = (
 
 # A canary audit's folder: everything in it is private.
 CANARY_AUDIT_DIR = OutputKind(
-    "canary-audit", "report.json",
+    "canary-audit",
+    "report.json",
     ("canaries.jsonl", "planted.jsonl", "release", "run", "report.json"),
-)  # fmt: skip
+)
 PLANTED_FILE = "planted.jsonl"  # the rows planted in the pool, beside the audit's release/
 
 # What a planted canary's membership means, by the release's sampling.
@@ -75,21 +76,28 @@ class CanaryAuditConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the canaries and of the planted half")
 
 
-def make_canaries(task: Task, tokenizer, examples_texts: list[str], candidates: list[int],
-                  cfg: CanaryAuditConfig) -> list[dict]:  # fmt: skip
+def make_canaries(
+    task: Task, tokenizer, examples_texts: list[str], candidates: list[int], cfg: CanaryAuditConfig
+) -> list[dict]:
     """``cfg.canaries`` canaries ``{"text", "label", "suffix"}``: prefixes from distinct
     ``candidates`` rows, suffixes of uniformly random printable vocabulary tokens."""
     rng = np.random.default_rng(cfg.seed)
     if len(candidates) < cfg.canaries:
-        raise UserError(f"only {len(candidates)} examples can give canary prefixes; "
-                        f"ask for fewer canaries")  # fmt: skip
+        raise UserError(
+            f"only {len(candidates)} examples can give canary prefixes; ask for fewer canaries"
+        )
     vocab = [t for t in range(len(tokenizer)) if tokenizer.decode([t]).strip().isalpha()]
     out = []
     for i in rng.choice(candidates, cfg.canaries, replace=False):
         prefix = " ".join(examples_texts[i].split()[: cfg.prefix_words])
         suffix = tokenizer.decode(rng.choice(vocab, cfg.suffix_tokens).tolist())
-        out.append({"text": f"{prefix} {suffix.strip()}", "label": int(rng.integers(
-            task.num_classes)), "suffix": suffix.strip()})  # fmt: skip
+        out.append(
+            {
+                "text": f"{prefix} {suffix.strip()}",
+                "label": int(rng.integers(task.num_classes)),
+                "suffix": suffix.strip(),
+            }
+        )
     return out
 
 
@@ -123,8 +131,9 @@ class NgramModel:
         occur in the fitted text: the material the attack has to work with."""
         seq = [-1] * (self.n - 1) + prefix + suffix
         start = len(seq) - len(suffix)
-        return sum(self.counts[tuple(seq[i - self.n + 1 : i + 1])] > 0
-                   for i in range(start, len(seq))) / len(suffix)  # fmt: skip
+        return sum(
+            self.counts[tuple(seq[i - self.n + 1 : i + 1])] > 0 for i in range(start, len(seq))
+        ) / len(suffix)
 
 
 def tpr_at_fpr(member_scores: list[float], other_scores: list[float], fpr: float) -> float:
@@ -135,8 +144,9 @@ def tpr_at_fpr(member_scores: list[float], other_scores: list[float], fpr: float
     return float(np.mean(np.asarray(member_scores) > threshold))
 
 
-def attack(canaries: list[dict], planted: list[bool], synthetic: list[str], tokenizer,
-           ngram: int) -> dict:  # fmt: skip
+def attack(
+    canaries: list[dict], planted: list[bool], synthetic: list[str], tokenizer, ngram: int
+) -> dict:
     """Score every canary with an n-gram model of ``synthetic``; AUC and TPR at low FPR."""
     model = NgramModel([encode_text(tokenizer, t) for t in synthetic], ngram, len(tokenizer))
     scores, seen = [], []
@@ -154,11 +164,13 @@ def attack(canaries: list[dict], planted: list[bool], synthetic: list[str], toke
         "tpr_at_fpr_0.01": round(tpr_at_fpr(members, others, 0.01), 4),
         "tpr_at_fpr_0.1": round(tpr_at_fpr(members, others, 0.1), 4),
         # the attack's power: how much of the scored suffix n-grams the synthetic text holds
-        "suffix_ngrams_seen_members": round(float(np.mean(
-            [f for f, p in zip(seen, planted, strict=True) if p])), 4),
-        "suffix_ngrams_seen_non_members": round(float(np.mean(
-            [f for f, p in zip(seen, planted, strict=True) if not p])), 4),
-    }  # fmt: skip
+        "suffix_ngrams_seen_members": round(
+            float(np.mean([f for f, p in zip(seen, planted, strict=True) if p])), 4
+        ),
+        "suffix_ngrams_seen_non_members": round(
+            float(np.mean([f for f, p in zip(seen, planted, strict=True) if not p])), 4
+        ),
+    }
 
 
 def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> dict:
@@ -191,12 +203,14 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
         planted = (
             np.random.default_rng(cfg.seed + 1).permutation(len(canaries)) < len(canaries) // 2
         )
-        write_jsonl(canary_file, [{**c, "planted": bool(p)} for c, p in zip(canaries, planted,
-                                                                         strict=True)])  # fmt: skip
+        write_jsonl(
+            canary_file, [{**c, "planted": bool(p)} for c, p in zip(canaries, planted, strict=True)]
+        )
     rows = read_jsonl(canary_file)
     planted_file = out / PLANTED_FILE
-    write_jsonl(planted_file, [{"text": r["text"], "label": r["label"]} for r in rows
-                               if r["planted"]])  # fmt: skip
+    write_jsonl(
+        planted_file, [{"text": r["text"], "label": r["label"]} for r in rows if r["planted"]]
+    )
     release = out / "release"
     if not (release / "release.json").exists():
         release_targets(rc.model_copy(update={"canary_file": str(planted_file)}), release)

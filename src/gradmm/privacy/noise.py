@@ -57,8 +57,10 @@ def exact_gaussian(values: np.ndarray, sigma: float, sensitivity: float) -> np.n
     opendp.enable_features("contrib")
     flat = np.ascontiguousarray(values, dtype=np.float64).ravel()
     k = math.floor(math.log2(sensitivity)) - 54 - math.ceil(math.log2(math.sqrt(max(flat.size, 1))))
-    space = (opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=flat.size),
-             opendp.l2_distance(T=float))  # fmt: skip
+    space = (
+        opendp.vector_domain(opendp.atom_domain(T=float, nan=False), size=flat.size),
+        opendp.l2_distance(T=float),
+    )
     measurement = opendp.m.make_gaussian(*space, scale=float(sigma), k=k)
     rho = measurement.map(float(sensitivity))
     if not math.isclose(rho, sensitivity**2 / (2 * sigma**2), rel_tol=1e-12):

@@ -19,8 +19,10 @@ def report(meta) -> str:
     if meta.target == "noise":
         data = "no data (pure noise control)"
     elif poisson:
-        data = (f"a Poisson sample (rate {m.sampling_rate:g}) of split {meta.split!r} outside its "
-                "dev slice; its size is not released")  # fmt: skip
+        data = (
+            f"a Poisson sample (rate {m.sampling_rate:g}) of split {meta.split!r} outside its "
+            "dev slice; its size is not released"
+        )
     else:
         data = f"{sum(meta.counts)} private examples from split {meta.split!r}"
     if m.type == "none":

@@ -31,16 +31,17 @@ class ReleaseConfig(BaseModel):
     task: str = Field(description="built-in task name or a task YAML file")
     model: str = Field(description="hub id or local folder of a causal LM")
     n_per_class: int = Field(
-        25, ge=1, description="private examples sampled per class (Poisson sampling: the "
-        "expected number, the public normaliser)"
-    )  # fmt: skip
+        25,
+        ge=1,
+        description="private examples sampled per class (Poisson sampling: the "
+        "expected number, the public normaliser)",
+    )
     sampling: Literal["fixed", "poisson"] = Field(
-        "fixed", description="'fixed': n_per_class per class, seeded; 'poisson': every example "
-        "of the split kept with probability sampling_rate (DP amplification)"
-    )  # fmt: skip
-    sampling_rate: float | None = Field(
-        None, gt=0, le=1, description="q of --sampling poisson"
-    )  # fmt: skip
+        "fixed",
+        description="'fixed': n_per_class per class, seeded; 'poisson': every example "
+        "of the split kept with probability sampling_rate (DP amplification)",
+    )
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="q of --sampling poisson")
     split: str | None = Field(None, description="private split (default: the task's, 'train')")
     seed: int = Field(0, ge=0, description="seed of the pool's sample")
     # local paths (data_dir, canary_file) are never recorded: exclude=True keeps them out of
@@ -79,15 +80,19 @@ class ReleaseConfig(BaseModel):
         "real", description="'noise': zero-signal control of the same σ; reads no data"
     )
     canary_file: str | None = Field(
-        None, exclude=True, description="audit only: JSONL of extra rows planted in the pool "
-        "(gradmm canary-audit); recorded in the counts, its path is not"
-    )  # fmt: skip
+        None,
+        exclude=True,
+        description="audit only: JSONL of extra rows planted in the pool "
+        "(gradmm canary-audit); recorded in the counts, its path is not",
+    )
     # Seed of the DP noise: a simulation without guarantee, recorded in the mechanism (whoever
     # knows it can subtract the noise). Unset: the OS CSPRNG, nothing to replay.
     noise_seed: int | None = Field(
-        None, ge=0, exclude=True,
+        None,
+        ge=0,
+        exclude=True,
         description="seed the DP noise: a recorded simulation with NO privacy guarantee",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseConfig:
@@ -164,8 +169,10 @@ class GenerateConfig(SolverConfig):
     @model_validator(mode="after")
     def _whole_problems(self) -> GenerateConfig:
         if self.per_class % self.batch:
-            raise ValueError(f"per_class ({self.per_class}) must be a multiple of --batch "
-                             f"({self.batch}): each ADMM problem is one batch")  # fmt: skip
+            raise ValueError(
+                f"per_class ({self.per_class}) must be a multiple of --batch "
+                f"({self.batch}): each ADMM problem is one batch"
+            )
         return self
 
 

@@ -41,8 +41,9 @@ def label_log_probs(
     them; a model without such a cache reads the prefix with every text).
     """
     cache = prefix_cache(lm.model, prefix) if prefix else None
-    seqs = [([] if cache is not None else prefix or []) + prompt.encode(lm.tokenizer, t)
-            for t in texts]  # fmt: skip
+    seqs = [
+        ([] if cache is not None else prefix or []) + prompt.encode(lm.tokenizer, t) for t in texts
+    ]
     groups: dict[tuple[int, ...], list[int]] = {}  # label feed -> classes
     for c, word in enumerate(prompt.label_ids):
         groups.setdefault(tuple(word[:-1]), []).append(c)
@@ -75,10 +76,14 @@ def demonstrations(
     labels = np.asarray(pool.labels)
     for c in range(len(prompt.label_ids)):
         if (labels == c).sum() < k:
-            raise UserError(f"{k} demonstrations per class asked for, but {pool.source} has "
-                            f"{(labels == c).sum()} of class {c}")  # fmt: skip
-    per_class = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c in
-                 range(len(prompt.label_ids))]  # fmt: skip
+            raise UserError(
+                f"{k} demonstrations per class asked for, but {pool.source} has "
+                f"{(labels == c).sum()} of class {c}"
+            )
+    per_class = [
+        rng.choice(np.flatnonzero(labels == c), k, replace=False)
+        for c in range(len(prompt.label_ids))
+    ]
     picks = [(pool.texts[per_class[c][j]], c) for j in range(k) for c in range(len(per_class))]
     return prompt.demonstrations(lm.tokenizer, picks)
 
@@ -121,8 +126,11 @@ def dev_set(task, data_dir, dev_file: str | None = None, max_size: int | None = 
     else:
         private = load_examples(task, task.private_split, data_dir)
         dev_ix = dev_indices(private, task.dev_size)
-        dev = Examples([private.texts[i] for i in dev_ix], [private.labels[i] for i in dev_ix],
-                       f"{private.source} (dev slice)")  # fmt: skip
+        dev = Examples(
+            [private.texts[i] for i in dev_ix],
+            [private.labels[i] for i in dev_ix],
+            f"{private.source} (dev slice)",
+        )
     if max_size is not None and max_size < len(dev.texts):
         ix = sorted(np.random.default_rng(DEV_SEED).choice(len(dev.texts), max_size, replace=False))
         dev = Examples([dev.texts[i] for i in ix], [dev.labels[i] for i in ix], dev.source)
@@ -180,8 +188,14 @@ def evaluate_task(
     prompt = tokenize_prompt(task, lm.tokenizer)
     prefix = demonstrations(lm, prompt, dev, few_shot, seed) if dev is not None else []
     result = accuracy(lm, prompt, test, task.label_names, prefix)
-    result.update(stage="evaluate", model=model, task=task.name, few_shot=few_shot, seed=seed,
-                  data_read=data_read)  # fmt: skip
+    result.update(
+        stage="evaluate",
+        model=model,
+        task=task.name,
+        few_shot=few_shot,
+        seed=seed,
+        data_read=data_read,
+    )
     return result
 
 

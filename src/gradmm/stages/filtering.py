@@ -46,8 +46,9 @@ def per_example_rec(
     prompt = release.prompt
     label_tokens = LabelTokens.of(prompt.label_ids, prompt.label_score)
     tb = None if release.target_bias is None else release.target_bias.to(lm.device)
-    loss = MatchingLoss(release.target_weight.to(lm.device), tb, lm.output, label_tokens,
-                        release.space)  # fmt: skip
+    loss = MatchingLoss(
+        release.target_weight.to(lm.device), tb, lm.output, label_tokens, release.space
+    )
     seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     out = []
     for start in range(0, len(seqs), batch_size):
@@ -122,9 +123,15 @@ def filter_run(
     report["per_class"] = {task.label_names[c]: len(rs) for c, rs in by_class.items()}
     emptied = [name for name, n in report["per_class"].items() if n == 0]
     if emptied:  # fine-tuning on this set cannot teach those classes
-        warn(f"the filter kept no text of class {', '.join(emptied)}"
-             + (" (the few-shot classifier assigned them to other classes; filter "
-                "--no-classifier keeps them)" if config.classifier else ""))  # fmt: skip
+        warn(
+            f"the filter kept no text of class {', '.join(emptied)}"
+            + (
+                " (the few-shot classifier assigned them to other classes; filter "
+                "--no-classifier keeps them)"
+                if config.classifier
+                else ""
+            )
+        )
     report["config"] = config.model_dump(mode="json")
     report["data_read"] = [
         data_read_entry(release),

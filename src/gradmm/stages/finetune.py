@@ -78,9 +78,14 @@ def finetune(
         with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
             lm.model = get_peft_model(
-                lm.model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
-                                     target_modules="all-linear", lora_dropout=0.0)
-            )  # fmt: skip
+                lm.model,
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=2 * config.lora_rank,
+                    target_modules="all-linear",
+                    lora_dropout=0.0,
+                ),
+            )
     else:
         lm.model.requires_grad_(True)
     params = [p for p in lm.model.parameters() if p.requires_grad]

@@ -60,9 +60,17 @@ from gradmm.stages.record import Release, load_release, load_release_model
 RUN_DIR = OutputKind(
     "run",
     "synthetic.jsonl",
-    ("synthetic.jsonl", "manifest.json", "run.lock.json", "checkpoint*.pt", "checkpoint*.pt.tmp",
-     "filtered.jsonl", "filter_report.json", "audit.json"),
-)  # fmt: skip
+    (
+        "synthetic.jsonl",
+        "manifest.json",
+        "run.lock.json",
+        "checkpoint*.pt",
+        "checkpoint*.pt.tmp",
+        "filtered.jsonl",
+        "filter_report.json",
+        "audit.json",
+    ),
+)
 
 
 def generate(
@@ -96,9 +104,10 @@ def generate(
     lm = load_release_model(release, None if several else runtime)
     build_solver(lm, release, config)  # validates settings against the model before any write
     config_digest = hashlib.sha256(
-        json.dumps([config.model_dump(mode="json"), release.meta.model_dump(mode="json")],
-                   sort_keys=True).encode()
-    ).hexdigest()  # fmt: skip
+        json.dumps(
+            [config.model_dump(mode="json"), release.meta.model_dump(mode="json")], sort_keys=True
+        ).encode()
+    ).hexdigest()
     init_from_env(device.type)
     created = not out.exists()
     if rank_and_world()[0] == 0:
@@ -202,22 +211,30 @@ def build_solver(
     contexts = [
         _context_ids(
             lm, (prefix or task.lm_prefix).replace("{label}", w.strip()), task.chat_template
-        )  # fmt: skip
+        )
         for w in task.label_words
     ]
     freeze = config.freeze_template
     if freeze is None:
         freeze = paper.freezes_template(task) if as_paper else True
     labels = LabelTokens.of(prompt.label_ids, prompt.label_score)
-    layout = Layout(prompt.head, config.length, prompt.tail,
-                    [labels.feed(c) for c in range(task.num_classes)])  # fmt: skip
+    layout = Layout(
+        prompt.head, config.length, prompt.tail, [labels.feed(c) for c in range(task.num_classes)]
+    )
     longest = layout.length + max(map(len, contexts))
     if lm.context_length is not None and longest > lm.context_length:
         raise UserError(f"--length {config.length} plus template exceeds the model's context")
     allowed = allowed_tokens(lm.tokenizer, lm.embeddings.shape[0], config.token_filter)
     reference = config.engine == "reference"
-    projector = Projector(lm.model, lm.embeddings, allowed, config.topk, contexts,
-                          order=config.projection, use_cache=not reference)  # fmt: skip
+    projector = Projector(
+        lm.model,
+        lm.embeddings,
+        allowed,
+        config.topk,
+        contexts,
+        order=config.projection,
+        use_cache=not reference,
+    )
     no_matching = config.target == "none"  # one random draw, projected; the target is unused
     solver_cfg = SolverConfig(
         **{
@@ -230,15 +247,23 @@ def build_solver(
     targets = {n: t.to(lm.device) for n, t in release.targets.items()}
     out = release.meta.output_params
     if release.meta.match_params != "last-block" and not reference:
-        loss = MatchingLoss(targets[out.weight], targets.get(out.bias), lm.output, labels,
-                            release.space)  # fmt: skip
+        loss = MatchingLoss(
+            targets[out.weight], targets.get(out.bias), lm.output, labels, release.space
+        )
     else:  # the authors' computation, and the only one beyond the output layer: double backward
         params = matched_parameters(lm.model, release.meta.match_params)
         loss = AutogradMatchingLoss(params, targets, labels, release.space, (out.weight, out.bias))
     solver = ADMMSolver(
-        lm.model, loss, projector, layout, config.batch, solver_cfg, lm.embeddings,
-        hooks=AuthorsOverhead() if reference else None, sequential=reference,
-    )  # fmt: skip
+        lm.model,
+        loss,
+        projector,
+        layout,
+        config.batch,
+        solver_cfg,
+        lm.embeddings,
+        hooks=AuthorsOverhead() if reference else None,
+        sequential=reference,
+    )
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
     problems = Problems(classes, [problem_seed(config.seed, p) for p in range(len(classes))])
     return solver, problems, contexts
@@ -265,10 +290,14 @@ def _context_ids(lm: LoadedModel, prefix: str, chat: bool = False) -> list[int]:
     if chat:
         if not getattr(lm.tokenizer, "chat_template", None):
             raise UserError("the task asks for a chat template, but the tokenizer has none")
-        return list(lm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prefix}], add_generation_prompt=True, tokenize=True,
-            return_dict=False,
-        ))  # fmt: skip
+        return list(
+            lm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prefix}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        )
     ids = encode_text(lm.tokenizer, prefix)
     if not ids and lm.tokenizer.bos_token_id is not None:
         ids = [lm.tokenizer.bos_token_id]
@@ -282,9 +311,10 @@ def data_read_entry(release: Release) -> dict:
         "data": f"release {release.path} (targets only, no text)",
         "private": release.meta.target == "real",
         "covered_by_dp": m.private or release.meta.target == "noise",
-        "protection": "none: exact class means" if m.type == "none" else (
-            "seeded simulation, no guarantee" if m.seeded else f"({m.epsilon}, {m.delta})-DP"),
-    }  # fmt: skip
+        "protection": "none: exact class means"
+        if m.type == "none"
+        else ("seeded simulation, no guarantee" if m.seeded else f"({m.epsilon}, {m.delta})-DP"),
+    }
 
 
 def load_run_release(run_dir: Path) -> Release:

@@ -96,25 +96,38 @@ class ReleaseMeta(BaseModel):
         if len(planted) != classes or self.counts != [
             n + k for n, k in zip(pool, planted, strict=True)
         ]:
-            raise ValueError("counts are not the pool size the settings give (n_per_class per "
-                             "class, plus any planted canaries)")  # fmt: skip
+            raise ValueError(
+                "counts are not the pool size the settings give (n_per_class per "
+                "class, plus any planted canaries)"
+            )
         if (m.type == "gaussian") != cfg.private:
             raise ValueError("the mechanism disagrees with config.epsilon/delta")
         if m.type == "gaussian":
             if (m.epsilon, m.delta, m.clip, m.neighbouring, m.normaliser, m.sampling_rate) != (
-                cfg.epsilon, cfg.delta, cfg.clip, cfg.neighbouring, cfg.n_per_class,
+                cfg.epsilon,
+                cfg.delta,
+                cfg.clip,
+                cfg.neighbouring,
+                cfg.n_per_class,
                 cfg.sampling_rate,
-            ):  # fmt: skip
+            ):
                 raise ValueError("the mechanism disagrees with the recorded settings")
-            dp = DPSettings(epsilon=cfg.epsilon, delta=cfg.delta, clip=cfg.clip,
-                            neighbouring=cfg.neighbouring)  # fmt: skip
+            dp = DPSettings(
+                epsilon=cfg.epsilon, delta=cfg.delta, clip=cfg.clip, neighbouring=cfg.neighbouring
+            )
             recorded = None
             if cfg.sampling_rate is not None:  # calibration takes a minute: check its ε instead
                 recorded = m.noise_multiplier
                 if poisson_epsilon(recorded, cfg.sampling_rate, cfg.delta) > cfg.epsilon * 1.001:
                     raise ValueError("mechanism.noise_multiplier does not give the recorded ε")
-            expected = mechanism(dp, cfg.n_per_class, released_coordinates(self),
-                                 m.noise_seed, cfg.sampling_rate, recorded)  # fmt: skip
+            expected = mechanism(
+                dp,
+                cfg.n_per_class,
+                released_coordinates(self),
+                m.noise_seed,
+                cfg.sampling_rate,
+                recorded,
+            )
             for field in ("sensitivity", "noise_multiplier", "sigma_sum", "sampler", "accountant"):
                 a, b = getattr(m, field), getattr(expected, field)
                 if a != b and not (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-6)):
@@ -159,9 +172,13 @@ class Release:
 def release_space(meta: ReleaseMeta) -> GradientSpace:
     """The :class:`GradientSpace` of a release, rebuilt from its public record."""
     return GradientSpace.of(
-        meta.match_params, meta.prompt_tokens.label_ids, meta.model.vocab_rows,
-        meta.model.hidden_size, meta.config.sketch_dim, meta.config.sketch_seed,
-    )  # fmt: skip
+        meta.match_params,
+        meta.prompt_tokens.label_ids,
+        meta.model.vocab_rows,
+        meta.model.hidden_size,
+        meta.config.sketch_dim,
+        meta.config.sketch_seed,
+    )
 
 
 def load_release(path: Path) -> Release:
@@ -240,8 +257,9 @@ def _check_targets(path: Path, meta: ReleaseMeta, targets: dict[str, Tensor]) ->
                 f"of task {meta.task.name!r} ({classes})"
             )
         if name in expected and tuple(t.shape) != expected[name]:
-            raise UserError(f"{path}: target {name!r} has shape {tuple(t.shape)}, not "
-                            f"{expected[name]}")  # fmt: skip
+            raise UserError(
+                f"{path}: target {name!r} has shape {tuple(t.shape)}, not {expected[name]}"
+            )
         if not torch.isfinite(t).all():
             raise UserError(f"{path}: target {name!r} contains NaN or infinite values")
 
@@ -261,13 +279,17 @@ def load_release_model(release: Release, runtime: Runtime | None = None) -> Load
             "(fingerprint mismatch)"
         )
     if tokenize_prompt(release.task, lm.tokenizer) != release.prompt:
-        raise UserError(f"{release.path}/release.json: its prompt_tokens are not its task's "
-                        "template and label words in the model's tokens (edited)")  # fmt: skip
+        raise UserError(
+            f"{release.path}/release.json: its prompt_tokens are not its task's "
+            "template and label words in the model's tokens (edited)"
+        )
     params = matched_parameters(lm.model, release.meta.match_params)
     if not release.space.identity:  # mapped targets: the model must still have the head's shape
         weight = release.meta.output_params.weight
-        if weight not in params or tuple(params[weight].shape) != (info.vocab_rows,
-                                                                   info.hidden_size):  # fmt: skip
+        if weight not in params or tuple(params[weight].shape) != (
+            info.vocab_rows,
+            info.hidden_size,
+        ):
             raise UserError(f"{release.path}: the model's output layer does not fit the release")
         return place(lm, runtime)
     for name, t in release.targets.items():

@@ -153,13 +153,16 @@ def check_release_settings(config: ReleaseConfig) -> DPSettings | None:
     if not config.private:
         return None
     if config.match_params == "last-block":
-        raise UserError("DP releases need closed-form clipping: --match-params output, "
-                        "label-rows or sketch")  # fmt: skip
+        raise UserError(
+            "DP releases need closed-form clipping: --match-params output, label-rows or sketch"
+        )
     check_settings(config.epsilon, config.delta)
     return DPSettings(
-        epsilon=config.epsilon, delta=config.delta, clip=config.clip,
+        epsilon=config.epsilon,
+        delta=config.delta,
+        clip=config.clip,
         neighbouring=config.neighbouring,
-    )  # fmt: skip
+    )
 
 
 def release_task(config: ReleaseConfig) -> Task:
@@ -189,8 +192,10 @@ def _existing_release(out: Path, config: ReleaseConfig, overwrite: bool) -> Rele
         existing.reused = True
         return existing
     if noisy and existing.meta.target == "real":
-        raise UserError(f"{out} already holds a DP release; it is never redrawn (use a new --out "
-                        "and compose the two with `gradmm privacy`)")  # fmt: skip
+        raise UserError(
+            f"{out} already holds a DP release; it is never redrawn (use a new --out "
+            "and compose the two with `gradmm privacy`)"
+        )
     if not overwrite:
         raise UserError(f"{out} already holds a release (pass --overwrite to replace it)")
     return None
@@ -211,11 +216,14 @@ def _fit_context(task: Task, lm: LoadedModel) -> Task:
     if lm.context_length is None:
         return task
     prompt = tokenize_prompt(task, lm.tokenizer)
-    fitting = lm.context_length - (len(prompt.head) + len(prompt.tail)
-                                   + max(map(len, prompt.label_ids)) - 1)  # fmt: skip
+    fitting = lm.context_length - (
+        len(prompt.head) + len(prompt.tail) + max(map(len, prompt.label_ids)) - 1
+    )
     if fitting < 1:
-        raise UserError(f"the template and label words fill the model's context "
-                        f"({lm.context_length} tokens): no room for a text")  # fmt: skip
+        raise UserError(
+            f"the template and label words fill the model's context "
+            f"({lm.context_length} tokens): no room for a text"
+        )
     if task.max_text_tokens is None or task.max_text_tokens > fitting:
         return task.model_copy(update={"max_text_tokens": fitting})
     return task
@@ -224,15 +232,29 @@ def _fit_context(task: Task, lm: LoadedModel) -> Task:
 def _checked_space(config: ReleaseConfig, lm: LoadedModel, prompt: PromptTokens) -> GradientSpace:
     vocab_rows, hidden = lm.output.weight.shape
     if config.sketch_dim is not None and config.sketch_dim > min(vocab_rows, hidden):
-        raise UserError(f"--sketch-dim {config.sketch_dim} is larger than the model's hidden size "
-                        f"({hidden}) or vocabulary ({vocab_rows}): a sketch compresses, choose at "
-                        f"most {min(vocab_rows, hidden)}")  # fmt: skip
-    return GradientSpace.of(config.match_params, prompt.label_ids, vocab_rows, hidden,
-                            config.sketch_dim, config.sketch_seed)  # fmt: skip
+        raise UserError(
+            f"--sketch-dim {config.sketch_dim} is larger than the model's hidden size "
+            f"({hidden}) or vocabulary ({vocab_rows}): a sketch compresses, choose at "
+            f"most {min(vocab_rows, hidden)}"
+        )
+    return GradientSpace.of(
+        config.match_params,
+        prompt.label_ids,
+        vocab_rows,
+        hidden,
+        config.sketch_dim,
+        config.sketch_seed,
+    )
 
 
-def _protection(config: ReleaseConfig, dp: DPSettings | None, classes: int,
-                space: GradientSpace, lm: LoadedModel, has_bias: bool) -> Mechanism:  # fmt: skip
+def _protection(
+    config: ReleaseConfig,
+    dp: DPSettings | None,
+    classes: int,
+    space: GradientSpace,
+    lm: LoadedModel,
+    has_bias: bool,
+) -> Mechanism:
     """The mechanism of the release: calibrated to the numbers it holds (which picks the
     sampler), from public inputs only."""
     if dp is None:
@@ -303,7 +325,11 @@ def _description(config: ReleaseConfig) -> str:
         "model's weights, fp32"
         + SPACE_DESCRIPTIONS[config.match_params]
         + ("" if not config.private else ", each example clipped to norm C there, Gaussian noise")
-        + ("; AUDIT RELEASE: canary rows were planted in the pool (see the counts)" if audit else "")
+        + (
+            "; AUDIT RELEASE: canary rows were planted in the pool (see the counts)"
+            if audit
+            else ""
+        )
     )
 
 
@@ -335,12 +361,14 @@ def read_pool(
     """The private examples a release with ``config`` reads: the split, per class the indices of
     the pool, the public counts (normalisers) and the planted rows per class (canary audits)."""
     if config.sampling == "poisson":
-        examples, picked = pools.poisson_pool(task, split, config.sampling_rate, config.data_dir,
-                                              _random_bytes(config, "sampling"))  # fmt: skip
+        examples, picked = pools.poisson_pool(
+            task, split, config.sampling_rate, config.data_dir, _random_bytes(config, "sampling")
+        )
         counts = [config.n_per_class] * task.num_classes  # the sample's sizes stay private
     else:
-        examples, picked = pools.private_pool(task, split, config.n_per_class, config.seed,
-                                              config.data_dir)  # fmt: skip
+        examples, picked = pools.private_pool(
+            task, split, config.n_per_class, config.seed, config.data_dir
+        )
         counts = [len(ix) for ix in picked]
     planted = None
     if config.canary_file is not None:  # an audit: planted rows always join the pool
@@ -357,8 +385,9 @@ def rows_outside_pool(config: ReleaseConfig, task: Task, split: str) -> tuple[Ex
     examples = load_examples(task, split, config.data_dir)
     taken = set(pools.private_pool_exclusions(task, split, examples))
     if config.sampling == "fixed":
-        _, picked = pools.private_pool(task, split, config.n_per_class, config.seed,
-                                       config.data_dir)  # fmt: skip
+        _, picked = pools.private_pool(
+            task, split, config.n_per_class, config.seed, config.data_dir
+        )
         taken |= {i for ix in picked for i in ix}
     return examples, [i for i in range(len(examples.labels)) if i not in taken]
 
@@ -382,12 +411,13 @@ def audited_pool(
             "there is no pool to audit against; see gradmm canary-audit"
         )
     task, split = meta.task, meta.split
-    examples, picked = pools.private_pool(task, split, meta.config.n_per_class, meta.seed,
-                                          data_dir)  # fmt: skip
+    examples, picked = pools.private_pool(task, split, meta.config.n_per_class, meta.seed, data_dir)
     found = f"{task.name}/{Path(examples.source).name}"
     if meta.data_source is not None and meta.data_source != found:
-        raise UserError(f"the data found ({examples.source}) is not the release's "
-                        f"{meta.data_source}: pass the --data-dir the release read")  # fmt: skip
+        raise UserError(
+            f"the data found ({examples.source}) is not the release's "
+            f"{meta.data_source}: pass the --data-dir the release read"
+        )
     excluded = set(pools.private_pool_exclusions(task, split, examples))
     if canary_file is not None:  # a canary audit's release: its planted rows were pooled too
         examples, picked = pools.planted_pool(task, examples, picked, canary_file)
@@ -400,5 +430,6 @@ def audited_pool(
 def eligible_rows(task: Task, data_dir: str | None) -> int:
     """Rows of the private split a pool may take (outside the dev slice)."""
     examples = load_examples(task, task.private_split, data_dir)
-    return len(examples.labels) - len(pools.private_pool_exclusions(task, task.private_split,
-                                                                    examples))  # fmt: skip
+    return len(examples.labels) - len(
+        pools.private_pool_exclusions(task, task.private_split, examples)
+    )
