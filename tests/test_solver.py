@@ -206,8 +206,9 @@ def test_last_block_matching_lowers_the_loss(model_dirs, data_dir, tmp_path):
 
 
 def plain_admm(solver, problem, cfg):
-    """One problem's ADMM written out from the equations (REFERENCE.md §2.3–2.6), sharing only
-    the loss, the projection and the init with the solver: the oracle of its loop."""
+    """One problem's ADMM written out from the equations (docs/authors-code.md, "The ADMM
+    loop"), sharing only the loss, the projection and the init with the solver: the oracle of
+    its loop."""
     layout, fixed, classes = solver.layout, solver.layout.fixed_mask(), problem.classes
     template = solver.emb[layout.fixed_ids()[classes]][:, None]  # (1, 1, L - G, d)
 

@@ -7,7 +7,7 @@ run are stacked in one variable ``x ∈ R^{P×B×L×d}`` and optimised together.
 them one by one because the loss is a sum over problems, Adam is elementwise, and everything that
 couples entries (gradient clipping, best-iterate bookkeeping, the init) is done per problem.
 
-Per outer iteration (scaled dual ``u = λ/ρ``, REFERENCE.md §2.3–2.6)::
+Per outer iteration (scaled dual ``u = λ/ρ``, docs/authors-code.md, "The ADMM loop")::
 
     z = Proj(x + u)                          # z-step, tokens
     I × Adam on rec(x) + ρ/2 ‖x − z + u‖²    # x-step (:meth:`ADMMSolver.x_update`)
@@ -465,9 +465,10 @@ def _sequential_history(histories: list[list[tuple[float, float]]]) -> list[tupl
 
 
 class AuthorsOverhead(SolverHooks):
-    """The work the authors' code does only for logging (REFERENCE.md §8): a zero-weight
-    perplexity term in every inner step, an extra projection and two loss evaluations per outer
-    iteration, a third projection every 10. Part of the reference engine, never of ours."""
+    """The work the authors' code does only for logging (docs/authors-code.md, "Logging
+    overhead"): a zero-weight perplexity term in every inner step, an extra projection and two
+    loss evaluations per outer iteration, a third projection every 10. Part of the reference
+    engine, never of ours."""
 
     def inner_extra(self, solver, x, z_ids, problems):
         n_problems, batch, length, dim = x.shape

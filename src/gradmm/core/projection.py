@@ -2,9 +2,10 @@
 
 ``Proj(v)`` is greedy, left to right, in one of two orders:
 
-* ``cosine-first`` (the authors' released code, REFERENCE.md §2.4): at free position ``l`` the
-  allowed candidates are the ``k`` vocabulary rows with the highest cosine to ``v_l``; among them
-  the token the LM scores highest given the LM prefix and the tokens chosen so far wins;
+* ``cosine-first`` (the authors' released code, docs/authors-code.md, "Projection"): at free
+  position ``l`` the allowed candidates are the ``k`` vocabulary rows with the highest cosine
+  to ``v_l``; among them the token the LM scores highest given the LM prefix and the tokens
+  chosen so far wins;
 * ``lm-first`` (how some readers describe the paper): the candidates are the LM's ``k`` most
   probable allowed next tokens, and the one of highest cosine to ``v_l`` wins; near-greedy
   decoding, so lower-perplexity text.
@@ -25,7 +26,7 @@ from gradmm.core.lm import loss_dtype
 from gradmm.core.settings import ProjectionOrder, TokenFilter
 from gradmm.errors import UserError
 
-# The authors' effective rule (REFERENCE.md §4.2): alphabetic word pieces only.
+# The authors' effective rule (docs/authors-code.md, "Token filter"): alphabetic word pieces only.
 _BANNED_CHARS = set("*;:_\n-'<>{}[]()/\\|=+%@~`^#$&")
 _WORD = re.compile(r"[a-z]+(['-][a-z]+)*")
 _EDGE_NON_WORD = re.compile(r"^\W+|\W+$")

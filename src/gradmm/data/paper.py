@@ -1,6 +1,6 @@
 """The ``paper`` preset: the authors' behaviour where gradmm deliberately differs from it.
 
-Everything the preset changes lives here (docs/deviations.md lists each change and why): the
+Everything the preset changes lives here (docs/authors-code.md lists each change and why): the
 tokenisation of the template and label words (:func:`paper_task`), the LM prefix of the
 projection per data set (:func:`lm_prefix`), which data sets freeze the template positions
 (:func:`freezes_template`) and the generate options the preset sets (:data:`GENERATE_OPTIONS`).
@@ -54,7 +54,8 @@ PAPER_LM_PREFIX: dict[str, str] = {
     "imdb": _PAPER_IMDB_INSTRUCTION,
     "tweet_emotion": _PAPER_TWEET_INSTRUCTION,
 }
-# Datasets on which the authors' code zeroes the template positions' gradient (REFERENCE.md §2.3).
+# Datasets on which the authors' code zeroes the template positions' gradient
+# (docs/authors-code.md, "Template freezing").
 PAPER_FREEZES_TEMPLATE = {"rotten_tomatoes", "imdb"}
 
 
@@ -70,7 +71,8 @@ GENERATE_OPTIONS: dict[str, Any] = {
 
 def paper_task(task: Task) -> Task:
     """The authors' generation convention: a trailing space after the template, label words
-    without their leading space, first token of each (REFERENCE.md §1.2, §9)."""
+    without their leading space, first token of each (docs/authors-code.md, "Prompts and label
+    words")."""
     return task.model_copy(
         update={
             "template": task.template + " ",

@@ -137,8 +137,8 @@ class ReleaseConfig(BaseModel):
 
 class GenerateConfig(SolverConfig):
     """Settings of ``gradmm generate``: the solver's (:class:`SolverConfig`) and these. Defaults
-    are the authors' (REFERENCE.md §7) with the fixes of ``docs/deviations.md``; ``preset: paper``
-    restores the authors' behaviour (:mod:`gradmm.data.paper`)."""
+    are the authors' (docs/authors-code.md, "Defaults") with the fixes of its "Bugs and
+    deviations"; ``preset: paper`` restores the authors' behaviour (:mod:`gradmm.data.paper`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
     preset: Literal["default", "paper"] = Field("default", description="'paper': the authors' way")
