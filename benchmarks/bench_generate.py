@@ -54,11 +54,11 @@ def child(args: argparse.Namespace) -> None:
     """Run one engine in this process and print its figures as JSON."""
     import statistics
 
-    from gradmm.stages.configs import resolve_config
+    from gradmm.stages.configs import GenerateConfig
     from gradmm.stages.generate import generate
 
-    cfg = resolve_config(
-        {
+    cfg = GenerateConfig(
+        **{
             "per_class": args.problems_per_class * args.batch,
             "batch": args.batch,
             "steps": args.steps,

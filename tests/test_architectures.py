@@ -17,7 +17,7 @@ from gradmm.core.lm import (
 )
 from gradmm.errors import UserError
 from gradmm.models.loading import load_model
-from gradmm.stages.configs import resolve_config
+from gradmm.stages.configs import GenerateConfig
 from gradmm.stages.generate import build_solver
 from gradmm.stages.record import load_release, load_release_model
 
@@ -34,7 +34,7 @@ def test_release_generate_filter_on_every_architecture(kind, model_dirs, data_di
     release = load_release(rel)
     lm = load_release_model(release)
     solver, problems, _ = build_solver(
-        lm, release, resolve_config({"per_class": 2, "batch": 2, "length": 5})
+        lm, release, GenerateConfig(**{"per_class": 2, "batch": 2, "length": 5})
     )
     free = torch.randint(
         0, len(lm.tokenizer), (len(problems), 2, 5), generator=torch.Generator().manual_seed(0)

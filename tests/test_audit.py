@@ -1,6 +1,7 @@
 import json
 import random
 
+import torch
 from conftest import tiny_run
 from typer.testing import CliRunner
 
@@ -123,4 +124,31 @@ def test_membership_test_on_a_finetuned_model(model_dirs, data_dir, tmp_path):
     )
     assert r.exit_code == 0, r.output
     mia = json.loads((run.parent / "run.audit.json").read_text())["membership_inference"]
-    assert mia["members"] == mia["non_members"] == 6 and 0 <= mia["roc_auc"] <= 1
+    assert mia["members"] == mia["non_members"] == 6 and mia["model"] == str(tmp_path / "ft/model")
+
+
+def test_membership_auc_predicts_members_by_low_loss(model_dirs, data_dir):
+    """The attack's direction and ties, against losses computed here: the rows the model fits
+    best, as members, against those it fits worst score 1; the reverse 0; a set against itself
+    0.5 (every pair a tie)."""
+    from gradmm.core.tokens import tokenize_prompt
+    from gradmm.data.tasks import BUILTIN_TASKS, load_examples
+    from gradmm.models.loading import load_model
+    from gradmm.privacy.audit import membership_auc
+    from gradmm.stages.evaluate import label_log_probs
+
+    task = BUILTIN_TASKS["sst2"]
+    examples = load_examples(task, "validation", data_dir)
+    rows = list(range(12))
+    lm = load_model(str(model_dirs["llama"]))
+    with torch.no_grad():
+        scores = label_log_probs(lm, tokenize_prompt(task, lm.tokenizer), examples.texts[:12])
+    loss = torch.nn.functional.cross_entropy(
+        scores, torch.tensor(examples.labels[:12]), reduction="none"
+    )
+    order = [rows[i] for i in loss.argsort().tolist()]
+    fit, unfit = order[:6], order[6:]
+    model = str(model_dirs["llama"])
+    assert membership_auc(model, task, examples, fit, unfit) == 1.0
+    assert membership_auc(model, task, examples, unfit, fit) == 0.0
+    assert membership_auc(model, task, examples, fit, fit) == 0.5

@@ -210,7 +210,7 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
     that --nproc 2 equals --nproc 1: rounding in differently shaped batched kernels may change
     a token; README, "Several processes".)"""
     from gradmm.core.distributed import shard
-    from gradmm.stages.configs import resolve_config
+    from gradmm.stages.configs import GenerateConfig
     from gradmm.stages.generate import build_solver
     from gradmm.stages.record import load_release, load_release_model
 
@@ -249,7 +249,7 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
 
     release = load_release(tmp_path / "rel")
     lm = load_release_model(release)
-    cfg = resolve_config(options)
+    cfg = GenerateConfig(**options)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what each of the 2 ranks used on this machine
     try:
@@ -266,7 +266,7 @@ def test_sharded_run_equals_its_blocks_solved_alone(model_dirs, data_dir, tmp_pa
 
 
 def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, data_dir, tmp_path):
-    from gradmm.stages.configs import resolve_config
+    from gradmm.stages.configs import GenerateConfig
     from gradmm.stages.generate import build_solver
     from gradmm.stages.record import load_release, load_release_model
 
@@ -275,7 +275,7 @@ def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, 
     )
     release = load_release(tmp_path / "rel")
     lm = load_release_model(release)
-    cfg = resolve_config({"per_class": 6, "batch": 2, "length": 5, "init_candidates": 20})
+    cfg = GenerateConfig(**{"per_class": 6, "batch": 2, "length": 5, "init_candidates": 20})
     solver, problems, _ = build_solver(lm, release, cfg)
     together = solver.initialise(problems)
     for p in range(len(problems)):
@@ -283,18 +283,17 @@ def test_initialisation_does_not_depend_on_how_problems_are_grouped(model_dirs, 
         assert torch.equal(alone[0], together[p])
 
 
-def test_generate_options_come_from_the_settings_fields(monkeypatch):
-    """Each generate option is defined once (gradmm.stages.configs): the CLI's flags, help and
-    defaults are generated from the fields, and a flag reaches the config."""
-    from gradmm import cli as cli_module
-    from gradmm.stages.configs import PRESETS, GenerateConfig
+def test_generate_options_come_from_the_settings_fields(monkeypatch, tmp_path):
+    """Each generate option is defined once (the GenerateConfig field): the CLI's flags, help and
+    defaults are generated from the fields, a flag reaches the config, and the config the CLI
+    builds from flags and --config equals the one built directly in Python."""
+    from gradmm.stages.configs import GenerateConfig
 
-    out = invoke("generate", "--help").output
-    for name in cli_module.GENERATE_OPTIONS:
-        field = GenerateConfig.model_fields[name]
+    out = " ".join(invoke("generate", "--help").output.split())  # unwrapped
+    for name, field in GenerateConfig.model_fields.items():
         assert f"--{name.replace('_', '-')}" in out and field.description.split()[0] in out
-    assert "[24; paper: 27]" in out and "[cosine-first]" in out  # defaults, and the preset's
-    assert PRESETS["paper"]["length"] == 27 and GenerateConfig().length == 24
+    assert "[24; paper: 27]" in out and "[200]" in out  # defaults, and the preset's
+    assert GenerateConfig().length == 24 and GenerateConfig(preset="paper").length == 27
 
     seen = {}
 
@@ -305,7 +304,62 @@ def test_generate_options_come_from_the_settings_fields(monkeypatch):
     monkeypatch.setattr("gradmm.stages.generate.generate", fake_generate)
     r = invoke("generate", "--release", "r", "--out", "o", "--patience", 3, "--topk", 7)
     assert r.exit_code == 0, r.output
-    cfg = seen["cfg"]
-    assert (cfg.patience, cfg.topk, cfg.length, cfg.select) == (3, 7, 24, "projected")
+    assert seen["cfg"] == GenerateConfig(patience=3, topk=7)
+    assert (seen["cfg"].length, seen["cfg"].select) == (24, "projected")
     assert invoke("generate", "--release", "r", "--out", "o", "--preset", "paper").exit_code == 0
+    assert seen["cfg"] == GenerateConfig(preset="paper")
     assert (seen["cfg"].length, seen["cfg"].select) == (27, "augmented")
+    # the file's keys (dashes or underscores) under the flags, the preset under both
+    (tmp_path / "g.yaml").write_text("preset: paper\nper-class: 6\nbatch: 3\nlength: 9\n")
+    config = tmp_path / "g.yaml"
+    r = invoke("generate", "--release", "r", "--out", "o", "--config", config, "--length", 11)
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"] == GenerateConfig(preset="paper", per_class=6, batch=3, length=11)
+
+
+CONFIG_OF_COMMAND = {
+    "release": "ReleaseConfig",
+    "filter": "FilterConfig",
+    "finetune": "FinetuneConfig",
+    "evaluate": "EvaluateConfig",
+    "privacy": "NoiseQuery",
+    "audit": "AuditConfig",
+    "canary-audit": "CanaryAuditConfig",
+    "lm train": "LMTrainConfig",
+}
+
+
+@pytest.mark.parametrize("command", CONFIG_OF_COMMAND)
+def test_every_command_has_a_flag_per_config_field(command):
+    """filter, evaluate, audit and privacy too: no hand-written flag can drift from its field."""
+    from gradmm import cli as cli_module
+
+    model = getattr(cli_module, CONFIG_OF_COMMAND[command])
+    skipped = {"release": {"canary_file"}, "canary-audit": {"release", "generate"}}
+    out = invoke(*command.split(), "--help").output
+    for name in set(model.model_fields) - skipped.get(command, set()):
+        assert f"--{name.replace('_', '-')}" in out, (command, name)
+
+
+def test_options_reference_is_current():
+    """docs/options.md is generated from the commands; regenerate it when an option changes."""
+    from gradmm.cli import options_reference
+
+    committed = (Path(__file__).parents[1] / "docs/options.md").read_text()
+    assert committed == options_reference(), "regenerate docs/options.md (see its first line)"
+
+
+def test_python_api_runs_with_a_config_built_in_python(model_dirs, data_dir, tmp_path):
+    """``GenerateConfig(per_class=...)`` is complete on its own (it used to end in a pydantic
+    error until a resolver filled four fields), and ``gradmm.generate`` writes what the command
+    writes for the same options."""
+    import gradmm
+
+    rel = tmp_path / "rel"
+    assert invoke(*release_args(model_dirs["llama"], data_dir, rel)).exit_code == 0
+    r = invoke("generate", "--release", rel, "--out", tmp_path / "cli", *SMALL)
+    assert r.exit_code == 0, r.output
+    flags = dict(zip(SMALL[:-1:2], SMALL[1::2], strict=True))
+    config = gradmm.GenerateConfig(**{k[2:].replace("-", "_"): int(v) for k, v in flags.items()})
+    written = gradmm.generate(rel, tmp_path / "api", config, progress=False)
+    assert written.read_bytes() == (tmp_path / "cli" / "synthetic.jsonl").read_bytes()

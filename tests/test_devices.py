@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import cli, one_line_error, release_args
 
-from gradmm.core.lm import Runtime
+from gradmm.core.settings import Runtime
 from gradmm.errors import UserError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,7 @@ from gradmm.core.tokens import LabelTokens, tokenize_prompt
 from gradmm.data.pools import private_pool_exclusions, sample_per_class
 from gradmm.data.tasks import BUILTIN_TASKS, load_examples
 from gradmm.models.loading import load_model
-from gradmm.stages.configs import ReleaseConfig, resolve_config
+from gradmm.stages.configs import GenerateConfig, ReleaseConfig
 from gradmm.stages.evaluate import label_log_probs
 from gradmm.stages.filtering import per_example_rec
 from gradmm.stages.generate import build_solver
@@ -260,7 +260,7 @@ def test_solver_and_filter_losses_equal_the_release_path(space, split_dirs, task
         "init_candidates": 3,
         "topk": 5,
     }
-    solver, problems, _ = build_solver(lm, rel, resolve_config(options))
+    solver, problems, _ = build_solver(lm, rel, GenerateConfig(**options))
     labels = LabelTokens.of(rel.prompt.label_ids, rel.prompt.label_score)
     loss = MatchingLoss(rel.target_weight, rel.target_bias, lm.output, labels, rel.space)
     free = torch.randint(
@@ -269,7 +269,7 @@ def test_solver_and_filter_losses_equal_the_release_path(space, split_dirs, task
     with torch.no_grad():
         via_layout = solver.rec(solver.embed(free, problems), problems)
         # the reference engine's loss (autograd, the gradient mapped explicitly) agrees
-        authors, _, _ = build_solver(lm, rel, resolve_config({**options, "engine": "reference"}))
+        authors, _, _ = build_solver(lm, rel, GenerateConfig(**{**options, "engine": "reference"}))
         torch.testing.assert_close(
             authors.rec(authors.embed(free, problems), problems), via_layout, rtol=1e-4, atol=1e-6
         )

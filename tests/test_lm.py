@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from gradmm.data.tasks import BUILTIN_TASKS
-from gradmm.models.train import (
-    CORPUS_FILES,
-    REQUIRED_TOKENS,
-    LMTrainConfig,
-    corpus_documents,
-    train_lm,
-)
+from gradmm.models.recipe import LMTrainConfig
+from gradmm.models.train import CORPUS_FILES, REQUIRED_TOKENS, corpus_documents, train_lm
 
 
 def test_corpus_holds_no_task_evaluation_or_private_file():

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from gradmm.core.admm import Problems
 from gradmm.core.projection import Projector, allowed_tokens
 from gradmm.core.tokens import encode_text
-from gradmm.errors import UserError
 from gradmm.models.loading import load_model
-from gradmm.stages.configs import GenerateConfig, ReleaseConfig, resolve_config
+from gradmm.stages.configs import GenerateConfig, ReleaseConfig
 from gradmm.stages.generate import build_solver
 from gradmm.stages.record import load_release
 from gradmm.stages.release import release_targets
@@ -35,7 +35,7 @@ def lm_and_release(model_dirs, release_dir, double=False):
 
 def small(**kw) -> GenerateConfig:
     base = dict(per_class=6, batch=3, length=5, steps=3, inner_steps=4, topk=12, init_candidates=20)
-    return resolve_config({**base, **kw})
+    return GenerateConfig(**{**base, **kw})
 
 
 def test_token_filter_rules(tokenizer):
@@ -270,12 +270,13 @@ def test_patience_stops_a_stalled_solve(model_dirs, release_dir):
     best = [h[1] for h in solution.history]
     assert 2 <= len(best) < 40  # stopped early: the tiny steps stop changing the tokens
     assert best[-1] == best[-2]  # the last 2 (= patience) projections improved nothing
-    with pytest.raises(UserError, match="patience"):
+    with pytest.raises(ValidationError, match="patience"):
         small(patience=2, select="augmented")
 
 
 def test_lower_precision_keeps_the_loss_and_optimiser_in_fp32(model_dirs, release_dir):
-    from gradmm.core.lm import Runtime, place
+    from gradmm.core.lm import place
+    from gradmm.core.settings import Runtime
 
     lm, rel = lm_and_release(model_dirs, release_dir)
     cfg = small(per_class=3, steps=2, inner_steps=3)

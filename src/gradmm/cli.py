@@ -1,4 +1,9 @@
-"""``gradmm`` command line: a thin layer over the importable stage functions."""
+"""``gradmm`` command line: a thin layer over the importable stage functions.
+
+Every command's options are generated from the fields of its config model
+(:func:`config_options`): help, choices and defaults are written once, in the model, and
+``docs/options.md`` is generated from the commands (:func:`options_reference`).
+"""
 
 from __future__ import annotations
 
@@ -15,16 +20,19 @@ from typing import Annotated, Literal, NoReturn, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
+from gradmm.core.settings import Runtime
 from gradmm.errors import Terminated, UserError
+from gradmm.models.recipe import LMTrainConfig
 from gradmm.options import build_config
+from gradmm.privacy.configs import AuditConfig, CanaryAuditConfig, NoiseQuery
 from gradmm.stages.configs import (
-    PRESETS,
     EvaluateConfig,
+    FilterConfig,
     FinetuneConfig,
     GenerateConfig,
     ReleaseConfig,
-    resolve_config,
 )
 
 app = typer.Typer(
@@ -34,106 +42,46 @@ app = typer.Typer(
     help="GRADMM: synthetic training text whose gradient matches a release of real examples.",
 )
 
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", help="YAML file of options; flags override it.")
-]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
-PresetOpt = Annotated[
-    str | None, typer.Option(help="'default' (fixed) or 'paper' (the authors' behaviour).")
-]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
-DeviceOpt = Annotated[
-    str | None, typer.Option(help="'auto' (the GPU if there is one), 'cpu', 'cuda[:N]' [auto].")
-]
-DtypeOpt = Annotated[
-    str | None,
-    typer.Option(help="float32, bfloat16 or float16 for the transformer passes [float32]."),
-]
-
-
-def runtime_of(device: str | None, dtype: str | None = None):
-    """The :class:`gradmm.core.lm.Runtime` of ``--device``/``--dtype``."""
-    from gradmm.core.lm import Runtime
-
-    return build_config(Runtime, dict(device=device, dtype=dtype))
-
-
-# generate's options on the command line (the rest: --config); each defined in gradmm.stages.configs
-GENERATE_OPTIONS = (
-    "per_class",
-    "batch",
-    "length",
-    "steps",
-    "inner_steps",
-    "rho",
-    "topk",
-    "projection",
-    "lr",
-    "init_candidates",
-    "patience",
-    "seed",
-    "engine",
-    "target",
-    "preset",
-)
-# release's options on the command line, each defined in gradmm.stages.configs.ReleaseConfig
-RELEASE_OPTIONS = (
-    "n_per_class",
-    "sampling",
-    "sampling_rate",
-    "split",
-    "seed",
-    "preset",
-    "match_params",
-    "sketch_dim",
-    "sketch_seed",
-    "max_text_tokens",
-    "epsilon",
-    "delta",
-    "clip",
-    "neighbouring",
-    "target",
-    "noise_seed",
-)
-# finetune's options on the command line, each defined in gradmm.stages.configs.FinetuneConfig
-FINETUNE_OPTIONS = (
-    "method",
-    "lr",
-    "steps",
-    "batch_size",
-    "eval_every",
-    "selection",
-    "dev_file",
-    "max_dev",
-    "lora_rank",
-    "max_test",
-    "seed",
-)
-# evaluate's options on the command line, each defined in gradmm.stages.configs.EvaluateConfig
-EVALUATE_OPTIONS = ("few_shot", "dev_file", "max_test", "seed")
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 
 def config_options(
-    model: type[BaseModel], names: tuple[str, ...], presets: dict[str, dict] | None = None
+    model: type[BaseModel],
+    exclude: tuple[str, ...] = (),
+    param: str = "cfg",
+    config_file: bool = True,
 ) -> Callable[[Callable], Callable]:
-    """Give a command one ``--name`` option per field of ``model`` in ``names``, typed and
-    documented from the field (description, choices, default and any preset's value). The command
-    receives them as its ``options`` argument, None where not given (so that a config file and
-    the preset apply): each option is defined once, in ``model``."""
+    """Give a command one ``--name`` option per field of ``model`` (but ``exclude``), typed and
+    documented from the field (description, choices, default and any preset's value), and with
+    ``config_file`` a ``--config FILE`` of the same options. The command receives the validated
+    ``model`` as its ``param`` argument; flags override the file, the file the defaults."""
+    names = [n for n in model.model_fields if n not in exclude]
+    presets = getattr(model, "PRESETS", {})
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn, eval_str=True)
-        params = [p for p in signature.parameters.values() if p.name != "options"]
+        params = [p for p in signature.parameters.values() if p.name != param]
         for name in names:
-            annotation = _option_annotation(name, model.model_fields[name], presets or {})
+            annotation = _option_annotation(name, model.model_fields[name], presets)
             params.append(
                 inspect.Parameter(
                     name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
                 )
             )
+        if config_file:
+            help_text = f"YAML file of these options ({model.__name__}); flags override it."
+            annotation = Annotated[Path | None, typer.Option("--config", help=help_text)]
+            params.append(
+                inspect.Parameter(
+                    "config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+                )
+            )
 
         def run(**kwargs):
-            return fn(options={n: kwargs.pop(n) for n in names}, **kwargs)
+            options = {n: kwargs.pop(n) for n in names}
+            file = kwargs.pop("config") if config_file else None
+            return fn(**{param: build_config(model, options, file)}, **kwargs)
 
         run.__name__, run.__doc__ = fn.__name__, fn.__doc__
         run.__signature__ = signature.replace(parameters=params)
@@ -152,9 +100,14 @@ def _option_annotation(name: str, field, presets: dict[str, dict]):
     if get_origin(kind) is Literal:
         choices = " (" + " | ".join(map(str, get_args(kind))) + ")"
         kind = str
-    default = "none" if field.default is None else field.default
+    if field.default is PydanticUndefined:
+        default = "required"
+    else:
+        default = "none" if field.default is None else str(field.default)
+    if kind is bool and default in ("True", "False"):
+        default = "yes" if default == "True" else "no"
     by_preset = "".join(f"; {p}: {v[name]}" for p, v in presets.items() if name in v)
-    help_text = f"{field.description}{choices} [{default}{by_preset}]"
+    help_text = f"{field.description or ''}{choices} [{default}{by_preset}]"
     return Annotated[kind | None, typer.Option(help=help_text)]
 
 
@@ -222,30 +175,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
 
 
+NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
+
+
 @command(app, NOTHING_WRITTEN + "; rerun the command to start again")
-@config_options(ReleaseConfig, RELEASE_OPTIONS)
+@config_options(ReleaseConfig, exclude=("canary_file",))
+@config_options(Runtime, exclude=("dtype",), param="runtime", config_file=False)
 def release(
-    options: dict,
-    task: Annotated[str | None, typer.Option(help="Built-in task or task YAML file.")] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id."),
-    ] = None,
+    cfg: ReleaseConfig,
+    runtime: Runtime,
     out: Annotated[Path, typer.Option(help="Release folder to write.")] = ...,
-    data_dir: Annotated[
-        str | None, typer.Option(help="Local data folder [$GRADMM_DATA_DIR, else the hub].")
-    ] = None,
-    config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
 ) -> None:
     """Stage 1: sample private examples and release their per-class target gradients (fp32)."""
     from gradmm.stages.release import release_targets
 
-    cfg = build_config(
-        ReleaseConfig, dict(task=task, model=model, data_dir=data_dir, **options), config
-    )
-    result = release_targets(cfg, out, overwrite=overwrite, runtime=runtime_of(device))
+    result = release_targets(cfg, out, overwrite=overwrite, runtime=runtime)
     counts = ", ".join(
         f"{n} {name}" for n, name in zip(result.meta.counts, result.task.label_names, strict=True)
     )
@@ -256,102 +201,60 @@ def release(
 
 
 @command(app, "the run folder was left as it was: rerun the same command")
-@config_options(GenerateConfig, GENERATE_OPTIONS, presets=PRESETS)
+@config_options(GenerateConfig)
+@config_options(Runtime, param="runtime", config_file=False)
 def generate(
-    options: dict,
+    cfg: GenerateConfig,
+    runtime: Runtime,
     release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
     out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
-    config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
     nproc: Annotated[
         int, typer.Option(min=1, help="Local processes to shard problems over (one GPU each).")
     ] = 1,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Stage 2: generate synthetic text by ADMM gradient matching against a release."""
+    from gradmm.core.distributed import rank_and_world
     from gradmm.stages.generate import generate as run_generate
 
-    cfg = resolve_config(options, config)
     path = run_generate(
-        release,
-        out,
-        cfg,
-        overwrite=overwrite,
-        progress=not quiet,
-        nproc=nproc,
-        runtime=runtime_of(device, dtype),
+        release, out, cfg, overwrite=overwrite, progress=not quiet, nproc=nproc, runtime=runtime
     )
-    from gradmm.core.distributed import rank_and_world
-
     if rank_and_world()[0] == 0:
         typer.echo(f"wrote {path}")
 
 
 @command(app, NOTHING_WRITTEN + "; rerun the command", name="filter")
+@config_options(FilterConfig)
+@config_options(Runtime, param="runtime", config_file=False)
 def filter_cmd(
+    cfg: FilterConfig,
+    runtime: Runtime,
     run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
-    keep_per_class: Annotated[
-        int | None, typer.Option(help="Keep the N lowest-loss examples per class [50].")
-    ] = None,
-    classifier: Annotated[
-        bool, typer.Option(help="Drop examples a few-shot classifier assigns elsewhere.")
-    ] = True,
-    balance: Annotated[bool, typer.Option(help="Balance the classes' mean loss.")] = True,
-    dedupe: Annotated[bool, typer.Option(help="Keep identical texts once.")] = True,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
 ) -> None:
     """Filter a run's synthetic text into RUN/filtered.jsonl (+ filter_report.json)."""
-    from gradmm.stages.filtering import FilterConfig, filter_run
+    from gradmm.stages.filtering import filter_run
 
-    cfg = build_config(
-        FilterConfig,
-        dict(keep_per_class=keep_per_class, classifier=classifier, balance=balance, dedupe=dedupe),
-    )
-    report = filter_run(run, cfg, runtime=runtime_of(device, dtype))
+    report = filter_run(run, cfg, runtime=runtime)
     steps = ", ".join(f"{k} {v}" for k, v in report.items() if k.startswith(("input", "after")))
     typer.echo(f"{steps}; wrote {run / 'filtered.jsonl'}")
 
 
 @command(app, NOTHING_WRITTEN + "; rerun the command")
-@config_options(FinetuneConfig, FINETUNE_OPTIONS)
+@config_options(FinetuneConfig)
+@config_options(Runtime, exclude=("dtype",), param="runtime", config_file=False)
 def finetune(
-    options: dict,
-    model: Annotated[
-        str, typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id.")
-    ] = ...,
-    task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
-    train: Annotated[Path, typer.Option(help="JSONL with text and label.")] = ...,
+    cfg: FinetuneConfig,
+    runtime: Runtime,
     out: Annotated[Path, typer.Option(help="Folder for results.json (and the model).")] = ...,
-    data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
-    save_model: Annotated[
-        bool, typer.Option("--save-model", help="Also write the dev-selected weights.")
-    ] = False,
-    config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune (fp32) on a JSONL file; the test score is read at the selected step only."""
     from gradmm.stages.finetune import finetune as run_finetune
 
-    cfg = build_config(
-        FinetuneConfig,
-        dict(
-            model=model,
-            task=task,
-            train=str(train),
-            data_dir=data_dir,
-            save_model=save_model or None,
-            **options,
-        ),
-        config,
-    )
-    result = run_finetune(
-        cfg, out, progress=not quiet, overwrite=overwrite, runtime=runtime_of(device)
-    )
+    result = run_finetune(cfg, out, progress=not quiet, overwrite=overwrite, runtime=runtime)
     dev = result["dev_accuracy"]
     chosen = "last step" if dev is None else f"best dev {dev:.4f}"
     typer.echo(
@@ -361,36 +264,21 @@ def finetune(
 
 
 @command(app, NOTHING_WRITTEN)
-@config_options(EvaluateConfig, EVALUATE_OPTIONS)
+@config_options(EvaluateConfig)
+@config_options(Runtime, param="runtime", config_file=False)
 def evaluate(
-    options: dict,
-    model: Annotated[
-        str, typer.Option(help="'reference', a fetched name, a .gguf file, a folder or a hub id.")
-    ] = ...,
-    task: Annotated[str, typer.Option(help="Built-in task or task YAML file.")] = ...,
-    data_dir: Annotated[str | None, typer.Option(help="Local data folder.")] = None,
+    cfg: EvaluateConfig,
+    runtime: Runtime,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
 ) -> None:
     """Zero- or k-shot verbalizer accuracy on the task's test split."""
     from gradmm.files import check_result_file, write_json
     from gradmm.stages.evaluate import evaluate_task
 
-    cfg = build_config(EvaluateConfig, dict(model=model, task=task, data_dir=data_dir, **options))
     if out is not None:
         check_result_file(out, "evaluate", overwrite)
-    result = evaluate_task(
-        cfg.model,
-        cfg.task,
-        cfg.few_shot,
-        cfg.data_dir,
-        cfg.max_test,
-        cfg.seed,
-        cfg.dev_file,
-        runtime=runtime_of(device, dtype),
-    )
+    result = evaluate_task(cfg, runtime=runtime)
     if out is not None:
         write_json(out, result)
     per_class = ", ".join(
@@ -403,7 +291,7 @@ def evaluate(
 def run(
     config: Annotated[Path, typer.Option("--config", help="Experiment YAML file.")] = ...,
     out: Annotated[Path, typer.Option(help="Experiment folder (finished cells are reused).")] = ...,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run every stage for tasks x methods x seeds; write results.csv/.md and plots."""
     from gradmm.experiments.runner import run_experiment
@@ -413,80 +301,29 @@ def run(
 
 
 @command(app, NOTHING_WRITTEN)
+@config_options(NoiseQuery)
 def privacy(
+    cfg: NoiseQuery,
     releases: Annotated[list[Path] | None, typer.Argument(help="Release folders.")] = None,
-    epsilon: Annotated[float | None, typer.Option(help="ε of one release.")] = None,
-    delta: Annotated[float | None, typer.Option(help="δ of one release.")] = None,
-    clip: Annotated[float | None, typer.Option(help="Per-example norm bound C.")] = None,
-    n_per_class: Annotated[int | None, typer.Option(help="Public examples per class.")] = None,
-    neighbouring: Annotated[str, typer.Option(help="'replace' or 'add-remove'.")] = "replace",
-    sampling_rate: Annotated[
-        float | None, typer.Option(help="Poisson sampling rate q of the pool (add-remove only).")
-    ] = None,
 ) -> None:
     """Privacy report of releases (composed when several), or the noise of one (ε, δ)."""
-    from gradmm.errors import warn
-    from gradmm.privacy import accounting as dp
-    from gradmm.privacy import report as privacy_report
+    from gradmm.privacy.report import noise_report, releases_report
     from gradmm.stages.record import load_release
 
     if releases:
         metas = [load_release(p).meta for p in releases]
-        for path, meta in zip(releases, metas, strict=True):
-            typer.echo(f"== {path}\n{privacy_report.report(meta)}")
-            m = meta.mechanism
-            if m.type == "gaussian" and meta.target == "real":
-                note = dp.delta_warning(m.delta, sum(meta.counts))
-                if note:
-                    warn(f"{path}: {note}")
-        for line in privacy_report.composition(metas, [str(p) for p in releases]):
-            typer.echo(line)
-        return
-    if neighbouring not in ("replace", "add-remove"):
-        raise UserError(f"--neighbouring must be 'replace' or 'add-remove', not {neighbouring!r}")
-    if sampling_rate is None:
-        z = dp.noise_multiplier(epsilon, delta)
-        typer.echo(
-            f"noise multiplier σ/Δ = {z:.6g} for one ({epsilon}, {delta})-DP Gaussian release"
-        )
+        lines = releases_report(metas, [str(p) for p in releases])
     else:
-        if neighbouring != "add-remove":
-            raise UserError(
-                "Poisson sampling is accounted for add-or-remove neighbours: "
-                "pass --neighbouring add-remove"
-            )
-        z = dp.poisson_noise_multiplier(epsilon, delta, sampling_rate)
-        typer.echo(
-            f"noise multiplier σ/Δ = {z:.6g} for one Gaussian release on a Poisson "
-            f"sample at rate {sampling_rate:g}, ({epsilon}, {delta})-DP for the split "
-            "(PLD accountant)"
-        )
-    if n_per_class is not None:
-        if n_per_class < 1:
-            raise UserError("--n-per-class must be >= 1")
-        note = dp.delta_warning(delta, 2 * n_per_class)  # a pool holds at least 2 classes
-        if note:
-            warn(note)
-    if clip is not None and n_per_class is not None:
-        if not (clip > 0 and clip != float("inf")):
-            raise UserError("--clip must be a finite number > 0")
-        sens = dp.sensitivity(clip, neighbouring)
-        typer.echo(
-            f"sensitivity Δ = {sens:.6g} ({neighbouring}, C = {clip}); noise std σ = "
-            f"{z * sens:.6g} on each class sum, {z * sens / n_per_class:.6g} on each released "
-            f"class mean (n = {n_per_class})"
-        )
+        lines = noise_report(cfg)
+    for line in lines:
+        typer.echo(line)
 
 
 @command(app, NOTHING_WRITTEN)
+@config_options(AuditConfig)
 def audit(
+    cfg: AuditConfig,
     run: Annotated[Path, typer.Argument(help="Run folder from `gradmm generate`.")],
-    data_dir: Annotated[
-        str | None, typer.Option(help="Local data folder [$GRADMM_DATA_DIR, else the hub].")
-    ] = None,
-    finetuned: Annotated[
-        str | None, typer.Option(help="Fine-tuned model folder: adds a membership-inference test.")
-    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Report file (private: outside the run folder) [RUN.audit.json]."),
@@ -497,7 +334,7 @@ def audit(
     report is private data."""
     from gradmm.privacy.audit import audit_run, default_report_path
 
-    result = audit_run(run, data_dir, finetuned, out=out, overwrite=overwrite)
+    result = audit_run(run, cfg, out=out, overwrite=overwrite)
     for key, value in result.get("summary", {"pool": result["pool"]}).items():
         typer.echo(f"{key}: {value}")
     if isinstance(result.get("membership_inference"), dict):
@@ -508,25 +345,20 @@ def audit(
 @command(
     app, "finished steps were kept in OUT: rerun the same command to resume", name="canary-audit"
 )
+@config_options(CanaryAuditConfig, exclude=("release", "generate"))
 def canary_audit(
-    config: Annotated[
-        Path,
-        typer.Option(
-            "--config",
-            help="YAML: release, generate, canaries, prefix_words, suffix_tokens, ngram, seed.",
-        ),
-    ] = ...,
+    cfg: CanaryAuditConfig,
     out: Annotated[
         Path, typer.Option(help="Folder for the canaries, release, run and report (all PRIVATE).")
     ] = ...,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Membership inference from the synthetic text alone: plant canaries, release, generate,
-    score them with an n-gram model of the synthetic text (Meeus et al. 2025)."""
-    from gradmm.privacy.canary import CanaryAuditConfig
+    score them with an n-gram model of the synthetic text (Meeus et al. 2025). The release and
+    generate settings come from --config (keys release: and generate:)."""
     from gradmm.privacy.canary import canary_audit as run_audit
 
-    report = run_audit(build_config(CanaryAuditConfig, {}, config), out, progress=not quiet)
+    report = run_audit(cfg, out, progress=not quiet)
     typer.echo(
         f"canary membership inference: ROC AUC {report['roc_auc']}, TPR at FPR 0.1 "
         f"{report['tpr_at_fpr_0.1']} ({report['members']} planted, "
@@ -569,32 +401,54 @@ app.add_typer(lm_app, name="lm")
     "checkpoints in the work folder were kept: rerun the same command to resume",
     name="train",
 )
+@config_options(LMTrainConfig)
 def lm_train(
+    cfg: LMTrainConfig,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = ...,
-    data_dir: Annotated[
-        str | None, typer.Option(help="Folder laid out like shared/data [$GRADMM_DATA_DIR].")
-    ] = None,
     work: Annotated[
         Path | None, typer.Option(help="Checkpoint folder [OUT.work]; rerun to resume.")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps [6500].")] = None,
-    seed: SeedOpt = None,
-    config: ConfigOpt = None,
 ) -> None:
     """Train the reference LM (tokenizer + Llama) on IMDB train + WikiText-2 valid/test."""
-    import os
+    from gradmm.models.train import train_lm
 
-    from gradmm.models.train import LMTrainConfig, train_lm
+    typer.echo(f"wrote {train_lm(cfg, out, work)}")
 
-    cfg = build_config(
-        LMTrainConfig,
-        dict(
-            data_dir=data_dir or os.environ.get("GRADMM_DATA_DIR"), max_steps=max_steps, seed=seed
-        ),
-        config,
-    )
-    path = train_lm(cfg, out, work)
-    typer.echo(f"wrote {path}")
+
+def options_reference() -> str:
+    """``docs/options.md``: every command's options with their help and defaults, generated
+    from the commands themselves (``tests/test_cli.py`` checks the file is current)."""
+    import click
+
+    lines = [
+        "# Options",
+        "",
+        "Generated from the commands (`python -c 'from gradmm.cli import options_reference as o; "
+        'print(o(), end="")\' > docs/options.md`); `gradmm COMMAND --help` prints the same. '
+        "Defaults are in [brackets]; `--config FILE` takes the same options as YAML keys "
+        "(underscores or dashes).",
+    ]
+
+    def walk(group: click.Group, prefix: str) -> None:
+        for name, cmd in sorted(group.commands.items()):
+            if isinstance(cmd, click.Group):
+                walk(cmd, f"{prefix} {name}")
+                continue
+            lines.extend(["", f"## `{prefix} {name}`", "", (cmd.help or "").strip(), ""])
+            lines.extend(["| option | help |", "|---|---|"])
+            for p in cmd.params:
+                if p.name == "help":
+                    continue
+                flag = (
+                    " / ".join(p.opts + p.secondary_opts)
+                    if p.opts[0].startswith("-")
+                    else (p.name.upper())
+                )
+                text = (getattr(p, "help", None) or "").replace("|", "\\|")
+                lines.append(f"| `{flag}` | {text} |")
+
+    walk(typer.main.get_command(app), "gradmm")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Stage settings from a config file plus command-line options, validated by pydantic."""
+"""Settings from a config file plus command-line options, validated by pydantic; the field
+descriptions several configs share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from gradmm.errors import UserError
 from gradmm.files import read_yaml
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+# Descriptions of fields several configs share.
+TASK = "built-in task name or a task YAML file"
+MODEL = "'reference', a fetched name (gradmm model list), a .gguf file, a folder or a hub id"
+DATA_DIR = "local data folder ($GRADMM_DATA_DIR when unset; neither: the Hugging Face hub)"
 
 
 def one_line(e: ValidationError) -> str:
@@ -48,4 +54,8 @@ def build_config(
     try:
         return cls(**merged)
     except ValidationError as e:
+        missing = [str(err["loc"][0]) for err in e.errors() if err["type"] == "missing"]
+        if missing:
+            flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+            raise UserError(f"missing {flags} (a flag, or a key of --config)") from None
         raise UserError(f"invalid options: {one_line(e)}") from None

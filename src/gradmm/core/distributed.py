@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gradmm.core.lm import Runtime
+from gradmm.core.settings import Runtime
 
 
 def rank_and_world() -> tuple[int, int]:

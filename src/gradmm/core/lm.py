@@ -13,13 +13,12 @@ import copy
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gradmm.core.settings import MatchParams
+from gradmm.core.settings import MatchParams, Runtime
 from gradmm.errors import UserError
 
 if TYPE_CHECKING:
@@ -40,42 +39,10 @@ class OutputLayer:
         return torch.nn.functional.linear(h.to(self.weight.dtype), self.weight, self.bias)
 
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-
-
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype losses and optimiser state use beside a model of ``dtype``: fp32, or fp64 for
     an fp64 model (the tests' exact comparisons)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-class Runtime(BaseModel):
-    """Where and in which precision the transformer passes run (never changes what is computed
-    beyond rounding; the matching loss, clipping and Adam state stay fp32)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    device: str = Field("auto", description="'auto' (the GPU if there is one), 'cpu', 'cuda[:N]'")
-    dtype: Dtype = Field("float32", description="dtype of the transformer passes")
-
-    def torch_device(self) -> torch.device:
-        """The device, checked: a GPU that is not there is a :class:`UserError`."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda or cuda:N)") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"device {self.device!r} asked for, but no CUDA GPU is available")
-            if (device.index or 0) >= torch.cuda.device_count():
-                raise UserError(f"device {self.device!r}: only {torch.cuda.device_count()} GPUs")
-        elif device.type != "cpu":
-            raise UserError(f"unsupported device {self.device!r} (auto, cpu, cuda or cuda:N)")
-        return device
-
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
 
 
 @dataclass

@@ -1,11 +1,16 @@
-"""The maths' choices and the solver's settings, torch-free (the CLI builds its options from
-them without importing torch)."""
+"""The maths' choices, the solver's settings and the runtime (device, dtype), torch-free: the
+CLI builds its options from them without importing torch."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gradmm.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 # Which gradient is released and matched (see gradmm.core.gradients.GradientSpace).
 MatchParams = Literal["output", "last-block", "label-rows", "sketch"]
@@ -48,3 +53,48 @@ class SolverConfig(BaseModel):
         if self.patience is not None and self.select != "projected":
             raise ValueError("patience needs select: projected (the rule that tracks the loss)")
         return self
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Runtime(BaseModel):
+    """Where and in which precision the transformer passes run (never changes what is computed
+    beyond rounding; the matching loss, clipping and Adam state stay fp32)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: str = Field("auto", description="'auto' (the GPU if there is one), 'cpu', 'cuda[:N]'")
+    dtype: Dtype = Field("float32", description="dtype of the transformer passes")
+
+    def torch_device(self) -> torch.device:
+        """The device, checked: a GPU that is not there is a :class:`UserError`."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {self.device!r} (auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"device {self.device!r} asked for, but no CUDA GPU is available")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise UserError(f"device {self.device!r}: only {torch.cuda.device_count()} GPUs")
+        elif device.type != "cpu":
+            raise UserError(f"unsupported device {self.device!r} (auto, cpu, cuda or cuda:N)")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+TEXT_SLOT = "{text}"
+
+
+LabelTokenPolicy = Literal["all", "first"]
+
+
+LabelScore = Literal["sum", "mean"]

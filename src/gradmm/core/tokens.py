@@ -10,25 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gradmm.core.lm import LoadedModel, final_hidden, right_padded
+from gradmm.core.settings import TEXT_SLOT, LabelScore
 from gradmm.errors import UserError
 
 if TYPE_CHECKING:
     from gradmm.data.tasks import Task
-
-
-TEXT_SLOT = "{text}"
-
-
-LabelTokenPolicy = Literal["all", "first"]
-
-
-LabelScore = Literal["sum", "mean"]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gradmm.core.tokens import TEXT_SLOT, LabelScore, LabelTokenPolicy
+from gradmm.core.settings import TEXT_SLOT, LabelScore, LabelTokenPolicy
 from gradmm.errors import UserError
 from gradmm.files import read_json, read_jsonl_numbered, read_yaml
 from gradmm.options import one_line

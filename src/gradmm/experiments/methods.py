@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradmm.core.lm import Runtime, place
+from gradmm.core.lm import place
+from gradmm.core.settings import Runtime
 from gradmm.core.tokens import tokenize_prompt
 from gradmm.data.tasks import Task, load_task
 from gradmm.files import read_json, read_jsonl, write_jsonl
 from gradmm.models.loading import load_model
 from gradmm.options import build_config
-from gradmm.stages.configs import FinetuneConfig, ReleaseConfig, resolve_config
+from gradmm.stages.configs import EvaluateConfig, FinetuneConfig, GenerateConfig, ReleaseConfig
 from gradmm.stages.evaluate import evaluate_task, text_perplexities
 from gradmm.stages.filtering import FilterConfig, filter_run
 from gradmm.stages.finetune import finetune
@@ -165,7 +166,9 @@ def synthetic_set(cell: Cell, release: Path, **extra) -> Path:
     run = cell.folder / "run"
     if not (run / "synthetic.jsonl").exists():
         options = {**cfg.generate, "per_class": cfg.synthetic_per_class, "seed": seed, **extra}
-        generate(release, run, resolve_config(options), progress=False, runtime=cfg.runtime)
+        generate(
+            release, run, build_config(GenerateConfig, options), progress=False, runtime=cfg.runtime
+        )
     if not (run / "filtered.jsonl").exists():
         filter_run(run, build_config(FilterConfig, cfg.filter), runtime=cfg.runtime)
     return run / "filtered.jsonl"
@@ -259,15 +262,15 @@ def lm_prompted_examples(
 
 
 def _evaluate(cell: Cell, k: int) -> dict:
-    res = evaluate_task(
-        cell.cfg.model,
-        cell.task,
-        k,
-        cell.cfg.data_dir,
-        cell.cfg.finetune.get("max_test"),
-        cell.seed,
-        runtime=cell.cfg.runtime,
+    config = EvaluateConfig(
+        model=cell.cfg.model,
+        task=cell.task,
+        few_shot=k,
+        data_dir=cell.cfg.data_dir,
+        max_test=cell.cfg.finetune.get("max_test"),
+        seed=cell.seed,
     )
+    res = evaluate_task(config, runtime=cell.cfg.runtime)
     return {
         "test_accuracy": res["accuracy"],
         "test_per_class_accuracy": res["per_class_accuracy"],

@@ -19,8 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from gradmm.core.lm import Runtime, fingerprint
-from gradmm.core.settings import MatchParams
+from gradmm.core.lm import fingerprint
+from gradmm.core.settings import MatchParams, Runtime
 from gradmm.data.tasks import DEV_SLICE_RULE, load_task
 from gradmm.errors import UserError
 from gradmm.experiments.methods import METHODS, Cell
@@ -28,7 +28,7 @@ from gradmm.experiments.report import plot, write_tables
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
 from gradmm.models.loading import load_model
 from gradmm.options import build_config
-from gradmm.stages.configs import FinetuneConfig, resolve_config
+from gradmm.stages.configs import FinetuneConfig, GenerateConfig
 from gradmm.stages.filtering import FilterConfig
 
 EXPERIMENT_DIR = OutputKind(
@@ -108,7 +108,7 @@ def load_experiment(path: Path) -> ExperimentConfig:
         raise UserError(f"unknown methods {sorted(unknown)} (choose from {', '.join(METHODS)})")
     # every stage section is validated now: a typo is one line before any cell runs
     classifier = build_config(FilterConfig, cfg.filter).classifier
-    resolve_config({**cfg.generate, "per_class": cfg.synthetic_per_class})
+    build_config(GenerateConfig, {**cfg.generate, "per_class": cfg.synthetic_per_class})
     for section in ("model", "task", "train", "data_dir", "seed"):
         if section in cfg.finetune:
             raise UserError(f"finetune: {section!r} is set by the runner, not the experiment file")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from gradmm.errors import UserError
@@ -33,39 +32,13 @@ from gradmm.files import (
     write_json,
 )
 from gradmm.models.checkpoints import HF_MODEL_FILES
+from gradmm.models.recipe import LMTrainConfig
 
 EOS = "<|endoftext|>"
 # Public corpus files, relative to the data dir. Never a split a built-in task evaluates on.
 CORPUS_FILES = ("imdb/train.jsonl", "wikitext2/valid.txt", "wikitext2/test.txt")
 # Words that must be single tokens: the built-in templates and verbalizers.
 REQUIRED_TOKENS = (" It", " was", " great", " bad", " anger", " joy", " optimism", " sadness")
-
-
-class LMTrainConfig(BaseModel):
-    """Settings of ``gradmm lm train``. Defaults: an 8.9M-parameter Llama, 8192-token BPE."""
-
-    model_config = ConfigDict(extra="forbid")
-    data_dir: str = Field(description="folder laid out like shared/data")
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    layers: int = 6
-    heads: int = 4
-    intermediate_size: int = 688
-    seq_len: int = 256
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    max_steps: int = Field(6500, ge=1)
-    bf16: bool = Field(
-        True,
-        description="bfloat16 autocast for the forward pass (weights and AdamW stay fp32); "
-        "about 1.5x faster on CPUs with AMX/AVX512-BF16",
-    )
-    weight_decay: float = 0.1
-    heldout_fraction: float = 0.01
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = 100
-    log_every: int = 20
 
 
 def _clean_wikitext(line: str) -> str:

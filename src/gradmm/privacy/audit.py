@@ -21,6 +21,7 @@ import numpy as np
 from gradmm.core.tokens import encode_text
 from gradmm.errors import UserError
 from gradmm.files import STAMP, check_result_file, read_json, read_jsonl, write_json
+from gradmm.privacy.configs import AuditConfig
 from gradmm.stages.generate import load_run_release
 from gradmm.stages.release import audited_pool
 
@@ -157,18 +158,13 @@ def membership_auc(model: str, task, examples, members: list[int], others: list[
 
 def audit_run(
     run_dir: Path,
-    data_dir: str | None = None,
-    finetuned: str | None = None,
-    seed: int = 0,
+    config: AuditConfig | None = None,
     out: Path | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Audit ``run_dir`` against its release's private pool; writes the report to ``out``
     (default :func:`default_report_path`) and returns it."""
-    from transformers import AutoTokenizer
-
-    from gradmm.models.checkpoints import resolve_model_name
-
+    config = config or AuditConfig()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else default_report_path(run_dir)
     if out.resolve().is_relative_to(run_dir.resolve()):
@@ -184,20 +180,33 @@ def audit_run(
         result = {**header, "pool": "none: the release read no data", "examples": []}
         write_json(out, result)
         return result
-    task = release.task
-    model = meta.model.path or resolve_model_name(meta.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    assert meta.split is not None
     # the release does not record where the data lives: --data-dir or $GRADMM_DATA_DIR
     canaries = planted_file(release) if meta.planted is not None else None
-    examples, picked, held_out = audited_pool(meta, data_dir, canaries)
-    # each text as far as the release read it (its task's cut), the synthetic ones whole
-    prompt = release.prompt
-    pool = [
-        encode_text(tokenizer, examples.texts[i])[: prompt.max_text_tokens]
-        for ix in picked
-        for i in ix
-    ]
+    examples, picked, held_out = audited_pool(meta, config.data_dir, canaries)
+    members = [i for ix in picked for i in ix]
+    result = {**header, **_overlap_report(release, rows, [examples.texts[i] for i in members])}
+    result["membership_inference"] = (
+        _membership_report(config, release.task, examples, members, held_out)
+        if config.finetuned is not None
+        else "not run: pass a fine-tuned model (gradmm finetune --save-model)"
+    )
+    write_json(out, result)
+    return result
+
+
+def _overlap_report(release, rows: list[dict], pool_texts: list[str]) -> dict:
+    """Per synthetic row, its longest common token run with any pool text and its nearest pool
+    text by token-set Jaccard, and their summary; each pool text as far as the release read it
+    (its task's cut), the synthetic ones whole."""
+    from transformers import AutoTokenizer
+
+    from gradmm.models.checkpoints import resolve_model_name
+
+    meta = release.meta
+    model = meta.model.path or resolve_model_name(meta.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    cut = release.prompt.max_text_tokens
+    pool = [encode_text(tokenizer, text)[:cut] for text in pool_texts]
     index, pool_sets = SubstringIndex(pool), [set(p) for p in pool]
     per_example = []
     for row in rows:
@@ -211,8 +220,7 @@ def audit_run(
         )
     ngrams = [e["longest_common_ngram"] for e in per_example]
     nearest = [e["nearest_jaccard"] for e in per_example]
-    result = {
-        **header,
+    return {
         "data_read": [
             {
                 "data": f"the release's private pool ({len(pool)} examples of split "
@@ -229,19 +237,23 @@ def audit_run(
             "max_nearest_jaccard": max(nearest),
             "mean_nearest_jaccard": round(sum(nearest) / len(nearest), 4),
         },
-        "membership_inference": "not run: pass a fine-tuned model (gradmm finetune --save-model)",
         "examples": per_example,
     }
-    if finetuned is not None:
-        members = [i for ix in picked for i in ix]
-        if len(held_out) < len(members):
-            raise UserError("too few held-out examples in the split for the membership test")
-        others = sorted(np.random.default_rng(seed).choice(held_out, len(members), replace=False))
-        result["membership_inference"] = {
-            "model": finetuned,
-            "members": len(members),
-            "non_members": len(others),
-            "roc_auc": round(membership_auc(finetuned, task, examples, members, others), 4),
-        }
-    write_json(out, result)
-    return result
+
+
+def _membership_report(
+    config: AuditConfig, task, examples, members: list[int], held_out: list[int]
+) -> dict:
+    """The loss-threshold attack on the fine-tuned model: pool members against as many
+    held-out rows of the split (seeded sample)."""
+    if len(held_out) < len(members):
+        raise UserError("too few held-out examples in the split for the membership test")
+    rng = np.random.default_rng(config.seed)
+    others = sorted(rng.choice(held_out, len(members), replace=False))
+    auc = membership_auc(config.finetuned, task, examples, members, others)
+    return {
+        "model": config.finetuned,
+        "members": len(members),
+        "non_members": len(others),
+        "roc_auc": round(auc, 4),
+    }

@@ -21,10 +21,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from gradmm.core.tokens import encode_text
 from gradmm.data.tasks import Task
@@ -38,6 +36,7 @@ from gradmm.files import (
     write_jsonl,
 )
 from gradmm.privacy.audit import roc_auc
+from gradmm.privacy.configs import CanaryAuditConfig
 
 REPORT_LABEL = (
     "PRIVATE: canaries carry prefixes of real private examples, and which were planted is the "
@@ -61,19 +60,6 @@ PLANTED = {
     "amplification by sampling that the guarantee counts (a stronger attacker than the "
     "guarantee assumes)",
 }
-
-
-class CanaryAuditConfig(BaseModel):
-    """Settings of ``gradmm canary-audit``: the release and generation it audits and the attack."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    release: dict[str, Any] = Field(description="release settings (ReleaseConfig)")
-    generate: dict[str, Any] = Field(default_factory=dict, description="generate settings")
-    canaries: int = Field(200, ge=2, description="canaries made; a seeded half is planted")
-    prefix_words: int = Field(6, ge=1, description="words of the in-distribution prefix")
-    suffix_tokens: int = Field(8, ge=1, description="uniformly random tokens of the suffix")
-    ngram: int = Field(2, ge=1, description="order of the attack's n-gram model")
-    seed: int = Field(0, ge=0, description="seed of the canaries and of the planted half")
 
 
 def make_canaries(
@@ -180,7 +166,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     from gradmm.data.tasks import load_task
     from gradmm.models.loading import load_model
     from gradmm.options import build_config
-    from gradmm.stages.configs import ReleaseConfig, resolve_config
+    from gradmm.stages.configs import GenerateConfig, ReleaseConfig
     from gradmm.stages.generate import generate
     from gradmm.stages.release import check_release_settings, release_targets, rows_outside_pool
 
@@ -188,7 +174,7 @@ def canary_audit(cfg: CanaryAuditConfig, out: Path, progress: bool = True) -> di
     # every setting and the folder first: nothing is loaded or written before they pass
     rc = build_config(ReleaseConfig, cfg.release)
     check_release_settings(rc)
-    generate_config = resolve_config(cfg.generate)
+    generate_config = build_config(GenerateConfig, cfg.generate)
     check_output_dir(out, CANARY_AUDIT_DIR)
     task = load_task(rc.task)
     split = rc.split or task.private_split

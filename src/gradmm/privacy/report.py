@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from gradmm.privacy.accounting import Mechanism, composed_epsilon
+from gradmm.errors import UserError, warn
+from gradmm.privacy.accounting import (
+    Mechanism,
+    composed_epsilon,
+    delta_warning,
+    noise_multiplier,
+    poisson_noise_multiplier,
+    sensitivity,
+)
+from gradmm.privacy.configs import NoiseQuery
 
 UNITS = {
     "replace": "one private example replaced by another of the same class (per-class counts "
@@ -107,4 +116,50 @@ def composition(metas: list, names: list[str]) -> list[str]:
     skipped = len(metas) - len(reading)
     if skipped:
         lines.append(f"({skipped} noise-only control(s) read no data and cost no privacy)")
+    return lines
+
+
+def releases_report(metas: list, names: list[str]) -> list[str]:
+    """The report of each release (``ReleaseMeta``), then what they guarantee together; a δ too
+    large for a release's pool is a warning."""
+    lines = []
+    for name, meta in zip(names, metas, strict=True):
+        lines.append(f"== {name}\n{report(meta)}")
+        m = meta.mechanism
+        if m.type == "gaussian" and meta.target == "real":
+            note = delta_warning(m.delta, sum(meta.counts))
+            if note:
+                warn(f"{name}: {note}")
+    return lines + composition(metas, names)
+
+
+def noise_report(query: NoiseQuery) -> list[str]:
+    """σ/Δ of one Gaussian release at (ε, δ) and, given C and n, the noise std it adds."""
+    eps, delta, q = query.epsilon, query.delta, query.sampling_rate
+    if q is None:
+        z = noise_multiplier(eps, delta)
+        lines = [f"noise multiplier σ/Δ = {z:.6g} for one ({eps}, {delta})-DP Gaussian release"]
+    else:
+        if query.neighbouring != "add-remove":
+            raise UserError(
+                "Poisson sampling is accounted for add-or-remove neighbours: "
+                "pass --neighbouring add-remove"
+            )
+        z = poisson_noise_multiplier(eps, delta, q)
+        lines = [
+            f"noise multiplier σ/Δ = {z:.6g} for one Gaussian release on a Poisson sample at "
+            f"rate {q:g}, ({eps}, {delta})-DP for the split (PLD accountant)"
+        ]
+    n = query.n_per_class
+    if n is not None:
+        note = delta_warning(delta, 2 * n)  # a pool holds at least 2 classes
+        if note:
+            warn(note)
+    if query.clip is not None and n is not None:
+        sens = sensitivity(query.clip, query.neighbouring)
+        lines.append(
+            f"sensitivity Δ = {sens:.6g} ({query.neighbouring}, C = {query.clip}); noise std σ = "
+            f"{z * sens:.6g} on each class sum, {z * sens / n:.6g} on each released class mean "
+            f"(n = {n})"
+        )
     return lines

@@ -1,26 +1,24 @@
-"""Settings of the stages, defined once: the release's (:class:`ReleaseConfig`), the solver's
-(:class:`SolverConfig`), generation's (:class:`GenerateConfig`) and its presets, fine-tuning's
-(:class:`FinetuneConfig`). The CLI's options, their help and defaults are generated from these
-fields. Kept free of torch so that the CLI starts fast.
+"""Settings of the stages, defined once: one pydantic model per stage, complete on its own
+(:class:`ReleaseConfig`, :class:`GenerateConfig` on top of the solver's
+:class:`gradmm.core.settings.SolverConfig`, :class:`FilterConfig`, :class:`FinetuneConfig`,
+:class:`EvaluateConfig`). The CLI's options, their help and defaults, and ``docs/options.md``
+are generated from these fields. Kept free of torch so that the CLI starts fast.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradmm.core.settings import (
     MatchParams,
     ProjectionOrder,
-    SelectRule,
     SolverConfig,
     TokenFilter,
 )
 from gradmm.data import paper
-from gradmm.errors import UserError
-from gradmm.options import build_config, read_options_file
+from gradmm.options import DATA_DIR, MODEL, TASK
 from gradmm.privacy.accounting import Neighbouring
 
 
@@ -28,8 +26,8 @@ class ReleaseConfig(BaseModel):
     """Settings of ``gradmm release``."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    task: str = Field(description="built-in task name or a task YAML file")
-    model: str = Field(description="hub id or local folder of a causal LM")
+    task: str = Field(description=TASK)
+    model: str = Field(description=MODEL)
     n_per_class: int = Field(
         25,
         ge=1,
@@ -46,7 +44,7 @@ class ReleaseConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the pool's sample")
     # local paths (data_dir, canary_file) are never recorded: exclude=True keeps them out of
     # release.json
-    data_dir: str | None = Field(None, exclude=True, description="folder laid out like shared/data")
+    data_dir: str | None = Field(None, exclude=True, description=DATA_DIR)
     preset: Literal["default", "paper"] = Field(
         "default", description="'paper': the authors' tokenisation of template and label words"
     )
@@ -158,13 +156,23 @@ class GenerateConfig(SolverConfig):
     )
     lm_prefix: str | None = Field(None, description="LM context of the projection ({label} ok)")
     checkpoint_every: int = Field(5, ge=1, description="outer iterations between checkpoints")
-    # Set by the preset unless given explicitly (None: not given).
-    token_filter: TokenFilter | None = None
-    select: SelectRule | None = None
-    score_init_scaled: bool | None = None
-    freeze_template: bool | None = Field(
-        None, description="zero the template positions' x-gradient [preset's]"
+    token_filter: TokenFilter = Field(
+        "fixed", description="tokens the projection may choose: 'fixed' (ours) or 'paper'"
     )
+    freeze_template: bool | None = Field(
+        None,
+        description="zero the template positions' x-gradient (unset: yes; preset paper: on the "
+        "authors' data sets only)",
+    )
+    # What a preset gives the options not set explicitly (the fields' defaults are `default`'s).
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": paper.GENERATE_OPTIONS}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in cls.PRESETS:
+            return {**cls.PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _whole_problems(self) -> GenerateConfig:
@@ -176,33 +184,26 @@ class GenerateConfig(SolverConfig):
         return self
 
 
-# Values a preset gives to the options left unset. `default` holds our fixes, `paper` the authors'.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {
-        "select": "projected",
-        "token_filter": "fixed",
-        "score_init_scaled": True,
-    },
-    "paper": paper.GENERATE_OPTIONS,
-}
+class FilterConfig(BaseModel):
+    """Settings of ``gradmm filter`` (see :mod:`gradmm.stages.filtering`)."""
 
-
-def resolve_config(options: dict[str, Any], config_file: Path | None = None) -> GenerateConfig:
-    """Merge (lowest first) the preset's values, a YAML/JSON config file and explicit options."""
-    preset = options.get("preset") or read_options_file(config_file).get("preset", "default")
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    return build_config(GenerateConfig, options, config_file, defaults=PRESETS[preset])
+    model_config = ConfigDict(extra="forbid")
+    keep_per_class: int | None = Field(
+        50, ge=1, description="keep the N lowest-loss examples per class (none: keep all)"
+    )
+    classifier: bool = Field(True, description="drop examples a few-shot classifier puts elsewhere")
+    balance: bool = Field(True, description="balance the classes' mean matching loss")
+    dedupe: bool = Field(True, description="keep identical texts once")
 
 
 class FinetuneConfig(BaseModel):
     """Settings of ``gradmm finetune`` (see :mod:`gradmm.stages.finetune`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: str
-    task: str
+    model: str = Field(description=MODEL)
+    task: str = Field(description=TASK)
     train: str = Field(description="JSONL with text and label (synthetic or real)")
-    data_dir: str | None = None
+    data_dir: str | None = Field(None, description=DATA_DIR)
     method: Literal["full", "lora"] = Field("full", description="all weights or LoRA adapters")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (linear decay to 0)")
     steps: int = Field(200, ge=1, description="optimizer steps")
@@ -220,19 +221,19 @@ class FinetuneConfig(BaseModel):
     lora_rank: int = Field(8, ge=1, description="rank of the LoRA adapters")
     max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
     seed: int = Field(0, ge=0, description="random seed (batch order, test sample)")
-    save_model: bool = False
+    save_model: bool = Field(False, description="also write the selected weights (OUT/model)")
 
 
 class EvaluateConfig(BaseModel):
     """Settings of ``gradmm evaluate``: verbalizer accuracy on the task's test split."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    model: str
-    task: str
+    model: str = Field(description=MODEL)
+    task: str = Field(description=TASK)
     few_shot: int = Field(0, ge=0, description="demonstrations per class (from the dev set)")
     dev_file: str | None = Field(
         None, description="public JSONL of demonstrations (default: the private dev slice)"
     )
-    data_dir: str | None = None
+    data_dir: str | None = Field(None, description=DATA_DIR)
     max_test: int | None = Field(None, ge=1, description="cap on test examples (seeded sample)")
     seed: int = Field(0, ge=0, description="seed of the demonstrations and the test sample")

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradmm.core.lm import LoadedModel, Runtime, final_hidden, prefix_cache, right_padded
+from gradmm.core.lm import LoadedModel, final_hidden, prefix_cache, right_padded
+from gradmm.core.settings import Runtime
 from gradmm.core.tokens import PromptTokens, encode_text
 from gradmm.data.tasks import DEV_SEED, Examples, dev_indices, examples_from_rows, load_examples
 from gradmm.errors import UserError
 from gradmm.files import read_jsonl_numbered
+from gradmm.stages.configs import EvaluateConfig
 
 
 def label_log_probs(
@@ -160,16 +162,7 @@ def dev_data_read(task, dev_file: str | None, purpose: str) -> dict:
     }
 
 
-def evaluate_task(
-    model: str,
-    task_name: str,
-    few_shot: int = 0,
-    data_dir: str | None = None,
-    max_test: int | None = None,
-    seed: int = 0,
-    dev_file: str | None = None,
-    runtime: Runtime | None = None,
-) -> dict:
+def evaluate_task(config: EvaluateConfig, runtime: Runtime | None = None) -> dict:
     """``gradmm evaluate``: zero- or ``few_shot``-shot accuracy on the task's test split, with
     demonstrations from ``dev_file`` (public) or the dev slice of the private split."""
     from gradmm.core.lm import place
@@ -177,20 +170,21 @@ def evaluate_task(
     from gradmm.data.tasks import load_task
     from gradmm.models.loading import load_model
 
-    task = load_task(task_name)
-    test = test_set(task, data_dir, max_test, seed)
+    task = load_task(config.task)
+    few_shot, seed = config.few_shot, config.seed
+    test = test_set(task, config.data_dir, config.max_test, seed)
     data_read = [{"data": f"test split {task.test_split!r}", "private": False}]
     dev = None
     if few_shot:
-        dev = dev_set(task, data_dir, dev_file)
-        data_read.append(dev_data_read(task, dev_file, "few-shot demonstrations"))
-    lm = place(load_model(model), runtime)
+        dev = dev_set(task, config.data_dir, config.dev_file)
+        data_read.append(dev_data_read(task, config.dev_file, "few-shot demonstrations"))
+    lm = place(load_model(config.model), runtime)
     prompt = tokenize_prompt(task, lm.tokenizer)
     prefix = demonstrations(lm, prompt, dev, few_shot, seed) if dev is not None else []
     result = accuracy(lm, prompt, test, task.label_names, prefix)
     result.update(
         stage="evaluate",
-        model=model,
+        model=config.model,
         task=task.name,
         few_shot=few_shot,
         seed=seed,

@@ -19,8 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from gradmm.core.lm import LoadedModel, Runtime
+from gradmm.core.lm import LoadedModel
 from gradmm.core.matching import MatchingLoss
+from gradmm.core.settings import Runtime
 from gradmm.core.tokens import LabelTokens, label_hidden
 from gradmm.errors import UserError, warn
 from gradmm.files import check_output_dir, read_jsonl, write_json, write_jsonl

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradmm.core.lm import Runtime, fingerprint, place
+from gradmm.core.lm import LoadedModel, fingerprint, place
+from gradmm.core.settings import Runtime
 from gradmm.core.tokens import tokenize_prompt
-from gradmm.data.tasks import examples_from_rows, load_task
+from gradmm.data.tasks import Task, examples_from_rows, load_task
 from gradmm.errors import UserError
 from gradmm.files import OutputKind, check_output_dir, read_jsonl_numbered, staged_dir, write_json
 from gradmm.models.loading import load_model
@@ -35,11 +36,6 @@ from gradmm.stages.configs import FinetuneConfig
 from gradmm.stages.evaluate import accuracy, dev_data_read, dev_set, label_log_probs, test_set
 
 FINETUNE_DIR = OutputKind("finetune", "results.json", ("results.json", "model"))
-
-
-# Dev accuracy of the untrained model per (weights, task, dev set, device), computed once per
-# process: an experiment fine-tunes the same model on the same dev set dozens of times.
-_UNTRAINED_DEV: dict[tuple, dict] = {}
 
 
 def finetune(
@@ -55,6 +51,43 @@ def finetune(
     task = load_task(config.task)
     if out is not None and check_output_dir(Path(out), FINETUNE_DIR) and not overwrite:
         raise UserError(f"{out} already holds fine-tuning results (pass --overwrite to replace)")
+    train, dev, test, data_read = _finetune_data(task, config)
+    # trained in fp32 (AdamW on lower-precision weights loses updates), on the runtime's device
+    lm = place(load_model(config.model), Runtime(device=(runtime or Runtime()).device))
+    prompt = tokenize_prompt(task, lm.tokenizer)
+    history = [{"step": 0, "dev": _untrained_dev_accuracy(lm, prompt, dev, task)}] if dev else []
+    torch.manual_seed(config.seed)
+    losses = _train(lm, prompt, train, dev, task, config, history, progress)
+    if dev is None:
+        history = [{"step": config.steps, "dev": None}]
+    best = _select_best(lm, history)
+    lm.model.eval()
+    test_result = accuracy(lm, prompt, test, task.label_names)
+    result = {
+        "config": config.model_dump(mode="json"),
+        "train_examples": len(train.texts),
+        "dev_examples": None if dev is None else len(dev.texts),
+        "test_examples": len(test.texts),
+        "selected_step": best["step"],
+        "dev_accuracy": None if best["dev"] is None else best["dev"]["accuracy"],
+        "test_accuracy": test_result["accuracy"],
+        "test_per_class_accuracy": test_result["per_class_accuracy"],
+        "history": [{k: v for k, v in row.items() if k != "weights"} for row in history],
+        "train_loss": losses,
+        "data_read": data_read,
+        "seconds": round(time.time() - started, 2),
+    }
+    if out is not None:
+        with staged_dir(Path(out), FINETUNE_DIR) as tmp:
+            write_json(tmp / "results.json", result)
+            if config.save_model:  # the dev-selected weights
+                lm.model.save_pretrained(tmp / "model")
+                lm.tokenizer.save_pretrained(tmp / "model")
+    return result
+
+
+def _finetune_data(task: Task, config: FinetuneConfig) -> tuple:
+    """(train, dev or None, test, data_read): the examples and what reading them means."""
     train = examples_from_rows(task, read_jsonl_numbered(Path(config.train)), config.train)
     use_dev = config.selection == "dev"
     dev = dev_set(task, config.data_dir, config.dev_file, config.max_dev) if use_dev else None
@@ -65,51 +98,23 @@ def finetune(
     ]
     if use_dev:
         data_read.append(dev_data_read(task, config.dev_file, "checkpoint selection"))
-    # trained in fp32 (AdamW on lower-precision weights loses updates), on the runtime's device
-    lm = place(load_model(config.model), Runtime(device=(runtime or Runtime()).device))
-    prompt = tokenize_prompt(task, lm.tokenizer)
-    if use_dev:  # what the untrained model's dev accuracy depends on: weights, task, dev set
-        dev_digest = hashlib.sha256(json.dumps([dev.texts, dev.labels]).encode()).hexdigest()
-        key = (fingerprint(lm.model), task.model_dump_json(), dev_digest, str(lm.device))
-    torch.manual_seed(config.seed)
-    if config.method == "lora":
-        from peft import LoraConfig, get_peft_model
+    return train, dev, test, data_read
 
-        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
-            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-            lm.model = get_peft_model(
-                lm.model,
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=2 * config.lora_rank,
-                    target_modules="all-linear",
-                    lora_dropout=0.0,
-                ),
-            )
-    else:
-        lm.model.requires_grad_(True)
-    params = [p for p in lm.model.parameters() if p.requires_grad]
+
+def _train(lm, prompt, train, dev, task: Task, config: FinetuneConfig, history, progress) -> list:
+    """AdamW on the label cross-entropy for ``config.steps`` steps (full or LoRA); every
+    ``eval_every`` steps a dev row is appended to ``history``, and the row that improves on
+    all before it keeps a copy of the trainable weights under ``"weights"``. Returns the losses."""
+    params = _trainable_parameters(lm, config)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / config.steps)
-
-    def dev_accuracy(step: int) -> dict:
-        lm.model.eval()
-        if step == 0:  # the loaded model's (LoRA adapters start at zero): the same for every run
-            if key not in _UNTRAINED_DEV:
-                _UNTRAINED_DEV[key] = accuracy(lm, prompt, dev, task.label_names)
-            row = {"step": 0, "dev": _UNTRAINED_DEV[key]}
-        else:
-            row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names)}
-        lm.model.train()
-        return row
-
-    # Only the selected checkpoint is scored on test: its weights are kept (trainable ones).
-    history = [dev_accuracy(0)] if use_dev else []
-    losses, best_state = [], _snapshot(lm.model) if use_dev else {}
+    if history:  # the loaded weights: selected when no step improves on them
+        history[0]["weights"] = _snapshot(lm.model)
     rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(train.texts))
-    cursor = 0
+    order, cursor = rng.permutation(len(train.texts)), 0
     labels = torch.tensor(train.labels, device=lm.device)
+    losses = []
+    lm.model.train()
     for step in tqdm(range(1, config.steps + 1), desc="finetune", disable=not progress):
         if cursor + config.batch_size > len(order):
             order, cursor = rng.permutation(len(train.texts)), 0
@@ -123,41 +128,61 @@ def finetune(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if use_dev and (step % config.eval_every == 0 or step == config.steps):
-            history.append(dev_accuracy(step))
-            if history[-1]["dev"]["accuracy"] > max(r["dev"]["accuracy"] for r in history[:-1]):
-                best_state = _snapshot(lm.model)
-    if use_dev:
-        best = max(history, key=lambda r: (r["dev"]["accuracy"], -r["step"]))
-        restored = lm.model.load_state_dict(best_state, strict=False)
-        if restored.unexpected_keys:  # not an assert: `python -O` must restore the weights too
-            raise RuntimeError(f"could not restore the selected weights: {restored}")
+        if dev is not None and (step % config.eval_every == 0 or step == config.steps):
+            lm.model.eval()
+            row = {"step": step, "dev": accuracy(lm, prompt, dev, task.label_names)}
+            lm.model.train()
+            if row["dev"]["accuracy"] > max(r["dev"]["accuracy"] for r in history):
+                row["weights"] = _snapshot(lm.model)
+            history.append(row)
+    return losses
+
+
+def _trainable_parameters(lm: LoadedModel, config: FinetuneConfig) -> list[torch.nn.Parameter]:
+    """Wrap ``lm.model`` in LoRA adapters (``method: lora``) or unfreeze it (``full``)."""
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            lora = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=2 * config.lora_rank,
+                target_modules="all-linear",
+                lora_dropout=0.0,
+            )
+            lm.model = get_peft_model(lm.model, lora)
     else:
-        history = [{"step": config.steps, "dev": None}]
-        best = {"step": config.steps, "dev": {"accuracy": None}}
-    lm.model.eval()
-    test_result = accuracy(lm, prompt, test, task.label_names)
-    result = {
-        "config": config.model_dump(mode="json"),
-        "train_examples": len(train.texts),
-        "dev_examples": None if dev is None else len(dev.texts),
-        "test_examples": len(test.texts),
-        "selected_step": best["step"],
-        "dev_accuracy": best["dev"]["accuracy"],
-        "test_accuracy": test_result["accuracy"],
-        "test_per_class_accuracy": test_result["per_class_accuracy"],
-        "history": history,
-        "train_loss": losses,
-        "data_read": data_read,
-        "seconds": round(time.time() - started, 2),
-    }
-    if out is not None:
-        with staged_dir(Path(out), FINETUNE_DIR) as tmp:
-            write_json(tmp / "results.json", result)
-            if config.save_model:  # the dev-selected weights
-                lm.model.save_pretrained(tmp / "model")
-                lm.tokenizer.save_pretrained(tmp / "model")
-    return result
+        lm.model.requires_grad_(True)
+    return [p for p in lm.model.parameters() if p.requires_grad]
+
+
+def _select_best(lm: LoadedModel, history: list[dict]) -> dict:
+    """The dev-best row (earliest on ties), its weights restored into ``lm.model``; the last
+    row when there is no dev set. Only the selected weights are ever scored on test."""
+    if history[0]["dev"] is None:
+        return history[0]
+    best = max(history, key=lambda r: (r["dev"]["accuracy"], -r["step"]))
+    restored = lm.model.load_state_dict(best["weights"], strict=False)
+    if restored.unexpected_keys:  # not an assert: `python -O` must restore the weights too
+        raise RuntimeError(f"could not restore the selected weights: {restored}")
+    return best
+
+
+# Dev accuracy of the untrained model per (weights, task, dev set, device), computed once per
+# process: an experiment fine-tunes the same model on the same dev set dozens of times.
+_UNTRAINED_DEV: dict[tuple, dict] = {}
+
+
+def _untrained_dev_accuracy(lm: LoadedModel, prompt, dev, task: Task) -> dict:
+    """Dev accuracy of the loaded weights (LoRA adapters start at zero, so the same for both
+    methods), from the process's cache when this model, task and dev set were scored before."""
+    dev_digest = hashlib.sha256(json.dumps([dev.texts, dev.labels]).encode()).hexdigest()
+    key = (fingerprint(lm.model), task.model_dump_json(), dev_digest, str(lm.device))
+    if key not in _UNTRAINED_DEV:
+        lm.model.eval()
+        _UNTRAINED_DEV[key] = accuracy(lm, prompt, dev, task.label_names)
+    return _UNTRAINED_DEV[key]
 
 
 def _snapshot(model: torch.nn.Module) -> dict:

@@ -35,10 +35,10 @@ from gradmm.core.distributed import (
     shard,
     spawn,
 )
-from gradmm.core.lm import LoadedModel, Runtime, matched_parameters
+from gradmm.core.lm import LoadedModel, matched_parameters
 from gradmm.core.matching import AutogradMatchingLoss, MatchingLoss
 from gradmm.core.projection import Projector, allowed_tokens
-from gradmm.core.settings import SolverConfig
+from gradmm.core.settings import Runtime, SolverConfig
 from gradmm.core.tokens import LabelTokens, encode_text
 from gradmm.data import paper
 from gradmm.errors import UserError, stopped_keeping

@@ -19,8 +19,8 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor
 
 from gradmm.core.gradients import GradientSpace
-from gradmm.core.lm import LoadedModel, Runtime, fingerprint, matched_parameters, place
-from gradmm.core.settings import MatchParams
+from gradmm.core.lm import LoadedModel, fingerprint, matched_parameters, place
+from gradmm.core.settings import MatchParams, Runtime
 from gradmm.core.tokens import PromptTokens, tokenize_prompt
 from gradmm.data.tasks import Task
 from gradmm.errors import UserError

@@ -42,7 +42,8 @@ from gradmm.core.gradients import (
     summed_grads,
     zero_gradients,
 )
-from gradmm.core.lm import LoadedModel, Runtime, fingerprint, matched_parameters, place
+from gradmm.core.lm import LoadedModel, fingerprint, matched_parameters, place
+from gradmm.core.settings import Runtime
 from gradmm.core.tokens import LabelTokens, PromptTokens, tokenize_prompt
 from gradmm.data import paper, pools
 from gradmm.data.tasks import Examples, Task, load_examples, load_task
