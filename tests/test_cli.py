@@ -363,3 +363,23 @@ def test_python_api_runs_with_a_config_built_in_python(model_dirs, data_dir, tmp
     config = gradmm.GenerateConfig(**{k[2:].replace("-", "_"): int(v) for k, v in flags.items()})
     written = gradmm.generate(rel, tmp_path / "api", config, progress=False)
     assert written.read_bytes() == (tmp_path / "cli" / "synthetic.jsonl").read_bytes()
+
+
+def test_generate_builds_the_solver_once(model_dirs, data_dir, tmp_path, monkeypatch):
+    """build_solver decodes the whole vocabulary: one process builds it once (it used to build
+    it to validate the settings, then again to solve)."""
+    import gradmm.stages.generate as generate_module
+
+    built = []
+    build = generate_module.build_solver
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "build_solver", counting)
+    rel = tmp_path / "rel"
+    assert invoke(*release_args(model_dirs["llama"], data_dir, rel)).exit_code == 0
+    r = invoke("generate", "--release", rel, "--out", tmp_path / "run", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert len(built) == 1

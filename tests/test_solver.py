@@ -121,27 +121,44 @@ def test_batched_problems_equal_one_at_a_time(model_dirs, release_dir, preset):
         torch.testing.assert_close(alone.rec[0], together.rec[p], rtol=1e-9, atol=1e-12)
 
 
-def test_resumed_run_equals_uninterrupted(model_dirs, release_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_resumed_run_equals_uninterrupted(model_dirs, release_dir, tmp_path, engine):
+    """Interrupted in the z-step after a checkpoint, then resumed: the same tokens and losses.
+    The reference engine solves one problem at a time: it is interrupted in its second problem,
+    and resumes from the first one's answer and the second one's checkpoint."""
     lm, rel = lm_and_release(model_dirs, release_dir)
-    cfg = small(steps=4)
+    cfg = small(steps=4, engine=engine)
     solver, problems, _ = build_solver(lm, rel, cfg)
-    full = solver.solve(problems, progress=False)
-
-    solver, problems, _ = build_solver(lm, rel, cfg)
-    calls = {"n": 0}
     project = solver.projector.__class__.__call__
+    calls = {"n": 0, "stop": None}
 
-    def interrupting(self, v, classes):
+    def counting(self, v, classes):
         calls["n"] += 1
-        if calls["n"] == 4:  # z-step of outer iteration 4, after the checkpoint of iteration 2
+        if calls["n"] == calls["stop"]:
             raise KeyboardInterrupt
         return project(self, v, classes)
 
+    solver.projector.__class__ = type("Counting", (Projector,), {"__call__": counting})
+    full = solver.solve(problems, progress=False)
+    per_part = calls["n"] // (len(problems) if engine == "reference" else 1)
+    # the 4th outer iteration's z-step (after the checkpoint of iteration 2): of the 2nd problem
+    # for the reference engine
+    before = per_part if engine == "reference" else 0
+    calls["n"], calls["stop"] = 0, before + 1 + (per_part - 1) * 3 // 4
+
+    solver, problems, _ = build_solver(lm, rel, cfg)
+    solver.projector.__class__ = type("Counting", (Projector,), {"__call__": counting})
     ckpt = tmp_path / "checkpoint.pt"
-    solver.projector.__class__ = type("Interrupting", (Projector,), {"__call__": interrupting})
     with pytest.raises(KeyboardInterrupt):
         solver.solve(problems, checkpoint=ckpt, checkpoint_every=2, progress=False)
-    assert torch.load(ckpt)["step"] == 2
+    if engine == "fast":
+        assert torch.load(ckpt)["step"] == 2
+    else:
+        assert sorted(f.name for f in tmp_path.iterdir()) == [
+            "checkpoint.part0.done.pt",
+            "checkpoint.part1.pt",
+        ]
+        assert torch.load(tmp_path / "checkpoint.part1.pt")["step"] == 2
 
     solver, problems, _ = build_solver(lm, rel, cfg)
     resumed = solver.solve(problems, checkpoint=ckpt, checkpoint_every=2, progress=False)

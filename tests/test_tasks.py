@@ -89,6 +89,24 @@ def test_hub_source_maps_fields(monkeypatch):
     assert ex.texts == ["a fine film", "a dull film"] and ex.labels == [1, 0]
 
 
+def test_hub_failure_says_why(monkeypatch):
+    """A failed hub download reports the library's reason, not only its exception's type."""
+    import datasets
+
+    def offline(path, name=None, split=None):
+        raise ConnectionError(
+            "Couldn't reach 'stanfordnlp/sst2' on the Hub (LocalEntryNotFoundError)"
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("GRADMM_DATA_DIR", raising=False)
+    with pytest.raises(UserError) as err:
+        load_examples(BUILTIN_TASKS["sst2"], "train")
+    message = str(err.value)
+    assert "Couldn't reach 'stanfordnlp/sst2' on the Hub" in message and "--data-dir" in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

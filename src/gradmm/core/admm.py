@@ -377,7 +377,7 @@ class ADMMSolver:
         """Run ADMM on all problems; resumes from ``checkpoint`` if that file exists."""
         if self.sequential:
             parts = [
-                self._solve(problems[p : p + 1], None, checkpoint_every, progress)
+                self._solve_part(problems, p, checkpoint, checkpoint_every, progress)
                 for p in range(len(problems))
             ]
             return Solution(
@@ -387,6 +387,22 @@ class ADMMSolver:
                 history=_sequential_history([s.history for s in parts]),
             )
         return self._solve(problems, checkpoint, checkpoint_every, progress)
+
+    def _solve_part(self, problems, p: int, checkpoint, checkpoint_every, progress) -> Solution:
+        """Problem ``p`` alone (the reference engine's order), resumable: its unfinished state
+        in ``checkpoint.partP.pt``, its answer, once found, in ``checkpoint.partP.done.pt``."""
+        if checkpoint is None:
+            return self._solve(problems[p : p + 1], None, checkpoint_every, progress)
+        state_file = checkpoint.with_name(f"{checkpoint.stem}.part{p}{checkpoint.suffix}")
+        done_file = state_file.with_name(f"{state_file.stem}.done{state_file.suffix}")
+        if done_file.exists():
+            return Solution(**torch.load(done_file, map_location=self.device))
+        part = self._solve(problems[p : p + 1], state_file, checkpoint_every, progress)
+        answer = {"ids": part.ids, "rec": part.rec, "history": part.history}
+        torch.save(answer, done_file.with_name(done_file.name + ".tmp"))
+        os.replace(done_file.with_name(done_file.name + ".tmp"), done_file)
+        state_file.unlink(missing_ok=True)
+        return part
 
     def _solve(self, problems, checkpoint, checkpoint_every, progress) -> Solution:
         cfg, started = self.cfg, time.perf_counter()

@@ -281,9 +281,11 @@ def _load_hub(task: Task, split: str) -> Examples:
     try:
         ds = datasets.load_dataset(task.hub.path, task.hub.name, split=hub_split)
     except Exception as e:  # noqa: BLE001 - any hub/network failure is a user-facing error
+        # the library's own words say what went wrong (offline, no such split, gated, ...)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise UserError(
-            f"could not load {task.hub.path} split {hub_split!r} from the Hugging Face hub "
-            f"({type(e).__name__}); pass --data-dir for local files"
+            f"could not load {task.hub.path} split {hub_split!r} from the Hugging Face hub: "
+            f"{reason}; pass --data-dir for local files"
         ) from None
     source = f"hf://{task.hub.path}/{hub_split}"
     texts, labels = [], []

@@ -158,20 +158,7 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
     check_output_dir(out, LM_DIR)
     check_output_dir(work, LM_WORK_DIR)
     make_output_dir(work, LM_WORK_DIR)
-    from transformers import AutoTokenizer
-
-    if (work / "tokenizer" / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(work / "tokenizer")
-        corpus_manifest = json.loads((work / "corpus.json").read_text())
-        ids = np.load(work / "tokens.npy")
-    else:
-        docs, corpus_manifest = corpus_documents(Path(config.data_dir))
-        tok = train_tokenizer(docs, config.vocab_size)
-        encoded = tok(docs, add_special_tokens=False)["input_ids"]
-        ids = np.fromiter((t for doc in encoded for t in (*doc, tok.eos_token_id)), dtype=np.uint16)
-        np.save(work / "tokens.npy", ids)
-        write_json(work / "corpus.json", corpus_manifest)
-        tok.save_pretrained(work / "tokenizer")
+    tok, corpus_manifest, ids = _tokenized_corpus(config, work)
     n_heldout = int(len(ids) * config.heldout_fraction)
     train_ids, heldout_ids = ids[:-n_heldout], ids[-n_heldout:]
 
@@ -181,6 +168,50 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )
+    step, seconds = _train_steps(model, opt, train_ids, config, work)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    last = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()][-1]
+    info = {
+        "corpus": corpus_manifest,
+        "config": config.model_dump(mode="json"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": step,
+        "tokens_seen": step * config.batch_size * config.seq_len,
+        "corpus_tokens": int(len(ids)),
+        "wall_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "final_train_loss": last["loss"],
+        "heldout_loss": heldout_loss(model, heldout_ids, config.seq_len),
+    }
+    with staged_dir(out, LM_DIR) as tmp:  # a reader never sees half a model folder
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "training.json", info)
+    return out
+
+
+def _tokenized_corpus(config: LMTrainConfig, work: Path) -> tuple:
+    """(tokenizer, corpus manifest, token ids with EOS after each document), trained and
+    encoded once and kept in ``work``."""
+    from transformers import AutoTokenizer
+
+    if (work / "tokenizer" / "tokenizer.json").exists():
+        tok = AutoTokenizer.from_pretrained(work / "tokenizer")
+        return tok, json.loads((work / "corpus.json").read_text()), np.load(work / "tokens.npy")
+    docs, corpus_manifest = corpus_documents(Path(config.data_dir))
+    tok = train_tokenizer(docs, config.vocab_size)
+    encoded = tok(docs, add_special_tokens=False)["input_ids"]
+    ids = np.fromiter((t for doc in encoded for t in (*doc, tok.eos_token_id)), dtype=np.uint16)
+    np.save(work / "tokens.npy", ids)
+    write_json(work / "corpus.json", corpus_manifest)
+    tok.save_pretrained(work / "tokenizer")
+    return tok, corpus_manifest, ids
+
+
+def _train_steps(model, opt, train_ids: np.ndarray, config: LMTrainConfig, work: Path) -> tuple:
+    """Train to ``config.max_steps`` from the checkpoint in ``work`` (if any): logs to
+    ``log.jsonl``, checkpoints to ``state.pt``; returns (steps, training seconds in all)."""
     state_path, log_path = work / "state.pt", work / "log.jsonl"
     step, seconds = 0, 0.0
     if state_path.exists():
@@ -222,37 +253,11 @@ def train_lm(config: LMTrainConfig, out: Path, work: Path | None = None) -> Path
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             window_loss, window_steps = 0.0, 0
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            total = seconds + time.time() - started
-            tmp = state_path.with_suffix(".tmp")
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step}
             torch.save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "seconds": total,
-                },
-                tmp,
+                {**state, "seconds": seconds + time.time() - started},
+                state_path.with_suffix(".tmp"),
             )
-            os.replace(tmp, state_path)
+            os.replace(state_path.with_suffix(".tmp"), state_path)
     bar.close()
-    seconds += time.time() - started
-    model.eval()
-    model.set_attn_implementation("sdpa")
-    last = [json.loads(line) for line in log_path.read_text().splitlines()][-1]
-    info = {
-        "corpus": corpus_manifest,
-        "config": config.model_dump(mode="json"),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": step,
-        "tokens_seen": step * tokens_per_step,
-        "corpus_tokens": int(len(ids)),
-        "wall_seconds": round(seconds, 1),
-        "threads": torch.get_num_threads(),
-        "final_train_loss": last["loss"],
-        "heldout_loss": heldout_loss(model, heldout_ids, config.seq_len),
-    }
-    with staged_dir(out, LM_DIR) as tmp:  # a reader never sees half a model folder
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(tmp / "training.json", info)
-    return out
+    return step, seconds + time.time() - started

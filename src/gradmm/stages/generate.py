@@ -102,7 +102,9 @@ def generate(
     # several ranks each load their own copy on their own GPU: validate on the CPU here
     several = nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
     lm = load_release_model(release, None if several else runtime)
-    build_solver(lm, release, config)  # validates settings against the model before any write
+    # validates settings against the model before any write (decoding the whole vocabulary:
+    # a single process keeps what it built)
+    built = build_solver(lm, release, config)
     config_digest = hashlib.sha256(
         json.dumps(
             [config.model_dump(mode="json"), release.meta.model_dump(mode="json")], sort_keys=True
@@ -118,7 +120,8 @@ def generate(
         if nproc > 1:
             spawn(_solve_and_write, args, nproc, device.type)
         else:
-            _solve_and_write(*args, lm=lm if rank_and_world()[1] == 1 else None)
+            alone = rank_and_world()[1] == 1
+            _solve_and_write(*args, lm=lm if alone else None, built=built if alone else None)
             barrier()  # under torchrun: keep every rank alive until rank 0 has gathered, written
     except KeyboardInterrupt as e:
         if rank_and_world()[0] == 0:
@@ -147,12 +150,14 @@ def _solve_and_write(
     load_seconds: float,
     runtime: Runtime,
     lm: LoadedModel | None = None,
+    built: tuple | None = None,
 ) -> None:
-    """Solve this rank's block of problems; rank 0 gathers all blocks and writes the files."""
+    """Solve this rank's block of problems; rank 0 gathers all blocks and writes the files.
+    ``lm`` and ``built`` (:func:`build_solver`'s answer for it): the caller's, if it has them."""
     t0 = time.perf_counter()
     rank, world = rank_and_world()
     lm = lm or load_release_model(release, rank_runtime(runtime))
-    solver, problems, contexts = build_solver(lm, release, config)
+    solver, problems, contexts = built or build_solver(lm, release, config)
     mine = shard(len(problems), rank, world)
     block = problems[mine.start : mine.stop]
     checkpoint = out / ("checkpoint.pt" if world == 1 else f"checkpoint.rank{rank}.pt")

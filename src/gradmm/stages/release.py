@@ -27,6 +27,7 @@ import hashlib
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -109,17 +110,9 @@ def release_targets(
     # data-independent, and may refuse the settings: decided before any private data is read
     protection = _protection(config, dp, task.num_classes, space, lm, len(head) > 1)
 
-    split = source = planted = None
-    if config.target == "noise":  # the control reads no data at all
-        counts = [config.n_per_class] * task.num_classes
-        sums = [zero_gradients(params, head, space) for _ in counts]
-    else:
-        split = config.split or task.private_split
-        examples, picked, counts, planted = read_pool(config, task, split)
-        source = f"{task.name}/{Path(examples.source).name}"
-        sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
-
+    pool, sums = _class_sums_of_pool(config, task, lm, prompt, params, head, space, dp)
     if dp is None:
+        counts = pool.counts
         per_class = [{n: g / k for n, g in s.items()} for s, k in zip(sums, counts, strict=True)]
     else:
         per_class = noisy_means(sums, protection, _random_bytes(config, "noise"))
@@ -129,11 +122,11 @@ def release_targets(
         gradmm_version=__version__,
         task=task,
         target=config.target,
-        split=split,
-        data_source=source,
+        split=pool.split,
+        data_source=pool.source,
         model=_model_info(config.model, lm),
         prompt_tokens=prompt,
-        counts=counts,
+        counts=pool.counts,
         seed=config.seed,
         config=config,
         description=_description(config),
@@ -141,11 +134,35 @@ def release_targets(
         parameters=list(params),
         output_params=OutputParams(weight=head[0], bias=head[1] if len(head) > 1 else None),
         mechanism=protection,
-        planted=planted,
+        planted=pool.planted,
         targets_sha256="",
     )
     _write(out, meta, tensors)
     return Release(out, meta, tensors)
+
+
+class PoolRead(NamedTuple):
+    """What the release records of the pool it read: split and file (None for the ``noise``
+    control, which reads nothing), examples per class, canary rows planted per class."""
+
+    split: str | None
+    source: str | None
+    counts: list[int]
+    planted: list[int] | None
+
+
+def _class_sums_of_pool(config, task, lm, prompt, params, head, space, dp):
+    """(:class:`PoolRead`, per-class summed (clipped) gradients): the only read of private data."""
+    if config.target == "noise":  # the control reads no data at all
+        counts = [config.n_per_class] * task.num_classes
+        return PoolRead(None, None, counts, None), [
+            zero_gradients(params, head, space) for _ in counts
+        ]
+    split = config.split or task.private_split
+    examples, picked, counts, planted = read_pool(config, task, split)
+    source = f"{task.name}/{Path(examples.source).name}"
+    sums = _class_sums(lm, prompt, params, head, space, examples, picked, config, dp)
+    return PoolRead(split, source, counts, planted), sums
 
 
 def check_release_settings(config: ReleaseConfig) -> DPSettings | None:
