@@ -102,17 +102,17 @@ def main() -> None:
         manifest = read_json(train.parent / "manifest.json")
         done[name] = {
             "options": VARIANTS[name] if "filter" in VARIANTS[name] else options,
-            "best_dev_accuracy": result["dev_accuracy"],
-            "selected_step": result["selected_step"],
-            "train_per_class": result["train_per_class"],
-            "train_perplexity_median": result["train_perplexity"],
-            "train_perplexity_mean": result["train_perplexity_mean"],
+            "best_dev_accuracy": result.dev_accuracy,
+            "selected_step": result.selected_step,
+            "train_per_class": result.train_per_class,
+            "train_perplexity_median": result.train_perplexity,
+            "train_perplexity_mean": result.train_perplexity_mean,
             "mean_rec_loss": manifest["mean_rec_loss"],
-            "samples": result["samples"],
+            "samples": result.samples,
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(
-            f"{name}: dev {result['dev_accuracy']:.3f}, ppl {result['train_perplexity']}, "
+            f"{name}: dev {result.dev_accuracy:.3f}, ppl {result.train_perplexity}, "
             f"rec {manifest['mean_rec_loss']:.4f}",
             flush=True,
         )

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from gradmm.data.tasks import BUILTIN_TASKS, load_examples
 from gradmm.errors import UserError
 from gradmm.experiments import methods, report
 from gradmm.experiments import runner as experiment
+from gradmm.experiments.results import CellResult
 from gradmm.privacy.report import report as privacy_report
 from gradmm.stages.record import load_release
 
@@ -51,23 +53,28 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     assert accuracy_table.count("±") == 1 + 13  # header + one per method
     # equal budgets: each baseline cut, per class, to the filtered gradmm set of its seed
     for seed in (0, 1):
-        got = {r["method"]: r for r in rows if r["seed"] == seed}
-        kept = got["gradmm"]["train_per_class"]
-        assert got["real_random"]["train_per_class"] == [4, 4] and max(kept) <= 3
+        got = {r.method: r for r in rows if r.seed == seed}
+        kept = got["gradmm"].train_per_class
+        assert got["real_random"].train_per_class == [4, 4] and max(kept) <= 3
         for base in ("real_private", "real_random", "lm_prompted"):
             sized = got[f"{base}_size_matched"]
-            full = got[base]["train_per_class"]
-            assert sized["train_per_class"] == [min(a, b) for a, b in zip(kept, full, strict=True)]
-            if full == sized["train_per_class"]:  # nothing cut: the same run, reused
-                assert sized["same_as"] == base
-                assert sized["test_accuracy"] == got[base]["test_accuracy"]
+            full = got[base].train_per_class
+            assert sized.train_per_class == [min(a, b) for a, b in zip(kept, full, strict=True)]
+            if full == sized.train_per_class:  # nothing cut: the same run, reused
+                assert sized.same_as == base and sized.samples is None
+                assert sized.test_accuracy == got[base].test_accuracy
+            else:
+                assert sized.same_as is None
     assert "| gradmm − real_random_size_matched |" in results_md_text(out)
     assert (out / "accuracy.png").stat().st_size > 0
     # every training set's perplexity, under the same scoring; samples of synthetic sets only
     assert "## Training texts: perplexity" in results_md_text(out)
-    by_method = {report.method_label(r): r for r in rows if r["seed"] == 0}
-    assert by_method["real_private"]["train_perplexity"] > 0
-    assert "samples" not in by_method["real_private"] and "samples" in by_method["gradmm"]
+    by_method = {report.method_label(r): r for r in rows if r.seed == 0}
+    assert by_method["real_private"].train_perplexity > 0
+    assert by_method["real_private"].samples is None and by_method["gradmm"].samples
+    # result.json holds the measurements made, and only those: no null for a missing one
+    zero_shot = json.loads((out / "cells/sst2/zero_shot/seed0/result.json").read_text())
+    assert "dev_accuracy" in zero_shot and "train_loss" not in zero_shot
     assert "**sst2 / gradmm**" in results_md_text(out)
     # the DP releases are recorded simulations with independent noise, and the table says so
     results_md = (out / "results.md").read_text()
@@ -79,7 +86,7 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     assert "SIMULATION" in privacy_report(dp_rel.meta)
     pair = torch.stack([dp_rel.target_weight.flatten(), noise_rel.target_weight.flatten()])
     assert abs(float(torch.corrcoef(pair)[0, 1])) < 0.05
-    assert all(r["privacy"]["noise_seed"] is not None for r in rows if r["epsilon"] is not None)
+    assert all(r.privacy["noise_seed"] is not None for r in rows if r.epsilon is not None)
 
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
@@ -110,6 +117,43 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
             assert not any(f'"{t}"' in content for t in real), path
 
 
+def test_committed_cell_results_load_and_dump_as_written():
+    """Every committed result.json is a CellResult, and dumping it gives the file back (the same
+    keys and values: a measurement a method did not make stays absent); a misspelt key fails."""
+    paths = sorted((Path(__file__).parents[1] / "experiments/results").glob("**/result.json"))
+    if not paths:
+        pytest.skip("no committed experiment cells")
+    for path in paths:
+        recorded = json.loads(path.read_text())
+        assert CellResult.model_validate(recorded).model_dump(mode="json") == recorded, path
+    with pytest.raises(ValidationError, match="test_acuracy"):
+        CellResult.model_validate({**recorded, "test_acuracy": 0.5})
+
+
+def test_a_size_matched_baseline_with_nothing_to_cut_reuses_its_base_cell(
+    model_dirs, data_dir, tmp_path
+):
+    """One private example per class, fewer than the filtered gradmm set keeps: nothing is cut,
+    so real_private_size_matched is real_private's finished cell, marked ``same_as``."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0]\n"
+        "methods: [real_private, gradmm, real_private_size_matched]\n"
+        "n_per_class: 1\nsynthetic_per_class: 4\n"
+        "generate: {batch: 2, length: 5, steps: 1, inner_steps: 2, init_candidates: 2, topk: 5}\n"
+        "filter: {keep_per_class: 3, classifier: false}\n"
+        "finetune: {steps: 4, batch_size: 4, eval_every: 2, lr: 0.001}\n"
+    )
+    out = tmp_path / "exp"
+    base, gradmm, sized = experiment.run_experiment(spec, out, progress=False)
+    assert min(gradmm.train_per_class) >= 1 and base.train_per_class == [1, 1]
+    assert sized.same_as == "real_private" and sized.method == "real_private_size_matched"
+    assert sized.measured() == base.measured().model_copy(update={"same_as": "real_private"})
+    cell = out / "cells/sst2/real_private_size_matched/seed0"
+    written = json.loads((cell / "result.json").read_text())
+    assert written["same_as"] == "real_private" and "samples" not in written
+
+
 def test_cut_per_class_keeps_a_seeded_subset_in_order():
     rows = [{"text": f"t{i}", "label": i % 3} for i in range(30)]
     cut = methods.cut_per_class(rows, [4, 10, 20], seed=0)
@@ -127,16 +171,21 @@ def test_size_matched_methods_must_follow_gradmm(tmp_path):
         experiment.load_experiment(spec)
 
 
-def _row(task, method, seed, acc, eps=None, n=20, step=5):
-    return {
-        "task": task,
-        "method": method,
-        "seed": seed,
-        "epsilon": eps,
-        "test_accuracy": acc,
-        "train_examples": n,
-        "selected_step": step,
-    }
+def _row(task, method, seed, acc, eps=None, n=20, step=5, pool=None, match=None) -> CellResult:
+    return CellResult(
+        task=task,
+        method=method,
+        seed=seed,
+        epsilon=eps,
+        n_per_class=pool,
+        match_params=match,
+        test_accuracy=acc,
+        test_per_class_accuracy={},
+        dev_accuracy=None,
+        train_examples=n,
+        selected_step=step,
+        seconds=1.0,
+    )
 
 
 def test_comparison_table_pairs_by_task_and_seed():
@@ -214,7 +263,7 @@ def test_exclude_leaves_out_the_matching_cells_and_refuses_a_typo(tmp_path):
 
 def test_one_noise_release_per_target_is_the_control_of_every_epsilon_and_n():
     def dp(method, seed, acc, eps, n, match):
-        return {**_row("sst2", method, seed, acc, eps=eps), "n_per_class": n, "match_params": match}
+        return _row("sst2", method, seed, acc, eps=eps, pool=n, match=match)
 
     rows = [
         dp("dp_gradmm", s, 0.6 + 0.1 * s, eps, n, "sketch")
@@ -240,7 +289,7 @@ def test_dp_study_plot_legend_names_every_series_of_every_panel(monkeypatch, tmp
     output-layer panels have no n = 25 line, its small targets no n = 2500 one)."""
 
     def dp(method, seed, eps, n, match):
-        return {**_row("sst2", method, seed, 0.6, eps=eps), "n_per_class": n, "match_params": match}
+        return _row("sst2", method, seed, 0.6, eps=eps, pool=n, match=match)
 
     rows = [
         dp("dp_gradmm", s, eps, n, m)
@@ -322,8 +371,7 @@ def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_
     first = experiment.run_experiment(spec, tmp_path / "a", progress=False)
     second = experiment.run_experiment(spec, tmp_path / "b", progress=False)
     for a, b in zip(first, second, strict=True):
-        a.pop("seconds"), b.pop("seconds")
-        assert a == b
+        assert a.model_dump(exclude={"seconds"}) == b.model_dump(exclude={"seconds"})
     targets = [
         (tmp_path / d / "releases/sst2/seed0/dp_eps2/targets.safetensors").read_bytes()
         for d in "ab"

@@ -1,4 +1,5 @@
-"""The methods an experiment compares, as a registry: ``METHODS[name].run(cell) -> result``.
+"""The methods an experiment compares, as a registry: ``METHODS[name].run(cell) -> result``
+(a :class:`gradmm.experiments.results.MethodResult`).
 
 Each method turns one cell (task, seed, ε) into a result row through the same stages as the
 command line (release, generate, filter, finetune, evaluate). Real examples used by the
@@ -37,6 +38,7 @@ from gradmm.core.lm import place
 from gradmm.core.settings import Runtime
 from gradmm.core.tokens import tokenize_prompt
 from gradmm.data.tasks import Task, load_task
+from gradmm.experiments.results import MethodResult, read_result
 from gradmm.files import read_json, read_jsonl, write_jsonl
 from gradmm.models.loading import load_model
 from gradmm.options import build_config
@@ -66,20 +68,34 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """The method and this cell's settings of the DP axes, e.g. ``dp_gradmm_eps1_n250``."""
-        name = self.method if self.epsilon is None else f"{self.method}_eps{self.epsilon:g}"
-        name += "" if self.pool_size is None else f"_n{self.pool_size}"
-        return name + ("" if self.match_params is None else f"_{self.match_params}")
+        return cell_name(self.method, self.epsilon, self.pool_size, self.match_params)
 
     @property
     def folder(self) -> Path:
-        return self.out / "cells" / self.task / self.name / f"seed{self.seed}"
+        return cell_folder(self.out, self.task, self.name, self.seed)
+
+
+def cell_name(
+    method: str, epsilon: float | None, pool_size: int | None = None, match: str | None = None
+) -> str:
+    """The method and a cell's settings of the DP axes, e.g. ``dp_gradmm_eps1_n250``."""
+    name = method if epsilon is None else f"{method}_eps{epsilon:g}"
+    name += "" if pool_size is None else f"_n{pool_size}"
+    return name + ("" if match is None else f"_{match}")
+
+
+def cell_folder(out: Path, task: str, name: str, seed: int) -> Path:
+    """The folder of the cell ``name`` (:func:`cell_name`) of ``task`` and ``seed``."""
+    return out / "cells" / task / name / f"seed{seed}"
+
+
+Run = Callable[[Cell], MethodResult]  # a method: run(cell) -> what it measured
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    run: Callable[[Cell], dict]
+    run: Run
     per_epsilon: bool = False  # one cell per ε of the experiment
     demonstrations: bool = False  # needs the task's public demonstrations
     synthetic: bool = False  # trains on generated text (filtered: the classifier needs demos)
@@ -89,10 +105,10 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, **flags) -> Callable[[Callable[[Cell], dict]], Callable[[Cell], dict]]:
+def method(name: str, **flags) -> Callable[[Run], Run]:
     """Register ``run(cell) -> result`` as method ``name`` (flags: see :class:`Method`)."""
 
-    def register(run: Callable[[Cell], dict]) -> Callable[[Cell], dict]:
+    def register(run: Run) -> Run:
         METHODS[name] = Method(name, run, **flags)
         return run
 
@@ -114,7 +130,7 @@ def shared_release(
 ) -> Path:
     """A release shared by the cells of (task, seed): default, paper, dp or noise (the DP ones
     of pool size ``n`` and released gradient ``match`` in a DP study)."""
-    name = Cell(None, out, task, kind, seed, eps, n, match).name
+    name = cell_name(kind, eps, n, match)
     path = out / "releases" / task / f"seed{seed}" / name
     if (path / "release.json").exists():
         return path
@@ -174,7 +190,7 @@ def synthetic_set(cell: Cell, release: Path, **extra) -> Path:
     return run / "filtered.jsonl"
 
 
-def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> dict:
+def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> MethodResult:
     """Fine-tune on ``train`` and describe the training texts: per-class counts, the median and
     mean of their perplexities under the experiment's model (the same scoring for every method)
     and, when ``samples`` (never for real text), the first three texts of each class."""
@@ -189,29 +205,24 @@ def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> di
         }
     )
     result = finetune(ft, progress=False, runtime=cfg.runtime)
-    keep = (
-        "test_accuracy",
-        "dev_accuracy",
-        "selected_step",
-        "train_examples",
-        "test_per_class_accuracy",
-        "train_loss",
-    )
-    out = {k: result[k] for k in keep}
     rows = read_jsonl(train)
-    num_classes = load_task(task).num_classes
-    out["train_per_class"] = [sum(r["label"] == c for r in rows) for c in range(num_classes)]
+    names = load_task(task).label_names
+    texts = [[r["text"] for r in rows if r["label"] == c] for c in range(len(names))]
     perplexities = text_perplexities(
         place(load_model(cfg.model), cfg.runtime), [r["text"] for r in rows]
     )
-    out["train_perplexity"] = round(statistics.median(perplexities), 2)
-    out["train_perplexity_mean"] = round(statistics.mean(perplexities), 2)
-    if samples:
-        names = load_task(task).label_names
-        out["samples"] = {
-            name: [r["text"] for r in rows if r["label"] == c][:3] for c, name in enumerate(names)
-        }
-    return out
+    return MethodResult(
+        test_accuracy=result["test_accuracy"],
+        dev_accuracy=result["dev_accuracy"],
+        selected_step=result["selected_step"],
+        train_examples=result["train_examples"],
+        test_per_class_accuracy=result["test_per_class_accuracy"],
+        train_loss=result["train_loss"],
+        train_per_class=[len(t) for t in texts],
+        train_perplexity=round(statistics.median(perplexities), 2),
+        train_perplexity_mean=round(statistics.mean(perplexities), 2),
+        samples=dict(zip(names, [t[:3] for t in texts], strict=True)) if samples else None,
+    )
 
 
 def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
@@ -261,7 +272,7 @@ def lm_prompted_examples(
 # ----------------------------------------------------------------------------------- methods
 
 
-def _evaluate(cell: Cell, k: int) -> dict:
+def _evaluate(cell: Cell, k: int) -> MethodResult:
     config = EvaluateConfig(
         model=cell.cfg.model,
         task=cell.task,
@@ -271,24 +282,24 @@ def _evaluate(cell: Cell, k: int) -> dict:
         seed=cell.seed,
     )
     res = evaluate_task(config, runtime=cell.cfg.runtime)
-    return {
-        "test_accuracy": res["accuracy"],
-        "test_per_class_accuracy": res["per_class_accuracy"],
-        "dev_accuracy": None,
-    }
+    return MethodResult(
+        test_accuracy=res["accuracy"],
+        test_per_class_accuracy=res["per_class_accuracy"],
+        dev_accuracy=None,
+    )
 
 
 @method("zero_shot")
-def zero_shot(cell: Cell) -> dict:
+def zero_shot(cell: Cell) -> MethodResult:
     return _evaluate(cell, 0)
 
 
 @method("few_shot")
-def few_shot(cell: Cell) -> dict:
+def few_shot(cell: Cell) -> MethodResult:
     return _evaluate(cell, cell.cfg.few_shot_k)
 
 
-def _real(cell: Cell) -> dict:
+def _real(cell: Cell) -> MethodResult:
     with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
         train = Path(tmp) / "train.jsonl"
         write_jsonl(
@@ -303,8 +314,7 @@ method("real_random")(_real)
 
 def _lm_prompted_set(cell: Cell) -> Path:
     """The ``lm_prompted`` cell's training set (sampled once, kept in that cell's folder)."""
-    train = Cell(cell.cfg, cell.out, cell.task, "lm_prompted", cell.seed, None).folder
-    train = train / "synthetic.jsonl"
+    train = cell_folder(cell.out, cell.task, "lm_prompted", cell.seed) / "synthetic.jsonl"
     if not train.exists():
         rows = lm_prompted_examples(
             cell.cfg.model,
@@ -318,14 +328,14 @@ def _lm_prompted_set(cell: Cell) -> Path:
 
 
 @method("lm_prompted", demonstrations=True)
-def lm_prompted(cell: Cell) -> dict:
+def lm_prompted(cell: Cell) -> MethodResult:
     return train_and_describe(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell))
 
 
-def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
+def _gradmm(kind: str, **generate_options) -> Run:
     """A GRADMM method: release ``kind`` (default, paper, dp, noise), generate, filter, train."""
 
-    def run(cell: Cell) -> dict:
+    def run(cell: Cell) -> MethodResult:
         eps = cell.epsilon if kind in ("dp", "noise") else None
         if cell.method == "dp_none":  # no matching, so any DP release serves; the first ε's
             eps = cell.cfg.dp_epsilons[0]
@@ -334,9 +344,12 @@ def _gradmm(kind: str, **generate_options) -> Callable[[Cell], dict]:
         )
         train = synthetic_set(cell, rel, **generate_options)
         result = train_and_describe(cell.cfg, cell.task, cell.seed, train)
-        result["mean_rec_loss"] = read_json(train.parent / "manifest.json")["mean_rec_loss"]
-        result["privacy"] = load_release(rel).meta.mechanism.model_dump(mode="json")
-        return result
+        return result.model_copy(
+            update={
+                "mean_rec_loss": read_json(train.parent / "manifest.json")["mean_rec_loss"],
+                "privacy": load_release(rel).meta.mechanism.model_dump(mode="json"),
+            }
+        )
 
     return run
 
@@ -362,15 +375,15 @@ def cut_per_class(rows: list[dict], counts: list[int], seed: int) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-def _size_matched(base: str) -> Callable[[Cell], dict]:
+def _size_matched(base: str) -> Run:
     """``base``'s training set cut to the per-class counts of the filtered ``gradmm`` set of the
     same task and seed. Where nothing is cut, the run would repeat ``base``'s exactly (same rows,
     order and seed), so ``base``'s finished cell is reused."""
 
-    def run(cell: Cell) -> dict:
+    def run(cell: Cell) -> MethodResult:
         cfg, seed = cell.cfg, cell.seed
-        gradmm_cell = Cell(cfg, cell.out, cell.task, "gradmm", seed, None).folder
-        counts = read_json(gradmm_cell / "result.json").get("train_per_class")
+        gradmm_cell = cell_folder(cell.out, cell.task, "gradmm", seed)
+        counts = read_result(gradmm_cell / "result.json").train_per_class
         if counts is None:  # a cell finished before results recorded it: count its set
             labels = [r["label"] for r in read_jsonl(gradmm_cell / "run" / "filtered.jsonl")]
             counts = [labels.count(c) for c in range(load_task(cell.task).num_classes)]
@@ -380,12 +393,10 @@ def _size_matched(base: str) -> Callable[[Cell], dict]:
             else:
                 rows = real_training_rows(cfg, load_task(cell.task), seed, base)
             cut = cut_per_class(rows, counts, seed)
-            done = Cell(cfg, cell.out, cell.task, base, seed, None).folder / "result.json"
+            done = cell_folder(cell.out, cell.task, base, seed) / "result.json"
             if len(cut) == len(rows) and done.exists():
-                return {
-                    **{k: v for k, v in read_json(done).items() if k != "samples"},
-                    "same_as": base,
-                }
+                reused = read_result(done).measured()
+                return reused.model_copy(update={"samples": None, "same_as": base})
             train = Path(tmp) / "train.jsonl"
             write_jsonl(train, cut)
             return train_and_describe(cfg, cell.task, seed, train, samples=False)

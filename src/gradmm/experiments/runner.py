@@ -1,13 +1,13 @@
 """Experiment runner: tasks x methods x seeds through the same stages as the command line.
 
-Every cell writes ``OUT/cells/<task>/<method>/seed<k>/result.json`` and is skipped when that file
-exists, so an interrupted run resumes; releases are shared by the cells of one (task, seed). The
-methods are the registry of :mod:`gradmm.experiments.methods`, the tables and plots
-:mod:`gradmm.experiments.report`. The
-experiment file is validated whole (stage sections, the demonstrations methods need) before any
-cell runs. One private pool is released under each ε, without DP and as ``real_private``
-training data: each ε row is a separate simulation, not a composed guarantee. The protocol is in
-``docs/evaluation.md``.
+Every cell writes ``OUT/cells/<task>/<method>/seed<k>/result.json`` (a
+:class:`gradmm.experiments.results.CellResult`) and is skipped when that file exists, so an
+interrupted run resumes; releases are shared by the cells of one (task, seed). The methods are
+the registry of :mod:`gradmm.experiments.methods`, the tables and plots
+:mod:`gradmm.experiments.report`. The experiment file is validated whole (stage sections, the
+demonstrations methods need) before any cell runs. One private pool is released under each ε,
+without DP and as ``real_private`` training data: each ε row is a separate simulation, not a
+composed guarantee. The protocol is in ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from gradmm.core.lm import fingerprint
 from gradmm.core.settings import MatchParams, Runtime
 from gradmm.data.tasks import DEV_SLICE_RULE, load_task
 from gradmm.errors import UserError
-from gradmm.experiments.methods import METHODS, Cell
+from gradmm.experiments.methods import METHODS, Cell, cell_folder, cell_name
 from gradmm.experiments.report import plot, write_tables
+from gradmm.experiments.results import CellResult, MethodResult, read_result
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
 from gradmm.models.loading import load_model
 from gradmm.options import build_config
@@ -174,11 +175,12 @@ def _grid(cfg: ExperimentConfig) -> list[CellKey]:
     return out
 
 
-def cell_dir(out: Path, *key) -> Path:
-    return Cell(None, out, *key).folder
+def cell_dir(out: Path, task, method, seed, eps, n, match) -> Path:
+    """The folder of the cell of key ``(task, method, seed, eps, n, match)`` (:func:`cells`)."""
+    return cell_folder(out, task, cell_name(method, eps, n, match), seed)
 
 
-def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[dict]:
+def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[CellResult]:
     """Run (or resume) every cell, then write results.csv, results.md and the plots."""
     cfg = load_experiment(config_path)
     out = Path(out)
@@ -200,12 +202,13 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
     for key in bar:
         task, method, seed, eps, n, match = key
         path = cell_dir(out, *key) / "result.json"
-        bar.set_postfix_str(f"{task}/{Cell(None, out, *key).name}/seed{seed}")
+        bar.set_postfix_str(f"{task}/{cell_name(method, eps, n, match)}/seed{seed}")
         started = time.time()
-        result = run_cell(cfg, out, *key)
+        measured = run_cell(cfg, out, *key)
         if match is None and eps is not None and cfg.dp_match_params != ["output"]:
             match = "output"  # named in the table when the study varies the released gradient
-        result.update(
+        result = CellResult(
+            **measured.model_dump(),
             task=task,
             method=method,
             seed=seed,
@@ -214,8 +217,8 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
             match_params=match,
             seconds=round(time.time() - started, 1),
         )
-        write_json(path, result)
-    rows = [read_json(cell_dir(out, *c) / "result.json") for c in todo]
+        write_json(path, result.model_dump(mode="json"))
+    rows = [read_result(cell_dir(out, *c) / "result.json") for c in todo]
     write_tables(rows, out)
     plot(rows, out)
     return rows
@@ -256,6 +259,6 @@ def _check_same_settings(settings: dict, recorded: Path) -> None:
 # ------------------------------------------------------------------------------------ cells
 
 
-def run_cell(cfg: ExperimentConfig, out: Path, *key) -> dict:
+def run_cell(cfg: ExperimentConfig, out: Path, *key) -> MethodResult:
     """The result of the cell of ``key`` (:func:`cells`, :mod:`gradmm.experiments.methods`)."""
     return METHODS[key[1]].run(Cell(cfg, out, *key))
