@@ -383,3 +383,16 @@ def test_generate_builds_the_solver_once(model_dirs, data_dir, tmp_path, monkeyp
     r = invoke("generate", "--release", rel, "--out", tmp_path / "run", *SMALL)
     assert r.exit_code == 0, r.output
     assert len(built) == 1
+
+
+def test_generate_from_the_lms_own_text(model_dirs, data_dir, tmp_path):
+    """--init lm end to end: the manifest records the init and its K."""
+    rel = tmp_path / "rel"
+    assert invoke(*release_args(model_dirs["llama"], data_dir, rel)).exit_code == 0
+    args = ["generate", "--release", rel, "--out", tmp_path / "run", *SMALL, "--init", "lm"]
+    r = invoke(*args, "--init-candidates", 2)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["init"] == "lm" and manifest["config"]["init_candidates"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "synthetic.jsonl").open()]
+    assert len(rows) == 8 and all(row["text"] for row in rows)

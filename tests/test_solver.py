@@ -312,3 +312,34 @@ def test_lower_precision_keeps_the_loss_and_optimiser_in_fp32(model_dirs, releas
     torch.testing.assert_close(rec16, rec32, rtol=0.05, atol=0.02)  # bf16 rounding only
     solution = solver16.solve(problems, progress=False)
     assert solution.rec.dtype == torch.float32 and torch.isfinite(solution.rec).all()
+
+
+def test_lm_init_with_no_steps_returns_the_best_sampled_batch(model_dirs, release_dir):
+    """init: lm, T = 0: each problem's text is exactly the lowest-rec of its K sampled batches,
+    scored here one candidate at a time; every sampled token is one the projection allows."""
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    solver, problems, _ = build_solver(lm, rel, small(init="lm", init_candidates=3, steps=0))
+    solution = solver.solve(problems, progress=False)
+    allowed = torch.isfinite(solver.projector.penalty)
+    for p in range(len(problems)):
+        single = problems[p : p + 1]
+        candidates = solver.init_sampler(single, 3)[0]  # (K, B, G): the same seeded draw
+        assert allowed[candidates].all()
+        recs = [float(solver.rec(solver.embed(c[None], single), single)) for c in candidates]
+        best = min(range(3), key=recs.__getitem__)
+        assert torch.equal(solution.ids[p], candidates[best])
+        assert float(solution.rec[p]) == pytest.approx(recs[best], rel=1e-5)
+
+
+def test_lm_init_never_ends_worse_than_its_start(model_dirs, release_dir):
+    """select: projected keeps the sampled start among the candidates it returns."""
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    solver, problems, _ = build_solver(
+        lm, rel, small(init="lm", init_candidates=2, steps=2, lr=50.0)
+    )  # x far from text
+    _, start_rec = solver.sampled_start(problems)
+    solution = solver.solve(problems, progress=False)
+    assert (solution.rec <= start_rec + 1e-6).all()
+    assert solver.cfg.candidates == 2 and small(init="lm").candidates == 20
+    assert GenerateConfig(init="lm").candidates == 4 and GenerateConfig().candidates == 500
+    assert GenerateConfig(preset="paper").init == "random"

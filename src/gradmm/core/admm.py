@@ -23,7 +23,7 @@ import os
 import pickle
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -220,6 +220,8 @@ class ADMMSolver:
         embeddings: (V, d) the model's input embedding rows (``LoadedModel.embeddings``).
         hooks: extra work per step (the reference engine's logging work).
         sequential: solve problems, and score init candidates, one at a time (the authors' way).
+        init_sampler: with ``config.init == "lm"``, ``(problems, K) -> (P, K, B, G)`` free token
+            ids of K candidate batches per problem (the LM's own text, sampled by the caller).
     """
 
     INIT_CHUNK = 16  # init candidates scored per forward pass (fixed: part of the RNG stream)
@@ -235,7 +237,11 @@ class ADMMSolver:
         embeddings: Tensor,
         hooks: SolverHooks | None = None,
         sequential: bool = False,
+        init_sampler: Callable[[Problems, int], Tensor] | None = None,
     ):
+        if config.init == "lm" and init_sampler is None:
+            raise ValueError("init: lm needs an init_sampler")
+        self.init_sampler = init_sampler
         self.model = model
         self.loss = loss
         self.projector = projector
@@ -316,8 +322,8 @@ class ADMMSolver:
                 gen = torch.Generator().manual_seed(problems.seeds[p])
                 single = problems[p : p + 1]
                 best_rec, best = float("inf"), None
-                for start in range(0, self.cfg.init_candidates, self.INIT_CHUNK):
-                    n = min(self.INIT_CHUNK, self.cfg.init_candidates - start)
+                for start in range(0, self.cfg.candidates, self.INIT_CHUNK):
+                    n = min(self.INIT_CHUNK, self.cfg.candidates - start)
                     cand = torch.randn(n, self.batch, length, dim, generator=gen, dtype=self.dtype)
                     cand = cand.to(self.device)
                     if self.cfg.score_init_scaled:
@@ -329,17 +335,46 @@ class ADMMSolver:
                 out[p] = best
             return self._with_template(self._rescale(out), problems.classes)
 
+    @torch.no_grad()
+    def sampled_start(self, problems: Problems) -> tuple[Tensor, Tensor]:
+        """``init: lm``: per problem, the best (lowest ``rec``) of K sampled batches of text:
+        (P, B, G) free token ids and (P,) their ``rec``."""
+        best_ids, best_rec = [], []
+        with self.timed("init"):
+            for p in range(len(problems)):
+                single = problems[p : p + 1]
+                cand = self.init_sampler(single, self.cfg.candidates)[0].to(self.device)
+                recs = []
+                for start in range(0, len(cand), self.INIT_CHUNK):
+                    chunk = cand[start : start + self.INIT_CHUNK]
+                    n = len(chunk)
+                    x = self.embed(chunk, Problems(single.classes.expand(n), [0] * n))
+                    recs.append(self._score_candidates(x, single))
+                rec = torch.cat(recs)
+                i = int(rec.argmin())
+                best_ids.append(cand[i])
+                best_rec.append(rec[i])
+        return torch.stack(best_ids), torch.stack(best_rec).to(self.dtype)
+
     def initial_state(self, problems: Problems) -> SolverState:
-        x = self.initialise(problems)
+        """x₀ (random or the LM's text) and u₀ = 0. From sampled text, x₀ = z₀ = that text's
+        embeddings, and it is the best seen so far: a solve never returns worse text."""
         n_problems = len(problems)
         inf = torch.full((n_problems,), float("inf"), dtype=self.dtype, device=self.device)
+        if self.cfg.init == "lm":
+            best_ids, best_rec = self.sampled_start(problems)
+            x = self.embed(best_ids, problems)
+        else:
+            x = self.initialise(problems)
+            best_rec = inf
+            best_ids = torch.zeros(
+                n_problems, self.batch, self.layout.n_free, dtype=torch.long, device=self.device
+            )
         return SolverState(
             x=x,
             u=torch.zeros_like(x),
-            best_rec=inf,
-            best_ids=torch.zeros(
-                n_problems, self.batch, self.layout.n_free, dtype=torch.long, device=self.device
-            ),
+            best_rec=best_rec,
+            best_ids=best_ids,
             best_obj=inf.clone(),
             best_x=x.clone(),
         )
@@ -450,7 +485,8 @@ class ADMMSolver:
                 state.save(checkpoint)
         bar.close()
         state.x = state.x.detach()
-        self.selection.finish(self, state, problems)
+        if not (cfg.init == "lm" and cfg.steps == 0):  # T = 0 returns the sampled text itself
+            self.selection.finish(self, state, problems)
         return Solution(
             ids=state.best_ids,
             rec=state.best_rec,

@@ -19,6 +19,10 @@ TokenFilter = Literal["fixed", "paper"]
 ProjectionOrder = Literal["cosine-first", "lm-first"]
 # Which iterate a problem returns (gradmm.core.admm.SELECTIONS).
 SelectRule = Literal["projected", "augmented"]
+# Where x₀ comes from (gradmm.core.admm.ADMMSolver.initial_state), and how many candidate batches
+# each scores when --init-candidates is unset: random draws are cheap, sampled text is not.
+InitRule = Literal["random", "lm"]
+INIT_CANDIDATES: dict[str, int] = {"random": 500, "lm": 4}
 
 
 class SolverConfig(BaseModel):
@@ -30,7 +34,18 @@ class SolverConfig(BaseModel):
     rho: float = Field(1.0, gt=0, description="ADMM penalty ρ")
     lr: float = Field(0.008, gt=0, description="Adam learning rate on x")
     grad_clip: float | None = Field(1.0, gt=0, description="x-gradient norm clip per problem")
-    init_candidates: int = Field(500, ge=1, description="K: random init batches, best kept")
+    init: InitRule = Field(
+        "random",
+        description="x0: 'random' (best of K N(0, I) draws, the authors') or 'lm' (best of K "
+        "batches of the LM's own text, sampled under the class's demonstrations)",
+    )
+    init_candidates: int | None = Field(
+        None,
+        ge=1,
+        description="K: init batches scored, best kept (unset: "
+        + ", ".join(f"{n} for {rule}" for rule, n in INIT_CANDIDATES.items())
+        + ")",
+    )
     init_scale: float | None = Field(
         None, gt=0, description="per-position init norm (default: mean token embedding norm)"
     )
@@ -47,6 +62,11 @@ class SolverConfig(BaseModel):
         description="stop once no problem's best loss improved for this many outer iterations "
         "(select: projected)",
     )
+
+    @property
+    def candidates(self) -> int:
+        """K: ``init_candidates``, or the init rule's default."""
+        return self.init_candidates or INIT_CANDIDATES[self.init]
 
     @model_validator(mode="after")
     def _patience_needs_projected(self) -> SolverConfig:

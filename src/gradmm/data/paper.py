@@ -61,6 +61,7 @@ PAPER_FREEZES_TEMPLATE = {"rotten_tomatoes", "imdb"}
 
 # Values of generate options the preset sets, unless given explicitly (``default``'s are ours).
 GENERATE_OPTIONS: dict[str, Any] = {
+    "init": "random",
     "select": "augmented",
     "token_filter": "paper",
     "score_init_scaled": False,

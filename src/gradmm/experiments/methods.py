@@ -32,10 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gradmm.core.lm import place
-from gradmm.core.settings import Runtime
 from gradmm.core.tokens import tokenize_prompt
 from gradmm.data.tasks import Task, load_task
 from gradmm.experiments.results import MethodResult, read_result
@@ -49,6 +47,7 @@ from gradmm.stages.finetune import finetune
 from gradmm.stages.generate import generate
 from gradmm.stages.record import load_release
 from gradmm.stages.release import eligible_rows, pool_rows, release_targets
+from gradmm.stages.sampling import lm_prompted_examples
 
 
 @dataclass(frozen=True)
@@ -234,41 +233,6 @@ def real_training_rows(cfg, task, seed: int, method: str) -> list[dict]:
     return pool_rows(task, n, pool_seed, cfg.data_dir)
 
 
-@torch.no_grad()
-def lm_prompted_examples(
-    model: str, task: Task, per_class: int, seed: int, runtime: Runtime | None = None
-) -> list[dict]:
-    """Label-conditioned sampling: public demonstrations of one class, then a new example."""
-    lm = place(load_model(model), runtime)
-    prompt = tokenize_prompt(task, lm.tokenizer)
-    tail = lm.tokenizer.decode(prompt.tail).strip()
-    torch.manual_seed(seed)
-    rows = []
-    for c in range(task.num_classes):
-        demos = [t for t, y in task.require_demonstrations("the lm_prompted baseline") if y == c]
-        ids = prompt.demonstrations(lm.tokenizer, [(text, c) for text in demos])
-        got, attempts = [], 0
-        while len(got) < per_class and attempts < 20:
-            attempts += 1
-            batch = torch.tensor([ids], device=lm.device).repeat(per_class, 1)
-            gen = lm.model.generate(
-                batch,
-                attention_mask=torch.ones_like(batch),
-                max_new_tokens=40,
-                do_sample=True,
-                top_k=50,
-                temperature=0.9,
-                pad_token_id=lm.tokenizer.eos_token_id,
-            )
-            for seq in gen[:, len(ids) :]:
-                text = lm.tokenizer.decode(seq, skip_special_tokens=True).split("\n")[0]
-                text = text.split(tail)[0].strip() if tail else text.strip()
-                if text and len(got) < per_class:
-                    got.append(text)
-        rows += [{"text": t, "label": c, "label_name": task.label_names[c]} for t in got]
-    return rows
-
-
 # ----------------------------------------------------------------------------------- methods
 
 
@@ -316,13 +280,10 @@ def _lm_prompted_set(cell: Cell) -> Path:
     """The ``lm_prompted`` cell's training set (sampled once, kept in that cell's folder)."""
     train = cell_folder(cell.out, cell.task, "lm_prompted", cell.seed) / "synthetic.jsonl"
     if not train.exists():
-        rows = lm_prompted_examples(
-            cell.cfg.model,
-            load_task(cell.task),
-            cell.cfg.synthetic_per_class,
-            cell.seed,
-            cell.cfg.runtime,
-        )
+        task = load_task(cell.task)
+        lm = place(load_model(cell.cfg.model), cell.cfg.runtime)
+        prompt = tokenize_prompt(task, lm.tokenizer)
+        rows = lm_prompted_examples(lm, task, prompt, cell.cfg.synthetic_per_class, cell.seed)
         write_jsonl(train, rows)
     return train
 

@@ -55,6 +55,7 @@ from gradmm.files import (
 from gradmm.privacy.report import report as privacy_report
 from gradmm.stages.configs import GenerateConfig
 from gradmm.stages.record import Release, load_release, load_release_model
+from gradmm.stages.sampling import text_init_sampler
 
 # A run folder: generate's outputs, then filter's (and audit reports of older versions).
 RUN_DIR = OutputKind(
@@ -268,6 +269,11 @@ def build_solver(
         lm.embeddings,
         hooks=AuthorsOverhead() if reference else None,
         sequential=reference,
+        init_sampler=(
+            text_init_sampler(lm, task, prompt, allowed, config.batch, config.length)
+            if config.init == "lm"
+            else None
+        ),
     )
     classes = torch.arange(task.num_classes).repeat_interleave(config.per_class // config.batch)
     problems = Problems(classes, [problem_seed(config.seed, p) for p in range(len(classes))])
