@@ -354,6 +354,20 @@ def commands_of(group, prefix=()) -> dict[tuple[str, ...], object]:
 FOREIGN = {
     ("release",): lambda e, d: release_args(e.model, e.data, d, n=3),
     ("generate",): lambda e, d: ["generate", "--release", e.rel, "--out", d, *SMALL],
+    ("select",): lambda e, d: [
+        "select",
+        "--release",
+        e.rel,
+        "--out",
+        d,
+        "--pool",
+        2,
+        "--per-class",
+        1,
+        "--min-words",
+        1,
+        "--quiet",
+    ],
     ("filter",): lambda e, d: ["filter", d],
     ("finetune",): lambda e, d: [
         "finetune",

@@ -320,6 +320,7 @@ def test_generate_options_come_from_the_settings_fields(monkeypatch, tmp_path):
 CONFIG_OF_COMMAND = {
     "release": "ReleaseConfig",
     "filter": "FilterConfig",
+    "select": "SelectConfig",
     "finetune": "FinetuneConfig",
     "evaluate": "EvaluateConfig",
     "privacy": "NoiseQuery",
@@ -396,3 +397,36 @@ def test_generate_from_the_lms_own_text(model_dirs, data_dir, tmp_path):
     assert manifest["config"]["init"] == "lm" and manifest["config"]["init_candidates"] == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "synthetic.jsonl").open()]
     assert len(rows) == 8 and all(row["text"] for row in rows)
+
+
+def test_select_writes_a_run_that_filter_reads(model_dirs, data_dir, tmp_path):
+    """gradmm select: per class the N sampled texts whose set matches the release, its loss
+    recorded as MatchingLoss computes it on that batch; filter reads the run like generate's."""
+    from gradmm.core.tokens import label_hidden
+    from gradmm.stages.filtering import release_loss
+    from gradmm.stages.record import load_release, load_release_model
+
+    rel, run = tmp_path / "rel", tmp_path / "run"
+    assert invoke(*release_args(model_dirs["llama"], data_dir, rel)).exit_code == 0
+    options = ["--pool", 6, "--per-class", 3, "--min-words", 1, "--quiet"]
+    r = invoke("select", "--release", rel, "--out", run, *options)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (run / "synthetic.jsonl").open()]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [row["label"] for row in rows] == [0, 0, 0, 1, 1, 1]
+    release = load_release(rel)
+    lm = load_release_model(release)
+    loss = release_loss(lm, release)
+    for c, name in enumerate(release.task.label_names):
+        texts = [row["text"] for row in rows if row["label"] == c]
+        seqs = [release.prompt.encode(lm.tokenizer, text) for text in texts]
+        with torch.no_grad():
+            h = label_hidden(lm, loss.labels, seqs, [c] * 3)
+        direct = float(loss(h[None], torch.tensor([c]))[0])
+        assert manifest["per_class"][name]["rec_loss"] == pytest.approx(direct, abs=2e-6)
+    assert manifest["data_read"][0]["data"].startswith("release ")
+    r = invoke("filter", run, "--no-classifier", "--keep-per-class", 2)
+    assert r.exit_code == 0, r.output
+    assert invoke("select", "--release", rel, "--out", run, *options).exit_code == 2  # finished
+    r = invoke("select", "--release", rel, "--out", tmp_path / "x", "--pool", 2, "--per-class", 3)
+    assert r.exit_code == 2 and "must be at least" in r.stderr

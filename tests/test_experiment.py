@@ -26,6 +26,7 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
         f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0, 1]\n"
         "n_per_class: 3\nsynthetic_per_class: 4\nfew_shot_k: 1\ndp_epsilons: [2.0]\n"
         "generate: {batch: 2, length: 5, steps: 1, inner_steps: 2, init_candidates: 2, topk: 5}\n"
+        "select: {pool: 6, min_words: 1}\n"
         "filter: {keep_per_class: 3, classifier: false}\n"
         "finetune: {steps: 4, batch_size: 4, eval_every: 2, lr: 0.001}\n"
     )
@@ -43,19 +44,21 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
         "dp_gradmm@eps2",
         "dp_noise@eps2",
         "dp_none",
+        "lm_selected",
         "real_private_size_matched",
         "real_random_size_matched",
         "lm_prompted_size_matched",
     }
     with (out / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(rows) == 26
+        assert len(list(csv.DictReader(f))) == len(rows) == 28
     accuracy_table = (out / "results.md").read_text().split("## ")[0]
-    assert accuracy_table.count("±") == 1 + 13  # header + one per method
+    assert accuracy_table.count("±") == 1 + 14  # header + one per method
     # equal budgets: each baseline cut, per class, to the filtered gradmm set of its seed
     for seed in (0, 1):
         got = {r.method: r for r in rows if r.seed == seed}
         kept = got["gradmm"].train_per_class
         assert got["real_random"].train_per_class == [4, 4] and max(kept) <= 3
+        assert got["lm_selected"].train_per_class == [4, 4] and got["lm_selected"].mean_rec_loss
         for base in ("real_private", "real_random", "lm_prompted"):
             sized = got[f"{base}_size_matched"]
             full = got[base].train_per_class
@@ -94,9 +97,9 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     original = experiment.run_cell
     experiment.run_cell = boom
     try:
-        assert len(experiment.run_experiment(spec, out, progress=False)) == 26
+        assert len(experiment.run_experiment(spec, out, progress=False)) == 28
         spec.write_text(spec.read_text().replace("seeds: [0, 1]", "seeds: [1]"))
-        assert len(experiment.run_experiment(spec, out, progress=False)) == 13  # a subset
+        assert len(experiment.run_experiment(spec, out, progress=False)) == 14  # a subset
     finally:
         experiment.run_cell = original
 

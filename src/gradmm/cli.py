@@ -33,6 +33,7 @@ from gradmm.stages.configs import (
     FinetuneConfig,
     GenerateConfig,
     ReleaseConfig,
+    SelectConfig,
 )
 
 app = typer.Typer(
@@ -175,9 +176,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
 
 
-NOTHING_WRITTEN = "nothing was written (outputs are written only when finished)"
-
-
 @command(app, NOTHING_WRITTEN + "; rerun the command to start again")
 @config_options(ReleaseConfig, exclude=("canary_file",))
 @config_options(Runtime, exclude=("dtype",), param="runtime", config_file=False)
@@ -223,6 +221,25 @@ def generate(
     )
     if rank_and_world()[0] == 0:
         typer.echo(f"wrote {path}")
+
+
+@command(app, NOTHING_WRITTEN + "; rerun the command", name="select")
+@config_options(SelectConfig)
+@config_options(Runtime, param="runtime", config_file=False)
+def select_cmd(
+    cfg: SelectConfig,
+    runtime: Runtime,
+    release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage 2 without optimisation: sample the LM's own text per class and select the texts
+    whose gradient best matches the release (greedy)."""
+    from gradmm.stages.selection import select_texts
+
+    path = select_texts(release, out, cfg, overwrite=overwrite, progress=not quiet, runtime=runtime)
+    typer.echo(f"wrote {path}")
 
 
 @command(app, NOTHING_WRITTEN + "; rerun the command", name="filter")

@@ -40,14 +40,22 @@ from gradmm.experiments.results import MethodResult, read_result
 from gradmm.files import read_json, read_jsonl, write_jsonl
 from gradmm.models.loading import load_model
 from gradmm.options import build_config
-from gradmm.stages.configs import EvaluateConfig, FinetuneConfig, GenerateConfig, ReleaseConfig
+from gradmm.stages.configs import (
+    EvaluateConfig,
+    FilterConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    ReleaseConfig,
+    SelectConfig,
+)
 from gradmm.stages.evaluate import evaluate_task, text_perplexities
-from gradmm.stages.filtering import FilterConfig, filter_run
+from gradmm.stages.filtering import filter_run
 from gradmm.stages.finetune import finetune
 from gradmm.stages.generate import generate
 from gradmm.stages.record import load_release
 from gradmm.stages.release import eligible_rows, pool_rows, release_targets
 from gradmm.stages.sampling import lm_prompted_examples
+from gradmm.stages.selection import select_texts
 
 
 @dataclass(frozen=True)
@@ -320,6 +328,28 @@ method("gradmm", synthetic=True)(_gradmm("default"))
 method("dp_gradmm", synthetic=True, per_epsilon=True)(_gradmm("dp"))
 method("dp_noise", synthetic=True, per_epsilon=True)(_gradmm("noise"))
 method("dp_none", synthetic=True)(_gradmm("dp", target="none"))
+
+
+@method("lm_selected", demonstrations=True)
+def lm_selected(cell: Cell) -> MethodResult:
+    """``gradmm select``: as many of the LM's own texts as the synthetic sets have, picked by
+    gradient matching against the default release from a larger sampled pool (unfiltered, as
+    ``lm_prompted``)."""
+    cfg = cell.cfg
+    rel = shared_release(cfg, cell.out, cell.task, cell.seed, "default")
+    run = cell.folder / "run"
+    if not (run / "synthetic.jsonl").exists():
+        options = {**cfg.select, "per_class": cfg.synthetic_per_class, "seed": cell.seed}
+        select_texts(
+            rel, run, build_config(SelectConfig, options), progress=False, runtime=cfg.runtime
+        )
+    result = train_and_describe(cfg, cell.task, cell.seed, run / "synthetic.jsonl")
+    return result.model_copy(
+        update={
+            "mean_rec_loss": read_json(run / "manifest.json")["mean_rec_loss"],
+            "privacy": load_release(rel).meta.mechanism.model_dump(mode="json"),
+        }
+    )
 
 
 # ------------------------------------------------------------------------- equal-size baselines

@@ -29,8 +29,7 @@ from gradmm.experiments.results import CellResult, MethodResult, read_result
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
 from gradmm.models.loading import load_model
 from gradmm.options import build_config
-from gradmm.stages.configs import FinetuneConfig, GenerateConfig
-from gradmm.stages.filtering import FilterConfig
+from gradmm.stages.configs import FilterConfig, FinetuneConfig, GenerateConfig, SelectConfig
 
 EXPERIMENT_DIR = OutputKind(
     "experiment",
@@ -95,6 +94,7 @@ class ExperimentConfig(BaseModel):
     # cells of the grid not run (say why in the file); each entry must match some cell
     exclude: list[CellFilter] = []
     generate: dict[str, Any] = {}
+    select: dict[str, Any] = {}  # gradmm select's options (lm_selected)
     filter: dict[str, Any] = {}
     finetune: dict[str, Any] = {}
     # device and dtype of every stage (release and fine-tuning always compute in fp32)
@@ -110,6 +110,11 @@ def load_experiment(path: Path) -> ExperimentConfig:
     # every stage section is validated now: a typo is one line before any cell runs
     classifier = build_config(FilterConfig, cfg.filter).classifier
     build_config(GenerateConfig, {**cfg.generate, "per_class": cfg.synthetic_per_class})
+    for section in ("per_class", "seed"):
+        if section in cfg.select:
+            raise UserError(f"select: {section!r} is set by the runner, not the experiment file")
+    if "lm_selected" in cfg.methods:
+        build_config(SelectConfig, {**cfg.select, "per_class": cfg.synthetic_per_class})
     for section in ("model", "task", "train", "data_dir", "seed"):
         if section in cfg.finetune:
             raise UserError(f"finetune: {section!r} is set by the runner, not the experiment file")

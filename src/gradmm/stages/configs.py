@@ -184,6 +184,27 @@ class GenerateConfig(SolverConfig):
         return self
 
 
+class SelectConfig(BaseModel):
+    """Settings of ``gradmm select`` (see :mod:`gradmm.stages.selection`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    per_class: int = Field(100, ge=1, description="N: texts selected per class")
+    pool: int = Field(400, ge=1, description="M: texts sampled from the LM per class")
+    seed: int = Field(0, ge=0, description="sampling seed")
+    min_words: int = Field(
+        4, ge=1, description="texts of fewer words are never selected (degenerate samples)"
+    )
+    max_perplexity: float | None = Field(
+        None, gt=0, description="texts of higher perplexity are never selected (none: no limit)"
+    )
+
+    @model_validator(mode="after")
+    def _pool_holds_the_selection(self) -> SelectConfig:
+        if self.pool < self.per_class:
+            raise ValueError(f"pool ({self.pool}) must be at least per_class ({self.per_class})")
+        return self
+
+
 class FilterConfig(BaseModel):
     """Settings of ``gradmm filter`` (see :mod:`gradmm.stages.filtering`)."""
 

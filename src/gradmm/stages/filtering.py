@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from gradmm.core.lm import LoadedModel
@@ -25,17 +24,19 @@ from gradmm.core.settings import Runtime
 from gradmm.core.tokens import LabelTokens, label_hidden
 from gradmm.errors import UserError, warn
 from gradmm.files import check_output_dir, read_jsonl, write_json, write_jsonl
+from gradmm.stages.configs import FilterConfig
 from gradmm.stages.evaluate import label_log_probs
 from gradmm.stages.generate import RUN_DIR, data_read_entry, load_run_release
 from gradmm.stages.record import Release, load_release_model
 
 
-class FilterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    keep_per_class: int | None = Field(50, ge=1, description="None: skip the top-N stage")
-    classifier: bool = True
-    balance: bool = True
-    dedupe: bool = True
+def release_loss(lm: LoadedModel, release: Release) -> MatchingLoss:
+    """The closed-form matching loss against ``release``'s output-layer targets (of a
+    ``last-block`` release: its output layer's part), on ``lm``'s device."""
+    prompt = release.prompt
+    labels = LabelTokens.of(prompt.label_ids, prompt.label_score)
+    tb = None if release.target_bias is None else release.target_bias.to(lm.device)
+    return MatchingLoss(release.target_weight.to(lm.device), tb, lm.output, labels, release.space)
 
 
 @torch.no_grad()
@@ -45,16 +46,12 @@ def per_example_rec(
     """(N,) matching loss of each example alone (a problem of ``B = 1``) against its class's
     released target."""
     prompt = release.prompt
-    label_tokens = LabelTokens.of(prompt.label_ids, prompt.label_score)
-    tb = None if release.target_bias is None else release.target_bias.to(lm.device)
-    loss = MatchingLoss(
-        release.target_weight.to(lm.device), tb, lm.output, label_tokens, release.space
-    )
+    loss = release_loss(lm, release)
     seqs = [prompt.encode(lm.tokenizer, t) for t in texts]
     out = []
     for start in range(0, len(seqs), batch_size):
         classes = labels[start : start + batch_size]
-        h = label_hidden(lm, label_tokens, seqs[start : start + batch_size], classes)
+        h = label_hidden(lm, loss.labels, seqs[start : start + batch_size], classes)
         out.append(loss(h[:, None], torch.tensor(classes, device=lm.device)).cpu())
     return torch.cat(out)
 
