@@ -98,7 +98,7 @@ def main() -> None:
         cell = variant_cell(cfg, work, args.task, args.seed, name)
         started = time.perf_counter()
         train = methods.synthetic_set(cell, release, **options)
-        result = methods.train_and_describe(cell.cfg, args.task, args.seed, train)
+        result = methods.train_and_describe(cell.cfg, args.task, args.seed, train, release)
         manifest = read_json(train.parent / "manifest.json")
         done[name] = {
             "options": VARIANTS[name] if "filter" in VARIANTS[name] else options,

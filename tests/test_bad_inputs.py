@@ -190,6 +190,24 @@ CASES = [
         lambda e: ["filter", e.tmp / "latin1.yaml"],
         "exists and is not a folder",
     ),
+    (
+        "quality with neither release nor model",
+        lambda e: ["quality", "--data", e.tmp / "latin1.yaml", "--task", "sst2"],
+        "without --release, give --model and --task",
+    ),
+    (
+        "quality of a file not UTF-8",
+        lambda e: [
+            "quality",
+            "--data",
+            e.tmp / "latin1.yaml",
+            "--model",
+            e.model,
+            "--task",
+            "sst2",
+        ],
+        "not a UTF-8 text file",
+    ),
 ]
 
 
@@ -409,7 +427,12 @@ FOREIGN = {
         1,
     ],
 }
-WRITE_NOTHING_NAMED = {("privacy",), ("model", "list"), ("model", "fetch")}  # fetch: the cache
+WRITE_NOTHING_NAMED = {
+    ("privacy",),
+    ("quality",),
+    ("model", "list"),
+    ("model", "fetch"),
+}  # fetch: the cache
 
 
 def test_every_command_is_in_the_foreign_folder_table():

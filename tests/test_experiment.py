@@ -16,6 +16,7 @@ from gradmm.errors import UserError
 from gradmm.experiments import methods, report
 from gradmm.experiments import runner as experiment
 from gradmm.experiments.results import CellResult
+from gradmm.files import read_jsonl
 from gradmm.privacy.report import report as privacy_report
 from gradmm.stages.record import load_release
 
@@ -72,9 +73,23 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     assert (out / "accuracy.png").stat().st_size > 0
     # every training set's perplexity, under the same scoring; samples of synthetic sets only
     assert "## Training texts: perplexity" in results_md_text(out)
+    assert "## Training sets: matching loss · label fidelity" in results_md_text(out)
     by_method = {report.method_label(r): r for r in rows if r.seed == 0}
     assert by_method["real_private"].train_perplexity > 0
     assert by_method["real_private"].samples is None and by_method["gradmm"].samples
+    # quality: the matching loss of a GRADMM set against its own release; a baseline's against
+    # the default release of its task and seed (the pool itself matches it best of all)
+    from gradmm.stages.quality import matching_loss
+    from gradmm.stages.record import load_release_model
+
+    default = load_release(out / "releases/sst2/seed0/default")
+    lm = load_release_model(default)
+    filtered = read_jsonl(out / "cells/sst2/gradmm/seed0/run/filtered.jsonl")
+    assert by_method["gradmm"].quality["matching_loss"] == pytest.approx(
+        matching_loss(lm, default, filtered), abs=1e-5
+    )
+    losses = {m: by_method[m].quality["matching_loss"] for m in ("real_private", "lm_prompted")}
+    assert losses["real_private"] < losses["lm_prompted"]
     # result.json holds the measurements made, and only those: no null for a missing one
     zero_shot = json.loads((out / "cells/sst2/zero_shot/seed0/result.json").read_text())
     assert "dev_accuracy" in zero_shot and "train_loss" not in zero_shot

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from gradmm.stages.configs import (
     FilterConfig,
     FinetuneConfig,
     GenerateConfig,
+    QualityConfig,
     ReleaseConfig,
     SelectConfig,
 )
@@ -240,6 +242,17 @@ def select_cmd(
 
     path = select_texts(release, out, cfg, overwrite=overwrite, progress=not quiet, runtime=runtime)
     typer.echo(f"wrote {path}")
+
+
+@command(app, "nothing written", name="quality")
+@config_options(QualityConfig)
+@config_options(Runtime, param="runtime", config_file=False)
+def quality_cmd(cfg: QualityConfig, runtime: Runtime) -> None:
+    """Measure a training set: matching loss (with --release), median perplexity, label fidelity
+    by an independent judge, distinct-2. Prints JSON; writes nothing."""
+    from gradmm.stages.quality import quality_report
+
+    typer.echo(json.dumps(quality_report(cfg, runtime), indent=2))
 
 
 @command(app, NOTHING_WRITTEN + "; rerun the command", name="filter")

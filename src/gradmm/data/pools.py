@@ -1,7 +1,7 @@
 """The private pool: which real examples a release reads. The only module that selects private
 rows; only :mod:`gradmm.stages.release` imports it (``pyproject.toml``, ``[tool.importlinter]``).
 
-Three ways to draw it, all outside the split's dev slice (:func:`private_pool_exclusions`): a
+Three ways to draw it, all outside the dev and judge slices (:func:`private_pool_exclusions`): a
 fixed number per class, seeded (:func:`private_pool`); a Poisson sample from the OS CSPRNG
 (:func:`poisson_pool`, for amplification); and, for canary audits, rows planted in the pool
 (:func:`planted_pool`).
@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gradmm.data.tasks import Examples, Task, dev_indices, examples_from_rows, load_examples
+from gradmm.data.tasks import (
+    Examples,
+    Task,
+    dev_indices,
+    examples_from_rows,
+    judge_indices,
+    load_examples,
+)
 from gradmm.errors import UserError, warn
 from gradmm.files import read_jsonl_numbered
 from gradmm.privacy.noise import uniforms
@@ -63,10 +70,11 @@ def poisson_pool(
     CSPRNG for a real release: the amplification needs a sample nobody can predict)."""
     examples = load_examples(task, split, data_dir)
     excluded = set(private_pool_exclusions(task, split, examples))
-    if excluded and len(examples.labels) < 2 * task.dev_size:
+    held_out = task.dev_size + task.judge_size
+    if excluded and len(examples.labels) < 2 * held_out:
         warn(
-            f"{examples.source} has {len(examples.labels)} rows, fewer than twice the dev slice's "
-            f"{task.dev_size}: the slice is half the split, so one row added or removed may "
+            f"{examples.source} has {len(examples.labels)} rows, fewer than twice the dev and "
+            f"judge slices' {held_out}: they are half the split, so one row added or removed may "
             "also move another row across it, and the guarantee holds for groups of two rows "
             "(docs/privacy.md)"
         )
@@ -92,6 +100,9 @@ def planted_pool(
 
 
 def private_pool_exclusions(task: Task, split: str, examples: Examples) -> list[int]:
-    """Rows of ``examples`` (the ``split``) a private pool may not use: the dev slice, when
-    sampling from the private split."""
-    return dev_indices(examples, task.dev_size) if split == task.private_split else []
+    """Rows of ``examples`` (the ``split``) a private pool may not use: the dev and judge slices,
+    when sampling from the private split."""
+    if split != task.private_split:
+        return []
+    judge = judge_indices(examples, task.dev_size, task.judge_size)
+    return sorted(dev_indices(examples, task.dev_size) + judge)

@@ -64,6 +64,10 @@ class Task(BaseModel):
     # Model-selection (dev) examples: a fixed slice of the private split, chosen row by row by a
     # keyed hash, that private pools never draw from (see ``dev_indices``).
     dev_size: int = 500
+    # The judge slice: the rows ranked next after the dev slice by the same keyed hash, never in
+    # any private pool either; the quality measure's independent classifier trains on it
+    # (``judge_indices``). 0: no judge (label fidelity is not measured).
+    judge_size: int = Field(0, ge=0)
     label_token_policy: LabelTokenPolicy = "all"
     # A label word's score: the log-probability of its tokens, summed (the word's probability) or
     # averaged (length-normalised); the training loss is the matching sum or mean of their CEs.
@@ -131,6 +135,7 @@ EMOTION_DEMONSTRATIONS = (
 BUILTIN_TASKS: dict[str, Task] = {
     "sst2": Task(
         name="sst2",
+        judge_size=10000,  # a TF-IDF judge tests at 73% on 2,000 rows, 80% on 10,000
         label_names=("negative", "positive"),
         label_words=(" bad", " great"),
         local_dir="sst2",
@@ -140,6 +145,7 @@ BUILTIN_TASKS: dict[str, Task] = {
     ),
     "rotten_tomatoes": Task(
         name="rotten_tomatoes",
+        judge_size=3000,
         label_names=("neg", "pos"),
         label_words=(" bad", " great"),
         local_dir="rotten_tomatoes",
@@ -148,6 +154,7 @@ BUILTIN_TASKS: dict[str, Task] = {
     ),
     "tweet_emotion": Task(
         name="tweet_emotion",
+        judge_size=1000,
         label_names=("anger", "joy", "optimism", "sadness"),
         label_words=(" anger", " joy", " optimism", " sadness"),
         template="{text} The emotion of this tweet is",
@@ -158,6 +165,7 @@ BUILTIN_TASKS: dict[str, Task] = {
     ),
     "imdb": Task(
         name="imdb",
+        judge_size=5000,
         label_names=("neg", "pos"),
         label_words=(" bad", " great"),
         local_dir="imdb",
@@ -301,8 +309,9 @@ def _load_hub(task: Task, split: str) -> Examples:
 
 
 DEV_SEED = 20250217  # fixed: the dev slice must not move with any user seed
-# The rule of :func:`dev_indices`, recorded by experiments: a resumed run never mixes dev slices.
-DEV_SLICE_RULE = "blake2b-keyed-rank"
+# The rule of :func:`dev_indices` and :func:`judge_indices`, recorded by experiments: a resumed
+# run never mixes dev slices or pools drawn around different held-out rows.
+DEV_SLICE_RULE = "blake2b-keyed-rank, judge slice after dev"
 
 
 def dev_indices(examples: Examples, size: int) -> list[int]:
@@ -314,10 +323,23 @@ def dev_indices(examples: Examples, size: int) -> list[int]:
     the slice has its full size, adding or removing one row moves at most one other row across
     the boundary, so the rows outside the dev slice of neighbouring splits differ by one row, as
     a guarantee for the whole split (Poisson releases, ``docs/privacy.md``) needs."""
+    return sorted(_keyed_ranking(examples)[: min(size, len(examples.labels) // 2)])
+
+
+def judge_indices(examples: Examples, dev_size: int, judge_size: int) -> list[int]:
+    """Indices (sorted) of the judge slice: the ``judge_size`` rows ranked next after the dev
+    slice (dev and judge together at most half the split). Dev and judge slices together are a
+    prefix of one ranking, so the argument of :func:`dev_indices` holds for their union."""
+    half = len(examples.labels) // 2
+    ranked = _keyed_ranking(examples)
+    return sorted(ranked[min(dev_size, half) : min(dev_size + judge_size, half)])
+
+
+def _keyed_ranking(examples: Examples) -> list[int]:
+    """Row indices ordered by their BLAKE2b digest of (label, text), keyed by :data:`DEV_SEED`."""
     key = DEV_SEED.to_bytes(8, "little")
     digests = [
         hashlib.blake2b(f"{y}\0{t}".encode(), key=key, digest_size=16).digest()
         for t, y in zip(examples.texts, examples.labels, strict=True)
     ]
-    ranked = sorted(range(len(digests)), key=lambda i: (digests[i], i))
-    return sorted(ranked[: min(size, len(digests) // 2)])
+    return sorted(range(len(digests)), key=lambda i: (digests[i], i))

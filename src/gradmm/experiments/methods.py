@@ -24,7 +24,6 @@ from its own stream, so a DP release and its noise-only control never share nois
 from __future__ import annotations
 
 import hashlib
-import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,10 +47,11 @@ from gradmm.stages.configs import (
     ReleaseConfig,
     SelectConfig,
 )
-from gradmm.stages.evaluate import evaluate_task, text_perplexities
+from gradmm.stages.evaluate import evaluate_task
 from gradmm.stages.filtering import filter_run
 from gradmm.stages.finetune import finetune
 from gradmm.stages.generate import generate
+from gradmm.stages.quality import set_quality
 from gradmm.stages.record import load_release
 from gradmm.stages.release import eligible_rows, pool_rows, release_targets
 from gradmm.stages.sampling import lm_prompted_examples
@@ -197,8 +197,12 @@ def synthetic_set(cell: Cell, release: Path, **extra) -> Path:
     return run / "filtered.jsonl"
 
 
-def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> MethodResult:
-    """Fine-tune on ``train`` and describe the training texts: per-class counts, the median and
+def train_and_describe(
+    cfg, task, seed, train: Path, release: Path, samples: bool = True
+) -> MethodResult:
+    """Fine-tune on ``train`` and describe the training texts: per-class counts, their quality
+    (:func:`gradmm.stages.quality.set_quality`, the matching loss against ``release``: the
+    method's own, or the default release of the task and seed for a baseline), the median and
     mean of their perplexities under the experiment's model (the same scoring for every method)
     and, when ``samples`` (never for real text), the first three texts of each class."""
     ft = FinetuneConfig(
@@ -213,11 +217,11 @@ def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> Me
     )
     result = finetune(ft, progress=False, runtime=cfg.runtime)
     rows = read_jsonl(train)
-    names = load_task(task).label_names
+    task = load_task(task)
+    names = task.label_names
     texts = [[r["text"] for r in rows if r["label"] == c] for c in range(len(names))]
-    perplexities = text_perplexities(
-        place(load_model(cfg.model), cfg.runtime), [r["text"] for r in rows]
-    )
+    lm = place(load_model(cfg.model), cfg.runtime)
+    quality = set_quality(lm, task, rows, cfg.data_dir, load_release(release))
     return MethodResult(
         test_accuracy=result["test_accuracy"],
         dev_accuracy=result["dev_accuracy"],
@@ -226,9 +230,10 @@ def train_and_describe(cfg, task, seed, train: Path, samples: bool = True) -> Me
         test_per_class_accuracy=result["test_per_class_accuracy"],
         train_loss=result["train_loss"],
         train_per_class=[len(t) for t in texts],
-        train_perplexity=round(statistics.median(perplexities), 2),
-        train_perplexity_mean=round(statistics.mean(perplexities), 2),
+        train_perplexity=quality["median_perplexity"],
+        train_perplexity_mean=quality["mean_perplexity"],
         samples=dict(zip(names, [t[:3] for t in texts], strict=True)) if samples else None,
+        quality={k: v for k, v in quality.items() if k not in ("examples", "per_class")},
     )
 
 
@@ -277,7 +282,8 @@ def _real(cell: Cell) -> MethodResult:
         write_jsonl(
             train, real_training_rows(cell.cfg, load_task(cell.task), cell.seed, cell.method)
         )
-        return train_and_describe(cell.cfg, cell.task, cell.seed, train, samples=False)
+        rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, "default")
+        return train_and_describe(cell.cfg, cell.task, cell.seed, train, rel, samples=False)
 
 
 method("real_private")(_real)
@@ -298,7 +304,8 @@ def _lm_prompted_set(cell: Cell) -> Path:
 
 @method("lm_prompted", demonstrations=True)
 def lm_prompted(cell: Cell) -> MethodResult:
-    return train_and_describe(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell))
+    rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, "default")
+    return train_and_describe(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell), rel)
 
 
 def _gradmm(kind: str, **generate_options) -> Run:
@@ -312,7 +319,7 @@ def _gradmm(kind: str, **generate_options) -> Run:
             cell.cfg, cell.out, cell.task, cell.seed, kind, eps, cell.pool_size, cell.match_params
         )
         train = synthetic_set(cell, rel, **generate_options)
-        result = train_and_describe(cell.cfg, cell.task, cell.seed, train)
+        result = train_and_describe(cell.cfg, cell.task, cell.seed, train, rel)
         return result.model_copy(
             update={
                 "mean_rec_loss": read_json(train.parent / "manifest.json")["mean_rec_loss"],
@@ -343,7 +350,7 @@ def lm_selected(cell: Cell) -> MethodResult:
         select_texts(
             rel, run, build_config(SelectConfig, options), progress=False, runtime=cfg.runtime
         )
-    result = train_and_describe(cfg, cell.task, cell.seed, run / "synthetic.jsonl")
+    result = train_and_describe(cfg, cell.task, cell.seed, run / "synthetic.jsonl", rel)
     return result.model_copy(
         update={
             "mean_rec_loss": read_json(run / "manifest.json")["mean_rec_loss"],
@@ -390,7 +397,8 @@ def _size_matched(base: str) -> Run:
                 return reused.model_copy(update={"samples": None, "same_as": base})
             train = Path(tmp) / "train.jsonl"
             write_jsonl(train, cut)
-            return train_and_describe(cfg, cell.task, seed, train, samples=False)
+            rel = shared_release(cfg, cell.out, cell.task, seed, "default")
+            return train_and_describe(cfg, cell.task, seed, train, rel, samples=False)
 
     return run
 

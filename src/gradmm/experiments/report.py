@@ -78,8 +78,42 @@ def write_tables(rows: list[CellResult], out: Path) -> None:
         "Each difference is taken on the same task and seed; a tie wins for neither.\n\n"
         + comparison_table(rows)
         + "\n"
+        + quality_section(rows)
         + texts_section(rows)
         + (PRIVACY_NOTE if any(r.epsilon is not None for r in rows) else ""),
+    )
+
+
+def quality_section(rows: list[CellResult]) -> str:
+    """The quality columns of every training set (``gradmm.stages.quality``), means over seeds:
+    matching loss (against the method's release; a baseline's: the default release), label
+    fidelity by the judge and distinct-2; empty where no cell measured them."""
+    measured = [r for r in rows if r.quality is not None]
+    if not measured:
+        return ""
+
+    def mean(group: list[CellResult], key: str, fmt: str) -> str:
+        values = [r.quality[key] for r in group if r.quality.get(key) is not None]
+        return format(statistics.mean(values), fmt) if values else "-"
+
+    def cell(group: list[CellResult]) -> str:
+        return " · ".join(
+            [mean(group, "matching_loss", ".4f"), mean(group, "label_fidelity", ".2f")]
+            + [mean(group, "distinct_2", ".2f")]
+        )
+
+    judge = next((r.quality for r in measured if r.quality.get("judge_test_accuracy")), None)
+    about = (
+        f"Label fidelity: the share of texts a TF-IDF logistic regression trained on "
+        f"{judge['judge_train_rows']} judge-slice rows (never in a pool) assigns to their label; "
+        f"its test accuracy: {100 * judge['judge_test_accuracy']:.1f}%."
+        if judge
+        else "No judge slice: label fidelity not measured."
+    )
+    return (
+        "\n## Training sets: matching loss · label fidelity · distinct-2 (mean over seeds)\n\n"
+        "Matching loss in batches of 10 against the method's release (baselines: the default "
+        f"release of the task and seed). {about}\n\n" + markdown_table(measured, cell) + "\n"
     )
 
 

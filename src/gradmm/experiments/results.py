@@ -57,6 +57,11 @@ class MethodResult(BaseModel):
     mean_rec_loss: float | None = Field(
         None, description="mean gradient-matching loss of the synthetic set (GRADMM methods)"
     )
+    quality: dict[str, Any] | None = Field(
+        None,
+        description="the training set's quality (gradmm.stages.quality.set_quality): matching "
+        "loss, perplexity, label fidelity, distinct-2, what it read",
+    )
     privacy: dict[str, Any] | None = Field(
         None, description="the release's mechanism as recorded in its release.json (GRADMM)"
     )

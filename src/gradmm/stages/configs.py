@@ -217,6 +217,25 @@ class FilterConfig(BaseModel):
     dedupe: bool = Field(True, description="keep identical texts once")
 
 
+class QualityConfig(BaseModel):
+    """Settings of ``gradmm quality`` (see :mod:`gradmm.stages.quality`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(description="JSONL with text and label (a training set, synthetic or real)")
+    release: str | None = Field(
+        None, description="release folder: its targets give the matching loss, its model and task"
+    )
+    model: str | None = Field(None, description=MODEL + " (default: the release's)")
+    task: str | None = Field(None, description=TASK + " (default: the release's)")
+    data_dir: str | None = Field(None, description=DATA_DIR)
+
+    @model_validator(mode="after")
+    def _model_and_task_known(self) -> QualityConfig:
+        if self.release is None and (self.model is None or self.task is None):
+            raise ValueError("without --release, give --model and --task")
+        return self
+
+
 class FinetuneConfig(BaseModel):
     """Settings of ``gradmm finetune`` (see :mod:`gradmm.stages.finetune`)."""
 
