@@ -41,7 +41,33 @@ VARIANTS: dict[str, dict] = {
     "prefix_instruction": {"lm_prefix": paper.PAPER_LM_PREFIX["rotten_tomatoes"]},
     # the filter, not a solver knob: the base's texts without the few-shot classifier's vote
     "no_classifier": {"filter": {"classifier": False}},
+    # on-topic text: LM init (best of 4 sampled batches), then what the projection's LM reads
+    # (the LM prefix, the prefix as a chat turn, or the class's public demonstrations), in
+    # both projection orders, and k
+    "lm_init": {"init": "lm", "init_candidates": 4},
+    "lm_init_chat": {"init": "lm", "init_candidates": 4, "projection_context": "chat"},
+    "lm_init_chat_lm_first": {
+        "init": "lm",
+        "init_candidates": 4,
+        "projection_context": "chat",
+        "projection": "lm-first",
+    },
+    "lm_init_demos": {"init": "lm", "init_candidates": 4, "projection_context": "demonstrations"},
+    "lm_init_demos_lm_first": {
+        "init": "lm",
+        "init_candidates": 4,
+        "projection_context": "demonstrations",
+        "projection": "lm-first",
+    },
+    "lm_init_demos_topk_50": {
+        "init": "lm",
+        "init_candidates": 4,
+        "projection_context": "demonstrations",
+        "topk": 50,
+    },
 }
+# run by default: the knobs of the first sweep (committed); the on-topic ones with --variants
+FIRST_SWEEP = [name for name in VARIANTS if not name.startswith("lm_init")]
 
 
 def variant_options(cfg: experiment.ExperimentConfig, name: str) -> dict:
@@ -68,7 +94,7 @@ def variant_cell(cfg, work: Path, task: str, seed: int, name: str) -> methods.Ce
 
 def main() -> None:
     ap = sweep_parser(__doc__)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=FIRST_SWEEP, choices=list(VARIANTS))
     ap.add_argument("--out", required=True, help="the JSON of results")
     ap.add_argument(
         "--work", default=None, help="folder of the generated sets [sweep_work/ next to OUT]"
@@ -108,6 +134,8 @@ def main() -> None:
             "train_perplexity_median": result.train_perplexity,
             "train_perplexity_mean": result.train_perplexity_mean,
             "mean_rec_loss": manifest["mean_rec_loss"],
+            "label_fidelity": result.quality["label_fidelity"],
+            "distinct_2": result.quality["distinct_2"],
             "samples": result.samples,
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -137,21 +165,27 @@ def summary(record: dict) -> str:
         "accuracy of the dev-selected step (test accuracy is not recorded).",
         "",
         "| variant | changed | best dev accuracy | kept per class | perplexity median / mean "
-        "| mean matching loss | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| mean matching loss | label fidelity | distinct-2 | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in record["variants"].items():
         changed = ", ".join(f"{k}={str(x)[:24]}" for k, x in v["options"].items()) or "-"
         lines.append(
             f"| {name} | {changed} | {100 * v['best_dev_accuracy']:.1f} | "
             f"{v['train_per_class']} | {v['train_perplexity_median']:.1f} / "
-            f"{v['train_perplexity_mean']:.1f} | {v['mean_rec_loss']:.4f} | {v['seconds']:.0f} |"
+            f"{v['train_perplexity_mean']:.1f} | {v['mean_rec_loss']:.4f} | "
+            f"{_number(v.get('label_fidelity'))} | {_number(v.get('distinct_2'))} | "
+            f"{v['seconds']:.0f} |"
         )
     lines += ["", "## First texts per class", ""]
     for name, v in record["variants"].items():
         for label, texts in v["samples"].items():
             lines.append(f"- {name} / {label}: " + " · ".join(f"`{t}`" for t in texts))
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"  # not measured by the first sweep
 
 
 if __name__ == "__main__":

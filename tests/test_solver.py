@@ -343,3 +343,45 @@ def test_lm_init_never_ends_worse_than_its_start(model_dirs, release_dir):
     assert solver.cfg.candidates == 2 and small(init="lm").candidates == 20
     assert GenerateConfig(init="lm").candidates == 4 and GenerateConfig().candidates == 500
     assert GenerateConfig(preset="paper").init == "random"
+
+
+def test_demonstrations_context_lm_first_top1_is_greedy_decoding(model_dirs, release_dir):
+    """--projection-context demonstrations: the projection's LM reads the class's public
+    demonstrations and the template's head; with lm-first and k = 1 it takes the LM's most
+    probable allowed token every time, so every text is Hugging Face's greedy decoding of that
+    context restricted to the allowed tokens."""
+    from transformers import LogitsProcessorList
+
+    from gradmm.stages.sampling import AllowedTokensOnly, class_context
+
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    cfg = small(projection_context="demonstrations", projection="lm-first", topk=1, steps=1)
+    solver, problems, contexts = build_solver(lm, rel, cfg)
+    classes = range(rel.task.num_classes)
+    assert contexts == [class_context(rel.task, rel.prompt, lm.tokenizer, c, "") for c in classes]
+    assert contexts[0] != contexts[1]
+    solution = solver.solve(problems, progress=False)
+    allowed = LogitsProcessorList([AllowedTokensOnly(torch.isfinite(solver.projector.penalty))])
+    for p in range(len(problems)):
+        feed = torch.tensor([contexts[int(problems.classes[p])]])
+        with torch.no_grad():
+            greedy = lm.model.generate(
+                feed,
+                attention_mask=torch.ones_like(feed),
+                min_new_tokens=cfg.length,
+                max_new_tokens=cfg.length,
+                do_sample=False,
+                logits_processor=allowed,
+                pad_token_id=lm.tokenizer.eos_token_id,
+            )[0, feed.shape[1] :]
+        for text in solution.ids[p]:
+            assert torch.equal(text, greedy)
+
+
+def test_chat_context_needs_a_chat_template(model_dirs, release_dir):
+    from gradmm.errors import UserError
+
+    lm, rel = lm_and_release(model_dirs, release_dir)
+    assert not getattr(lm.tokenizer, "chat_template", None)  # the fixture's tokenizer
+    with pytest.raises(UserError, match="--projection-context chat"):
+        build_solver(lm, rel, small(projection_context="chat"))

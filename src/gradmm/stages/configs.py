@@ -155,6 +155,13 @@ class GenerateConfig(SolverConfig):
         "fast", description="fast (exact reformulation) or reference (the authors' computation)"
     )
     lm_prefix: str | None = Field(None, description="LM context of the projection ({label} ok)")
+    projection_context: Literal["prefix", "chat", "demonstrations"] = Field(
+        "prefix",
+        description="what the projection's LM reads before the text: the LM prefix "
+        "('chat': as a user turn of the tokenizer's chat template, as a task's chat_template "
+        "does) or the class's public demonstrations and the template's head (the lm_prompted "
+        "and --init lm context)",
+    )
     checkpoint_every: int = Field(5, ge=1, description="outer iterations between checkpoints")
     token_filter: TokenFilter = Field(
         "fixed", description="tokens the projection may choose: 'fixed' (ours) or 'paper'"

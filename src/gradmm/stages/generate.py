@@ -55,7 +55,7 @@ from gradmm.files import (
 from gradmm.privacy.report import report as privacy_report
 from gradmm.stages.configs import GenerateConfig
 from gradmm.stages.record import Release, load_release, load_release_model
-from gradmm.stages.sampling import text_init_sampler
+from gradmm.stages.sampling import class_context, text_init_sampler
 
 # A run folder: generate's outputs, then filter's (and audit reports of older versions).
 RUN_DIR = OutputKind(
@@ -213,13 +213,7 @@ def build_solver(
     prefix ids per class, as :func:`generate` uses them."""
     task, prompt = release.task, release.prompt
     as_paper = config.preset == "paper"
-    prefix = config.lm_prefix or (paper.lm_prefix(task) if as_paper else None)
-    contexts = [
-        _context_ids(
-            lm, (prefix or task.lm_prefix).replace("{label}", w.strip()), task.chat_template
-        )
-        for w in task.label_words
-    ]
+    contexts = _projection_contexts(lm, release, config)
     freeze = config.freeze_template
     if freeze is None:
         freeze = paper.freezes_template(task) if as_paper else True
@@ -295,12 +289,32 @@ def _prepare_run_dir(out: Path, config_digest: str, overwrite: bool) -> None:
     write_json(lock, {"config_sha256": config_digest})
 
 
+def _projection_contexts(lm: LoadedModel, release: Release, config: GenerateConfig) -> list:
+    """Per class, the token ids the projection's LM reads before the text
+    (``config.projection_context``)."""
+    task, prompt = release.task, release.prompt
+    if config.projection_context == "demonstrations":
+        purpose = "--projection-context demonstrations"
+        return [
+            class_context(task, prompt, lm.tokenizer, c, purpose) for c in range(task.num_classes)
+        ]
+    prefix = config.lm_prefix or (paper.lm_prefix(task) if config.preset == "paper" else None)
+    chat = task.chat_template or config.projection_context == "chat"
+    return [
+        _context_ids(lm, (prefix or task.lm_prefix).replace("{label}", w.strip()), chat)
+        for w in task.label_words
+    ]
+
+
 def _context_ids(lm: LoadedModel, prefix: str, chat: bool = False) -> list[int]:
     """Token ids of the projection's LM context: ``prefix`` as it is, or (``chat``) as a user
     turn of the tokenizer's chat template followed by the assistant's turn, for instruct models."""
     if chat:
         if not getattr(lm.tokenizer, "chat_template", None):
-            raise UserError("the task asks for a chat template, but the tokenizer has none")
+            raise UserError(
+                "a chat template was asked for (the task's chat_template or --projection-context "
+                "chat), but the tokenizer has none"
+            )
         return list(
             lm.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prefix}],

@@ -25,6 +25,13 @@ def class_prompt(task: Task, prompt: PromptTokens, tokenizer, c: int, purpose: s
     return prompt.demonstrations(tokenizer, [(text, c) for text in demos])
 
 
+def class_context(task: Task, prompt: PromptTokens, tokenizer, c: int, purpose: str) -> list[int]:
+    """:func:`class_prompt` and the template's head: the context in which the LM writes the
+    text of a new example of class ``c`` (``--init lm``, ``--projection-context
+    demonstrations``)."""
+    return class_prompt(task, prompt, tokenizer, c, purpose) + prompt.head
+
+
 @torch.no_grad()
 def lm_prompted_examples(
     lm: LoadedModel, task: Task, prompt: PromptTokens, per_class: int, seed: int
@@ -82,8 +89,7 @@ def text_init_sampler(
 
     processors = LogitsProcessorList([AllowedTokensOnly(allowed)])
     contexts = [
-        class_prompt(task, prompt, lm.tokenizer, c, "init: lm") + prompt.head
-        for c in range(task.num_classes)
+        class_context(task, prompt, lm.tokenizer, c, "init: lm") for c in range(task.num_classes)
     ]
 
     @torch.no_grad()
