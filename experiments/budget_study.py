@@ -123,6 +123,7 @@ def run_row(cfg, out: Path, row: str) -> dict:
         "dev_accuracy": tuned.dev_accuracy,
         "test_accuracy": tuned.test_accuracy,
         "selected_step": tuned.selected_step,
+        "dev_curve": tuned.dev_curve,
         "samples": tuned.samples,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }

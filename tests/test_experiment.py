@@ -88,6 +88,14 @@ def test_runner_all_methods_resume_and_no_real_text(model_dirs, data_dir, tmp_pa
     assert by_method["gradmm"].quality["matching_loss"] == pytest.approx(
         matching_loss(lm, default, filtered), abs=1e-5
     )
+    # the dev curve holds the step the dev slice selected, and the untrained model at step 0
+    curve = by_method["gradmm"].dev_curve
+    assert [point["step"] for point in curve] == [0, 2, 4]
+    picked = {
+        "step": by_method["gradmm"].selected_step,
+        "accuracy": by_method["gradmm"].dev_accuracy,
+    }
+    assert picked in curve
     losses = {m: by_method[m].quality["matching_loss"] for m in ("real_private", "lm_prompted")}
     assert losses["real_private"] < losses["lm_prompted"]
     # result.json holds the measurements made, and only those: no null for a missing one

@@ -226,6 +226,10 @@ def train_and_describe(
         test_accuracy=result["test_accuracy"],
         dev_accuracy=result["dev_accuracy"],
         selected_step=result["selected_step"],
+        dev_curve=[
+            {"step": h["step"], "accuracy": None if h["dev"] is None else h["dev"]["accuracy"]}
+            for h in result["history"]
+        ],
         train_examples=result["train_examples"],
         test_per_class_accuracy=result["test_per_class_accuracy"],
         train_loss=result["train_loss"],

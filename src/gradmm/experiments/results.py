@@ -37,6 +37,11 @@ class MethodResult(BaseModel):
     selected_step: int | None = Field(
         None, description="fine-tuning step kept on the dev slice (0: the model before fine-tuning)"
     )
+    dev_curve: list[dict[str, float | None]] | None = Field(
+        None,
+        description="dev accuracy (a fraction) at each evaluated fine-tuning step, step 0 the "
+        "model before fine-tuning: [{step, accuracy}]",
+    )
     train_examples: int | None = Field(None, description="number of training examples")
     test_per_class_accuracy: dict[str, float | None] = Field(
         description="test accuracy per label name, in [0, 1] (None: no test example of the class)"
