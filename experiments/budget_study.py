@@ -17,7 +17,8 @@ accuracy is recorded, never used to choose). Rows:
   k = 200), one batch of 10 per class;
 * ``lm_T0`` .. ``lm_T10``: ``--init lm`` (best of 4 sampled batches), T outer steps;
 * ``select_M100`` .. ``select_M1600``: ``gradmm select`` from M sampled texts per class;
-* ``lm_prompted``: the LM's class-conditional samples, the cost ratio's denominator.
+* ``lm_prompted``: the LM's class-conditional samples, the cost ratio's denominator;
+* ``real_pool``: the release's private pool itself (quality and fine-tuning; no cost).
 
 Resumable: each finished row is ``OUT/rows/ROW/row.json`` (commit them); a row's generated set
 stays in ``OUT/rows/ROW/run/`` and is reused. ``--rows`` runs some rows only; ``--report``
@@ -30,6 +31,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from gradmm.models.loading import load_model
 from gradmm.options import build_config
 from gradmm.stages.configs import GenerateConfig, SelectConfig
 from gradmm.stages.generate import generate
+from gradmm.stages.release import pool_rows
 from gradmm.stages.sampling import lm_prompted_examples
 from gradmm.stages.selection import select_texts
 
@@ -63,6 +66,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "select_M1600": ("select", {"pool": 1600}),
     "random_x10": ("generate", {"scale": 10}),
     "paper_full": ("generate", {**PAPER_FULL, "per_class": 10}),
+    # the reference the goal's perplexity is set by: the private pool itself (never under OUT)
+    "real_pool": ("real", {}),
 }
 
 
@@ -109,6 +114,8 @@ def make_set(cfg, out: Path, row: str) -> tuple[Path, float, Path | None]:
 
 
 def run_row(cfg, out: Path, row: str) -> dict:
+    if ROWS[row][0] == "real":
+        return real_pool_row(cfg, out)
     train, seconds, release = make_set(cfg, out, row)
     tuned = methods.train_and_describe(cfg, TASK, SEED, train, release)
     examples = len(read_jsonl(train))
@@ -129,6 +136,30 @@ def run_row(cfg, out: Path, row: str) -> dict:
     }
 
 
+def real_pool_row(cfg, out: Path) -> dict:
+    """The private pool of the release (25 per class): its quality and fine-tuning, no cost."""
+    release = methods.shared_release(cfg, out, TASK, SEED, "default")
+    with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
+        train = Path(tmp) / "train.jsonl"
+        write_jsonl(train, pool_rows(load_task(TASK), cfg.n_per_class, SEED, cfg.data_dir))
+        tuned = methods.train_and_describe(cfg, TASK, SEED, train, release, samples=False)
+    return {
+        "row": "real_pool",
+        "kind": "real",
+        "options": {},
+        "examples": tuned.train_examples,
+        "seconds": None,
+        "seconds_per_example": None,
+        "quality": tuned.quality,
+        "dev_accuracy": tuned.dev_accuracy,
+        "test_accuracy": tuned.test_accuracy,
+        "selected_step": tuned.selected_step,
+        "dev_curve": tuned.dev_curve,
+        "samples": None,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+
+
 def report(out: Path) -> str:
     """The table of finished rows (markdown), cost ratios against ``lm_prompted``."""
     done = {r: v for r, v in ((r, out / "rows" / r / "row.json") for r in ROWS) if v.exists()}
@@ -136,17 +167,19 @@ def report(out: Path) -> str:
     base = rows.get("lm_prompted", {}).get("seconds_per_example")
     lines = [
         "| row | examples | s / example | x lm_prompted | matching loss | median ppl | "
-        "label fidelity | distinct-2 | dev acc | test acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "label fidelity | distinct-2 | dev acc (step) | dev acc, last step | test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, v in rows.items():
-        q = v["quality"]
-        ratio = f"{v['seconds_per_example'] / base:.1f}" if base else "-"
+        q, cost = v["quality"], v["seconds_per_example"]
+        ratio = f"{cost / base:.1f}" if base and cost is not None else "-"
+        cost = "-" if cost is None else f"{cost:.2f}"
         lines.append(
-            f"| {r} | {v['examples']} | {v['seconds_per_example']:.2f} | {ratio} | "
+            f"| {r} | {v['examples']} | {cost} | {ratio} | "
             f"{q['matching_loss']:.4f} | {q['median_perplexity']:.1f} | "
             f"{q['label_fidelity']:.2f} | {q['distinct_2']:.2f} | "
-            f"{100 * v['dev_accuracy']:.1f} | {100 * v['test_accuracy']:.1f} |"
+            f"{100 * v['dev_accuracy']:.1f} ({v['selected_step']}) | "
+            f"{100 * v['dev_curve'][-1]['accuracy']:.1f} | {100 * v['test_accuracy']:.1f} |"
         )
     judge = next(iter(rows.values()))["quality"] if rows else None
     if judge:
@@ -173,6 +206,10 @@ def plot(out: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         for v in rows:
+            if v["seconds_per_example"] is None:  # the real pool: a line, it has no cost
+                y = v["quality"][key] if key in v["quality"] else v[key]
+                ax.axhline(y, color="grey", linestyle="--", label="real pool")
+                continue
             y = v["quality"][key] if key in v["quality"] else v[key]
             ax.scatter(v["seconds_per_example"], y)
             ax.annotate(v["row"], (v["seconds_per_example"], y), fontsize=7)
