@@ -45,6 +45,8 @@ app = typer.Typer(
     help="GRADMM: synthetic training text whose gradient matches a release of real examples.",
 )
 
+ReleaseDirOpt = Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")]
+RunDirOpt = Annotated[Path, typer.Option(help="Run folder to write.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
@@ -206,8 +208,8 @@ def release(
 def generate(
     cfg: GenerateConfig,
     runtime: Runtime,
-    release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
-    out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
+    release: ReleaseDirOpt = ...,
+    out: RunDirOpt = ...,
     overwrite: OverwriteOpt = False,
     nproc: Annotated[
         int, typer.Option(min=1, help="Local processes to shard problems over (one GPU each).")
@@ -231,8 +233,8 @@ def generate(
 def select_cmd(
     cfg: SelectConfig,
     runtime: Runtime,
-    release: Annotated[Path, typer.Option(help="Release folder from `gradmm release`.")] = ...,
-    out: Annotated[Path, typer.Option(help="Run folder to write.")] = ...,
+    release: ReleaseDirOpt = ...,
+    out: RunDirOpt = ...,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

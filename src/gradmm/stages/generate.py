@@ -329,6 +329,17 @@ def _context_ids(lm: LoadedModel, prefix: str, chat: bool = False) -> list[int]:
     return ids
 
 
+def release_entry(release: Release) -> dict:
+    """Which release a run matched, for its manifest."""
+    return {
+        "path": str(release.path.resolve()),
+        "targets_sha256": release.meta.targets_sha256,
+        "task": release.task.name,
+        "model": release.meta.model.model_dump(mode="json"),
+        "mechanism": release.meta.mechanism.model_dump(mode="json"),
+    }
+
+
 def data_read_entry(release: Release) -> dict:
     """What a stage that reads ``release`` (and no real text) read, for its manifest."""
     m = release.meta.mechanism
@@ -391,13 +402,7 @@ def _manifest(config, release, solver_cfg, problems, timings, rows) -> dict:
         "gradmm_version": __version__,
         "config": config.model_dump(mode="json"),
         "solver": solver_cfg.__dict__,
-        "release": {
-            "path": str(release.path.resolve()),
-            "targets_sha256": release.meta.targets_sha256,
-            "task": release.task.name,
-            "model": release.meta.model.model_dump(mode="json"),
-            "mechanism": release.meta.mechanism.model_dump(mode="json"),
-        },
+        "release": release_entry(release),
         "privacy_report": privacy_report(release.meta),
         "data_read": [data_read_entry(release)],
         "seeds": {"seed": config.seed, "problem_seeds": problems.seeds},

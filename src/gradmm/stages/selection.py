@@ -29,7 +29,7 @@ from gradmm.privacy.report import report as privacy_report
 from gradmm.stages.configs import SelectConfig
 from gradmm.stages.evaluate import text_perplexities
 from gradmm.stages.filtering import release_loss
-from gradmm.stages.generate import RUN_DIR, data_read_entry
+from gradmm.stages.generate import RUN_DIR, data_read_entry, release_entry
 from gradmm.stages.record import load_release, load_release_model
 from gradmm.stages.sampling import lm_prompted_examples
 
@@ -131,13 +131,7 @@ def _manifest(config: SelectConfig, release, per_class: dict, timings: dict) -> 
         "stage": "select",
         "gradmm_version": __version__,
         "config": config.model_dump(mode="json"),
-        "release": {
-            "path": str(release.path.resolve()),
-            "targets_sha256": release.meta.targets_sha256,
-            "task": release.task.name,
-            "model": release.meta.model.model_dump(mode="json"),
-            "mechanism": release.meta.mechanism.model_dump(mode="json"),
-        },
+        "release": release_entry(release),
         "privacy_report": privacy_report(release.meta),
         "data_read": [
             data_read_entry(release),
