@@ -8,7 +8,9 @@ matter (ρ, the projection's candidate count k, the number of ADMM steps, the pr
 prefix, the projection order) from the experiment's ``generate`` settings, or the filter's
 few-shot classifier, then runs the
 ``gradmm`` method's stages: release (shared), generate, filter, LoRA fine-tuning with the
-experiment's settings. It records the best dev accuracy, the filtered set's size, its texts'
+experiment's settings. A ``select_*`` variant runs the ``lm_selected`` method's instead
+(``gradmm select``, unfiltered) with one floor on the texts it may select.
+It records the best dev accuracy, the filtered set's size, its texts'
 perplexity under the model and the mean matching loss. Test accuracy is not recorded, so it
 cannot influence the choice. The file is written after every variant, and a rerun with the same
 settings skips those already done; the generated sets stay in ``--work`` (not committed).
@@ -28,6 +30,9 @@ from gradmm.data import paper
 from gradmm.experiments import methods
 from gradmm.experiments import runner as experiment
 from gradmm.files import read_json, write_json, write_text
+from gradmm.options import build_config
+from gradmm.stages.configs import SelectConfig
+from gradmm.stages.selection import select_texts
 
 # One knob changed per variant (the experiment's generate settings are the base).
 VARIANTS: dict[str, dict] = {
@@ -65,13 +70,22 @@ VARIANTS: dict[str, dict] = {
         "projection_context": "demonstrations",
         "topk": 50,
     },
+    # gradmm select (the lm_selected method, unfiltered) from M = 100 sampled texts per class:
+    # its degenerate-text floor (fewest words, highest perplexity a selected text may have)
+    "select_words_1": {"select": {"pool": 100, "min_words": 1}},
+    "select_words_4": {"select": {"pool": 100, "min_words": 4}},
+    "select_words_8": {"select": {"pool": 100, "min_words": 8}},
+    "select_words_4_ppl_150": {"select": {"pool": 100, "min_words": 4, "max_perplexity": 150}},
 }
 # run by default: the knobs of the first sweep (committed); the on-topic ones with --variants
-FIRST_SWEEP = [name for name in VARIANTS if not name.startswith("lm_init")]
+FIRST_SWEEP = [name for name in VARIANTS if not name.startswith(("lm_init", "select"))]
 
 
 def variant_options(cfg: experiment.ExperimentConfig, name: str) -> dict:
-    """The generate options of variant ``name`` (its ``filter`` entry excluded)."""
+    """The generate options of variant ``name`` (its ``filter`` entry excluded), or for a
+    ``select`` variant the select options."""
+    if "select" in VARIANTS[name]:
+        return {**cfg.select, **VARIANTS[name]["select"]}
     options = {k: v for k, v in VARIANTS[name].items() if k != "filter"}
     if "steps" in options:
         options["steps"] = options["steps"] * cfg.generate.get("steps", 30)
@@ -123,7 +137,14 @@ def main() -> None:
         options = variant_options(cfg, name)
         cell = variant_cell(cfg, work, args.task, args.seed, name)
         started = time.perf_counter()
-        train = methods.synthetic_set(cell, release, **options)
+        if "select" in VARIANTS[name]:
+            train = cell.folder / "run" / "synthetic.jsonl"
+            if not train.exists():
+                select = {**options, "per_class": cfg.synthetic_per_class, "seed": args.seed}
+                config = build_config(SelectConfig, select)
+                select_texts(release, train.parent, config, progress=False, runtime=cfg.runtime)
+        else:
+            train = methods.synthetic_set(cell, release, **options)
         result = methods.train_and_describe(cell.cfg, args.task, args.seed, train, release)
         manifest = read_json(train.parent / "manifest.json")
         done[name] = {
