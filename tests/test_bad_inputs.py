@@ -56,6 +56,10 @@ def env(model_dirs, data_dir, tmp_path_factory):
     for f in Path(model_dirs["llama"]).iterdir():
         if f.name in ("config.json", "model.safetensors", "generation_config.json"):
             (no_tokenizer / f.name).write_bytes(f.read_bytes())
+    (tmp / "grid.yaml").write_text(
+        f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0]\n"
+        "methods: [zero_shot]\n"
+    )
     other_data = tmp / "other-data"  # the same rows under another split file name
     (other_data / "sst2").mkdir(parents=True)
     (other_data / "sst2" / "labels.json").write_bytes((data_dir / "sst2/labels.json").read_bytes())
@@ -189,6 +193,21 @@ CASES = [
         "filter of a folder that is not a run",
         lambda e: ["filter", e.tmp / "latin1.yaml"],
         "exists and is not a folder",
+    ),
+    (
+        "run with a shard past the count",
+        lambda e: ["run", "--config", e.tmp / "grid.yaml", "--out", e.tmp / "x", "--shard", "3/2"],
+        "expected I/N with 1 <= I <= N",
+    ),
+    (
+        "run with more shards than (task, seed) pairs",
+        lambda e: ["run", "--config", e.tmp / "grid.yaml", "--out", e.tmp / "x", "--shard", "1/2"],
+        "this grid has 1 (task, seed) pairs",
+    ),
+    (
+        "run --report of a folder never run",
+        lambda e: ["run", "--config", e.tmp / "grid.yaml", "--out", e.tmp, "--report"],
+        "is not an experiment folder",
     ),
     (
         "quality with neither release nor model",

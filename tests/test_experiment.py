@@ -405,6 +405,41 @@ def test_rerun_in_a_fresh_folder_reproduces_the_table(model_dirs, data_dir, tmp_
     assert targets[0] == targets[1]  # the same noise draw, not just the same accuracy
 
 
+def test_two_shards_one_after_the_other_give_the_cells_of_one_run(model_dirs, data_dir, tmp_path):
+    """``--shard 1/2`` then ``2/2`` in one folder: the same cells (every number, the releases
+    byte for byte) as one unsharded run; only the second, which finishes the grid, writes the
+    tables, and ``report_experiment`` writes them for a partial grid."""
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0, 1]\n"
+        "methods: [real_random, gradmm, real_random_size_matched]\n"
+        "n_per_class: 3\nsynthetic_per_class: 4\n"
+        "generate: {batch: 2, length: 5, steps: 1, inner_steps: 2, init_candidates: 2, topk: 5}\n"
+        "filter: {keep_per_class: 3, classifier: false}\n"
+        "finetune: {steps: 4, batch_size: 4, eval_every: 2, lr: 0.001}\n"
+    )
+    whole = experiment.run_experiment(spec, tmp_path / "one", progress=False)
+    sharded = tmp_path / "sharded"
+    first = experiment.run_experiment(
+        spec, sharded, progress=False, shard=experiment.Shard.parse("1/2")
+    )
+    assert {r.seed for r in first} == {0} and len(first) == 3  # seed 1 is the other shard's
+    assert not (sharded / "results.md").exists()
+    partial = experiment.report_experiment(spec, sharded)
+    assert len(partial) == 3 and (sharded / "results.md").exists()
+    (sharded / "results.md").unlink()
+    rows = experiment.run_experiment(
+        spec, sharded, progress=False, shard=experiment.Shard.parse("2/2")
+    )
+    assert len(rows) == len(whole) == 6
+    for a, b in zip(whole, rows, strict=True):
+        assert a.model_dump(exclude={"seconds"}) == b.model_dump(exclude={"seconds"})
+    assert (sharded / "results.md").read_text() == (tmp_path / "one/results.md").read_text()
+    for seed in (0, 1):
+        release = f"releases/sst2/seed{seed}/default/targets.safetensors"
+        assert (sharded / release).read_bytes() == (tmp_path / "one" / release).read_bytes()
+
+
 def test_docs_quote_the_committed_results():
     """Every block ``<!-- from FILE -->`` ... ``<!-- end -->`` of README.md and docs/results.md
     holds verbatim tables of that committed, generated file (paths relative to the repository)."""

@@ -323,13 +323,42 @@ def evaluate(
 def run(
     config: Annotated[Path, typer.Option("--config", help="Experiment YAML file.")] = ...,
     out: Annotated[Path, typer.Option(help="Experiment folder (finished cells are reused).")] = ...,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="Run only shard I/N of the grid (its (task, seed) pairs); N processes or "
+            "machines sharing OUT run one grid, the last to finish writes the tables."
+        ),
+    ] = None,
+    report: Annotated[
+        bool, typer.Option("--report", help="Only write the tables of the finished cells.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run every stage for tasks x methods x seeds; write results.csv/.md and plots."""
-    from gradmm.experiments.runner import run_experiment
+    from gradmm.experiments.runner import (
+        Shard,
+        cells,
+        load_experiment,
+        report_experiment,
+        run_experiment,
+    )
 
-    rows = run_experiment(config, out, progress=not quiet)
-    typer.echo(f"{len(rows)} cells; wrote {out / 'results.md'}")
+    if report and shard is not None:
+        fail("--report writes the tables of the whole grid: it takes no --shard")
+    part = None if shard is None else Shard.parse(shard)
+    total = len(cells(load_experiment(config)))
+    if report:
+        rows = report_experiment(config, out)
+    else:
+        rows = run_experiment(config, out, progress=not quiet, shard=part)
+    if report or len(rows) == total:
+        typer.echo(f"{len(rows)} of {total} cells; wrote {out / 'results.md'}")
+    else:
+        typer.echo(
+            f"shard {shard} done; {len(rows)} of {total} cells of the grid finished: the last "
+            "shard to finish writes results.md (or `gradmm run --report`)"
+        )
 
 
 @command(app, NOTHING_WRITTEN)

@@ -2,7 +2,10 @@
 
 Every cell writes ``OUT/cells/<task>/<method>/seed<k>/result.json`` (a
 :class:`gradmm.experiments.results.CellResult`) and is skipped when that file exists, so an
-interrupted run resumes; releases are shared by the cells of one (task, seed). The methods are
+interrupted run resumes; releases are shared by the cells of one (task, seed). A grid larger than
+one machine runs as shards (:class:`Shard`, ``gradmm run --shard I/N``): processes or machines
+sharing OUT, each running the cells of its (task, seed) pairs; the last to finish writes the
+tables. The methods are
 the registry of :mod:`gradmm.experiments.methods`, the tables and plots
 :mod:`gradmm.experiments.report`. The experiment file is validated whole (stage sections, the
 demonstrations methods need) before any cell runs. One private pool is released under each ε,
@@ -185,24 +188,50 @@ def cell_dir(out: Path, task, method, seed, eps, n, match) -> Path:
     return cell_folder(out, task, cell_name(method, eps, n, match), seed)
 
 
-def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[CellResult]:
-    """Run (or resume) every cell, then write results.csv, results.md and the plots."""
-    cfg = load_experiment(config_path)
+class Shard(BaseModel):
+    """Shard ``index`` of ``count`` (1-based, as ``--shard I/N``): the cells of every
+    ``count``-th (task, seed) of the grid, starting at the ``index``-th. A (task, seed) is never
+    split, so the releases its cells share and the cells one reads from another (the size-matched
+    baselines) stay in one process; shards share nothing else and may run at the same time."""
+
+    model_config = ConfigDict(frozen=True)
+    index: int = Field(ge=1)
+    count: int = Field(ge=1)
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` with 1 ≤ I ≤ N, or a :class:`UserError`."""
+        index, _, count = text.partition("/")
+        if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+            raise UserError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/4")
+        return cls(index=int(index), count=int(count))
+
+    def select(self, keys: list[CellKey]) -> list[CellKey]:
+        """The cells of ``keys`` (a grid's :func:`cells`, in run order) this shard runs."""
+        groups = list(dict.fromkeys((task, seed) for task, _, seed, *_ in keys))
+        if self.count > len(groups):
+            raise UserError(
+                f"--shard {self.index}/{self.count}: this grid has {len(groups)} (task, seed) "
+                f"pairs, the unit a shard runs; use at most {len(groups)} shards"
+            )
+        mine = set(groups[self.index - 1 :: self.count])
+        return [k for k in keys if (k[0], k[2]) in mine]
+
+
+def run_experiment(
+    config_path: Path, out: Path, progress: bool = True, shard: Shard | None = None
+) -> list[CellResult]:
+    """Run (or resume) every cell, or a shard's, then :func:`write_report` once the whole grid
+    is finished (by whichever shard finishes last). Returns the finished cells of the grid."""
     out = Path(out)
-    check_output_dir(out, EXPERIMENT_DIR)
-    make_output_dir(out, EXPERIMENT_DIR)
-    weights = fingerprint(load_model(cfg.model).model)
-    settings = {
-        **cfg.model_dump(mode="json"),
-        "model_fingerprint": weights,
-        "dev_slice_rule": DEV_SLICE_RULE,
-    }
-    _check_same_settings(settings, out / "experiment.json")
-    write_json(out / "experiment.json", settings)
+    cfg = load_experiment(config_path)
     todo = cells(cfg)
+    mine = todo if shard is None else shard.select(todo)
+    _open_experiment(cfg, out)
     # Finished cells are left out of the bar so its rate and time left count only real work.
-    pending = [c for c in todo if not (cell_dir(out, *c) / "result.json").exists()]
-    desc = f"experiment ({len(todo) - len(pending)} of {len(todo)} cells already done)"
+    pending = [c for c in mine if not (cell_dir(out, *c) / "result.json").exists()]
+    which = "" if shard is None else f"shard {shard.index}/{shard.count}: "
+    desc = f"{which}experiment ({len(mine) - len(pending)} of {len(mine)} cells already done)"
     bar = tqdm(pending, desc=desc, unit="cell", disable=not progress)
     for key in bar:
         task, method, seed, eps, n, match = key
@@ -223,10 +252,52 @@ def run_experiment(config_path: Path, out: Path, progress: bool = True) -> list[
             seconds=round(time.time() - started, 1),
         )
         write_json(path, result.model_dump(mode="json"))
-    rows = [read_result(cell_dir(out, *c) / "result.json") for c in todo]
+    rows = finished_cells(cfg, out)
+    if len(rows) == len(todo):
+        write_report(rows, out)
+    return rows
+
+
+def report_experiment(config_path: Path, out: Path) -> list[CellResult]:
+    """Write results.csv, results.md and the plots of the grid's finished cells (all of them or
+    not) without running any; returns those cells."""
+    out = Path(out)
+    if not (out / "experiment.json").is_file():
+        raise UserError(f"{out} is not an experiment folder of `gradmm run` (no experiment.json)")
+    cfg = load_experiment(config_path)
+    _open_experiment(cfg, out)
+    rows = finished_cells(cfg, out)
+    if not rows:
+        raise UserError(f"{out} holds no finished cell of this experiment yet")
+    write_report(rows, out)
+    return rows
+
+
+def finished_cells(cfg: ExperimentConfig, out: Path) -> list[CellResult]:
+    """The results of the grid's cells that have one, in run order."""
+    paths = [cell_dir(out, *c) / "result.json" for c in cells(cfg)]
+    return [read_result(p) for p in paths if p.exists()]
+
+
+def write_report(rows: list[CellResult], out: Path) -> None:
+    """results.csv, results.md and the plots of ``rows``."""
     write_tables(rows, out)
     plot(rows, out)
-    return rows
+
+
+def _open_experiment(cfg: ExperimentConfig, out: Path) -> None:
+    """Create the experiment folder ``out`` (or check that it holds cells of the same settings,
+    model weights and dev-slice rule) and record ``cfg``'s settings there."""
+    check_output_dir(out, EXPERIMENT_DIR)
+    make_output_dir(out, EXPERIMENT_DIR)
+    weights = fingerprint(load_model(cfg.model).model)
+    settings = {
+        **cfg.model_dump(mode="json"),
+        "model_fingerprint": weights,
+        "dev_slice_rule": DEV_SLICE_RULE,
+    }
+    _check_same_settings(settings, out / "experiment.json")
+    write_json(out / "experiment.json", settings)
 
 
 # Fields that only select cells: a resumed run may change them (e.g. add a seed).
