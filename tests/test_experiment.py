@@ -180,6 +180,47 @@ def test_a_size_matched_baseline_with_nothing_to_cut_reuses_its_base_cell(
     assert written["same_as"] == "real_private" and "samples" not in written
 
 
+def test_lm_seeded_gradmm_filtered_prompts_and_sizes_matched_to_each_variant(
+    model_dirs, data_dir, tmp_path
+):
+    """The second round's methods: ``gradmm_lm`` generates from LM init with the file's
+    ``generate_lm`` changes; ``lm_prompted_filtered`` is ``lm_prompted``'s own texts through the
+    experiment's filter (the same function as a GRADMM run's, on rows); a baseline matched to
+    ``gradmm_lm`` is cut to that cell's filtered per-class counts."""
+    from gradmm.stages.configs import FilterConfig
+    from gradmm.stages.filtering import filter_rows
+    from gradmm.stages.record import load_release_model
+
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"model: {model_dirs['llama']}\ndata_dir: {data_dir}\ntasks: [sst2]\nseeds: [0]\n"
+        "methods: [lm_prompted, gradmm_lm, lm_prompted_filtered,\n"
+        "  lm_prompted_filtered_size_matched_to_gradmm_lm, real_random_size_matched_to_gradmm_lm]\n"
+        "n_per_class: 3\nsynthetic_per_class: 4\n"
+        "generate: {batch: 2, length: 5, steps: 1, inner_steps: 2, init_candidates: 2, topk: 5}\n"
+        "generate_lm: {steps: 0}\n"
+        "filter: {keep_per_class: 3, classifier: false}\n"
+        "finetune: {steps: 4, batch_size: 4, eval_every: 2, lr: 0.001}\n"
+    )
+    out = tmp_path / "exp"
+    got = {r.method: r for r in experiment.run_experiment(spec, out, progress=False)}
+    manifest = json.loads((out / "cells/sst2/gradmm_lm/seed0/run/manifest.json").read_text())
+    assert manifest["config"]["init"] == "lm" and manifest["config"]["steps"] == 0
+    prompted = read_jsonl(out / "cells/sst2/lm_prompted/seed0/synthetic.jsonl")
+    filtered = read_jsonl(out / "cells/sst2/lm_prompted_filtered/seed0/filtered.jsonl")
+    release = load_release(out / "releases/sst2/seed0/default")
+    config = FilterConfig(keep_per_class=3, classifier=False)
+    kept, _ = filter_rows(load_release_model(release), release, prompted, config)
+    assert filtered == kept and got["lm_prompted_filtered"].train_per_class == [
+        sum(r["label"] == c for r in kept) for c in (0, 1)
+    ]
+    counts = got["gradmm_lm"].train_per_class
+    for base in ("lm_prompted_filtered", "real_random"):
+        sized = got[f"{base}_size_matched_to_gradmm_lm"]
+        full = got[base].train_per_class if base in got else [4, 4]
+        assert sized.train_per_class == [min(a, b) for a, b in zip(counts, full, strict=True)]
+
+
 def test_cut_per_class_keeps_a_seeded_subset_in_order():
     rows = [{"text": f"t{i}", "label": i % 3} for i in range(30)]
     cut = methods.cut_per_class(rows, [4, 10, 20], seed=0)

@@ -10,11 +10,14 @@ real-data baselines are written only to a temporary folder, never under the expe
   examples of the private split as the synthetic sets have);
 * ``lm_prompted``: label-conditioned sampling from the same LM, prompted with the task's public
   demonstrations;
-* ``gradmm_paper``, ``gradmm``; per ε ``dp_gradmm`` and ``dp_noise`` (a noise-only release of the
-  same σ); ``dp_none`` (no matching: the projection of random embeddings);
-* ``real_private_size_matched``, ``real_random_size_matched``, ``lm_prompted_size_matched``: the
-  baseline's training set cut, per class, to the filtered ``gradmm`` set of the same task and
-  seed, so that no method wins by training on more examples.
+* ``lm_prompted_filtered``: those texts through the experiment's filter, as GRADMM's are;
+* ``gradmm_paper``, ``gradmm``, ``gradmm_lm`` (from the LM's own text); ``lm_selected`` (the LM's
+  texts picked by gradient matching); per ε ``dp_gradmm`` and ``dp_noise`` (a noise-only release
+  of the same σ); ``dp_none`` (no matching: the projection of random embeddings);
+* ``real_private_size_matched``, ``real_random_size_matched``, ``lm_prompted_size_matched``,
+  ``lm_prompted_filtered_size_matched``: the baseline's training set cut, per class, to the
+  filtered ``gradmm`` set of the same task and seed, so that no method wins by training on more
+  examples; the same ending ``_to_gradmm_lm``: cut to the ``gradmm_lm`` set.
 
 The DP releases of an experiment are *simulations*: their noise is seeded from (task, seed, kind,
 ε), so that the table reproduces, and is recorded as seeded (no guarantee). Every release draws
@@ -48,7 +51,7 @@ from gradmm.stages.configs import (
     SelectConfig,
 )
 from gradmm.stages.evaluate import evaluate_task
-from gradmm.stages.filtering import filter_run
+from gradmm.stages.filtering import filter_rows, filter_run
 from gradmm.stages.finetune import finetune
 from gradmm.stages.generate import generate
 from gradmm.stages.quality import set_quality
@@ -312,8 +315,32 @@ def lm_prompted(cell: Cell) -> MethodResult:
     return train_and_describe(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell), rel)
 
 
-def _gradmm(kind: str, **generate_options) -> Run:
-    """A GRADMM method: release ``kind`` (default, paper, dp, noise), generate, filter, train."""
+@method("lm_prompted_filtered", demonstrations=True, synthetic=True)
+def lm_prompted_filtered(cell: Cell) -> MethodResult:
+    """``lm_prompted``'s texts through the experiment's filter against the default release, as
+    GRADMM's texts are filtered (post-processing of the release, so a DP release stays DP)."""
+    rel = shared_release(cell.cfg, cell.out, cell.task, cell.seed, "default")
+    train = _lm_prompted_filtered_set(cell)
+    return train_and_describe(cell.cfg, cell.task, cell.seed, train, rel)
+
+
+def _lm_prompted_filtered_set(cell: Cell) -> Path:
+    """The ``lm_prompted_filtered`` cell's training set (filtered once, kept in its folder)."""
+    cfg = cell.cfg
+    train = cell_folder(cell.out, cell.task, "lm_prompted_filtered", cell.seed) / "filtered.jsonl"
+    if not train.exists():
+        rel = load_release(shared_release(cfg, cell.out, cell.task, cell.seed, "default"))
+        lm = place(load_model(cfg.model), cfg.runtime)
+        rows = read_jsonl(_lm_prompted_set(cell))
+        kept, _ = filter_rows(lm, rel, rows, build_config(FilterConfig, cfg.filter))
+        write_jsonl(train, kept)
+    return train
+
+
+def _gradmm(kind: str, section: str | None = None, **generate_options) -> Run:
+    """A GRADMM method: release ``kind`` (default, paper, dp, noise), generate (the experiment's
+    ``generate`` options, changed by ``generate_options`` and then by the experiment file's
+    ``section``), filter, train."""
 
     def run(cell: Cell) -> MethodResult:
         eps = cell.epsilon if kind in ("dp", "noise") else None
@@ -322,7 +349,8 @@ def _gradmm(kind: str, **generate_options) -> Run:
         rel = shared_release(
             cell.cfg, cell.out, cell.task, cell.seed, kind, eps, cell.pool_size, cell.match_params
         )
-        train = synthetic_set(cell, rel, **generate_options)
+        changes = {**generate_options, **(getattr(cell.cfg, section) if section else {})}
+        train = synthetic_set(cell, rel, **changes)
         result = train_and_describe(cell.cfg, cell.task, cell.seed, train, rel)
         return result.model_copy(
             update={
@@ -336,6 +364,11 @@ def _gradmm(kind: str, **generate_options) -> Run:
 
 method("gradmm_paper", synthetic=True)(_gradmm("paper", preset="paper"))
 method("gradmm", synthetic=True)(_gradmm("default"))
+# GRADMM from the LM's own class-conditional text (generate --init lm), its other changes under
+# the experiment file's generate_lm
+method("gradmm_lm", synthetic=True, demonstrations=True)(
+    _gradmm("default", "generate_lm", init="lm")
+)
 method("dp_gradmm", synthetic=True, per_epsilon=True)(_gradmm("dp"))
 method("dp_noise", synthetic=True, per_epsilon=True)(_gradmm("noise"))
 method("dp_none", synthetic=True)(_gradmm("dp", target="none"))
@@ -377,21 +410,23 @@ def cut_per_class(rows: list[dict], counts: list[int], seed: int) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
-def _size_matched(base: str) -> Run:
-    """``base``'s training set cut to the per-class counts of the filtered ``gradmm`` set of the
-    same task and seed. Where nothing is cut, the run would repeat ``base``'s exactly (same rows,
-    order and seed), so ``base``'s finished cell is reused."""
+def _size_matched(base: str, target: str) -> Run:
+    """``base``'s training set cut to the per-class counts of the filtered ``target`` set (a
+    GRADMM variant) of the same task and seed. Where nothing is cut, the run would repeat
+    ``base``'s exactly (same rows, order and seed), so ``base``'s finished cell is reused."""
 
     def run(cell: Cell) -> MethodResult:
         cfg, seed = cell.cfg, cell.seed
-        gradmm_cell = cell_folder(cell.out, cell.task, "gradmm", seed)
-        counts = read_result(gradmm_cell / "result.json").train_per_class
+        target_cell = cell_folder(cell.out, cell.task, target, seed)
+        counts = read_result(target_cell / "result.json").train_per_class
         if counts is None:  # a cell finished before results recorded it: count its set
-            labels = [r["label"] for r in read_jsonl(gradmm_cell / "run" / "filtered.jsonl")]
+            labels = [r["label"] for r in read_jsonl(target_cell / "run" / "filtered.jsonl")]
             counts = [labels.count(c) for c in range(load_task(cell.task).num_classes)]
         with tempfile.TemporaryDirectory() as tmp:  # real text never lands under OUT
             if base == "lm_prompted":
                 rows = read_jsonl(_lm_prompted_set(cell))
+            elif base == "lm_prompted_filtered":
+                rows = read_jsonl(_lm_prompted_filtered_set(cell))
             else:
                 rows = real_training_rows(cfg, load_task(cell.task), seed, base)
             cut = cut_per_class(rows, counts, seed)
@@ -407,7 +442,33 @@ def _size_matched(base: str) -> Run:
     return run
 
 
-for _base in ("real_private", "real_random", "lm_prompted"):
-    method(f"{_base}_size_matched", after="gradmm", demonstrations=_base == "lm_prompted")(
-        _size_matched(_base)
-    )
+def size_matched_name(base: str, target: str) -> str:
+    """``real_private_size_matched`` (cut to ``gradmm``), ``..._size_matched_to_gradmm_lm``."""
+    return f"{base}_size_matched" + ("" if target == "gradmm" else f"_to_{target}")
+
+
+for _target in ("gradmm", "gradmm_lm"):
+    for _base in ("real_private", "real_random", "lm_prompted", "lm_prompted_filtered"):
+        method(
+            size_matched_name(_base, _target),
+            after=_target,
+            demonstrations=_base.startswith("lm_prompted"),
+        )(_size_matched(_base, _target))
+
+# what a grid runs when its file names no methods: the first grid's (the others are opt-in)
+DEFAULT_METHODS = [
+    "zero_shot",
+    "few_shot",
+    "real_private",
+    "real_random",
+    "lm_prompted",
+    "gradmm_paper",
+    "gradmm",
+    "dp_gradmm",
+    "dp_noise",
+    "dp_none",
+    "lm_selected",
+    "real_private_size_matched",
+    "real_random_size_matched",
+    "lm_prompted_size_matched",
+]

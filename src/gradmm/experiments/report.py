@@ -26,15 +26,24 @@ def method_label(row: CellResult) -> str:
 
 # Baselines each synthetic-data method is compared with, paired by task and seed; a DP method
 # meets the controls of its own epsilon.
-COMPARISONS = {
-    "gradmm": (
+def _at_equal_size(variant: str) -> tuple[str, ...]:
+    """The baselines of a GRADMM variant: zero-shot, prompted text, the pool, and each cut to
+    the variant's filtered set (:func:`gradmm.experiments.methods.size_matched_name`)."""
+    suffix = "" if variant == "gradmm" else f"_to_{variant}"
+    bases = ("lm_prompted", "lm_prompted_filtered", "real_private", "real_random")
+    return (
         "zero_shot",
         "lm_prompted",
+        "lm_prompted_filtered",
         "real_private",
-        "lm_prompted_size_matched",
-        "real_private_size_matched",
-        "real_random_size_matched",
-    ),
+        *(f"{b}_size_matched{suffix}" for b in bases),
+    )
+
+
+COMPARISONS = {
+    "gradmm": _at_equal_size("gradmm"),
+    "gradmm_lm": _at_equal_size("gradmm_lm"),
+    "lm_selected": ("zero_shot", "lm_prompted", "lm_prompted_filtered", "real_private"),
     "gradmm_paper": ("zero_shot", "lm_prompted", "real_private"),
     "dp_gradmm": ("zero_shot", "dp_noise", "dp_none", "gradmm"),
 }

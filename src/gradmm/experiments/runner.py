@@ -26,7 +26,7 @@ from gradmm.core.lm import fingerprint
 from gradmm.core.settings import MatchParams, Runtime
 from gradmm.data.tasks import DEV_SLICE_RULE, load_task
 from gradmm.errors import UserError
-from gradmm.experiments.methods import METHODS, Cell, cell_folder, cell_name
+from gradmm.experiments.methods import DEFAULT_METHODS, METHODS, Cell, cell_folder, cell_name
 from gradmm.experiments.report import plot, write_tables
 from gradmm.experiments.results import CellResult, MethodResult, read_result
 from gradmm.files import OutputKind, check_output_dir, make_output_dir, read_json, write_json
@@ -78,7 +78,7 @@ class ExperimentConfig(BaseModel):
     model: str = "reference"
     data_dir: str | None = None
     tasks: list[str] = Field(min_length=1)
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = [0, 1, 2]
     n_per_class: int = Field(25, ge=1, description="private pool per class")
     synthetic_per_class: int = Field(50, ge=1)
@@ -98,6 +98,7 @@ class ExperimentConfig(BaseModel):
     exclude: list[CellFilter] = []
     generate: dict[str, Any] = {}
     select: dict[str, Any] = {}  # gradmm select's options (lm_selected)
+    generate_lm: dict[str, Any] = {}  # gradmm_lm's changes to generate (it sets init: lm)
     filter: dict[str, Any] = {}
     finetune: dict[str, Any] = {}
     # device and dtype of every stage (release and fine-tuning always compute in fp32)
@@ -112,7 +113,9 @@ def load_experiment(path: Path) -> ExperimentConfig:
         raise UserError(f"unknown methods {sorted(unknown)} (choose from {', '.join(METHODS)})")
     # every stage section is validated now: a typo is one line before any cell runs
     classifier = build_config(FilterConfig, cfg.filter).classifier
-    build_config(GenerateConfig, {**cfg.generate, "per_class": cfg.synthetic_per_class})
+    for changes in ({}, {"init": "lm", **cfg.generate_lm}):
+        options = {**cfg.generate, **changes, "per_class": cfg.synthetic_per_class}
+        build_config(GenerateConfig, options)
     for section in ("per_class", "seed"):
         if section in cfg.select:
             raise UserError(f"select: {section!r} is set by the runner, not the experiment file")

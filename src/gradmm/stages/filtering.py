@@ -85,10 +85,26 @@ def filter_run(
     if not rows:
         raise UserError(f"{run_dir}/synthetic.jsonl holds no examples")
     release = load_run_release(run_dir)
-    task = release.task
     lm = lm or load_release_model(release, runtime)
-    report: dict = {"input": len(rows)}
+    kept, report = filter_rows(lm, release, rows, config)
+    report["data_read"] = [
+        data_read_entry(release),
+        {"data": "synthetic.jsonl and the hand-written public demonstrations", "private": False},
+    ]
+    write_jsonl(run_dir / "filtered.jsonl", kept)
+    write_json(run_dir / "filter_report.json", report)
+    return report
 
+
+def filter_rows(
+    lm: LoadedModel, release: Release, rows: list[dict], config: FilterConfig
+) -> tuple[list[dict], dict]:
+    """The steps of the module docstring on ``rows`` (``{"text", "label", ...}``, of any origin:
+    a run's texts or the LM's prompted ones) against ``release``: the kept rows, in their input
+    order and each with its ``example_rec_loss``, and the report of what each step kept."""
+    task = release.task
+    rows = [dict(r, order=i) for i, r in enumerate(rows)]
+    report: dict = {"input": len(rows)}
     recs = per_example_rec(lm, release, [r["text"] for r in rows], [r["label"] for r in rows])
     for r, rec in zip(rows, recs.tolist(), strict=True):
         r["example_rec_loss"] = round(rec, 6)
@@ -117,7 +133,7 @@ def filter_run(
     if config.balance:
         by_class = balance_by_mean(by_class, "example_rec_loss")
         report["after_balance"] = sum(map(len, by_class.values()))
-    kept = sorted((r for rs in by_class.values() for r in rs), key=lambda r: r["id"])
+    kept = sorted((r for rs in by_class.values() for r in rs), key=lambda r: r["order"])
     report["per_class"] = {task.label_names[c]: len(rs) for c, rs in by_class.items()}
     emptied = [name for name, n in report["per_class"].items() if n == 0]
     if emptied:  # fine-tuning on this set cannot teach those classes
@@ -131,10 +147,4 @@ def filter_run(
             )
         )
     report["config"] = config.model_dump(mode="json")
-    report["data_read"] = [
-        data_read_entry(release),
-        {"data": "synthetic.jsonl and the hand-written public demonstrations", "private": False},
-    ]
-    write_jsonl(run_dir / "filtered.jsonl", kept)
-    write_json(run_dir / "filter_report.json", report)
-    return report
+    return [{k: v for k, v in r.items() if k != "order"} for r in kept], report
