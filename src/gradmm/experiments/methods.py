@@ -110,6 +110,7 @@ class Method:
     demonstrations: bool = False  # needs the task's public demonstrations
     synthetic: bool = False  # trains on generated text (filtered: the classifier needs demos)
     after: str | None = None  # reads this method's cell of the same task and seed
+    opt_in: bool = False  # run only when the experiment file names it (not in DEFAULT_METHODS)
 
 
 METHODS: dict[str, Method] = {}
@@ -315,7 +316,7 @@ def lm_prompted(cell: Cell) -> MethodResult:
     return train_and_describe(cell.cfg, cell.task, cell.seed, _lm_prompted_set(cell), rel)
 
 
-@method("lm_prompted_filtered", demonstrations=True, synthetic=True)
+@method("lm_prompted_filtered", demonstrations=True, synthetic=True, opt_in=True)
 def lm_prompted_filtered(cell: Cell) -> MethodResult:
     """``lm_prompted``'s texts through the experiment's filter against the default release, as
     GRADMM's texts are filtered (post-processing of the release, so a DP release stays DP)."""
@@ -366,7 +367,7 @@ method("gradmm_paper", synthetic=True)(_gradmm("paper", preset="paper"))
 method("gradmm", synthetic=True)(_gradmm("default"))
 # GRADMM from the LM's own class-conditional text (generate --init lm), its other changes under
 # the experiment file's generate_lm
-method("gradmm_lm", synthetic=True, demonstrations=True)(
+method("gradmm_lm", synthetic=True, demonstrations=True, opt_in=True)(
     _gradmm("default", "generate_lm", init="lm")
 )
 method("dp_gradmm", synthetic=True, per_epsilon=True)(_gradmm("dp"))
@@ -453,22 +454,8 @@ for _target in ("gradmm", "gradmm_lm"):
             size_matched_name(_base, _target),
             after=_target,
             demonstrations=_base.startswith("lm_prompted"),
+            opt_in=_target != "gradmm" or _base == "lm_prompted_filtered",
         )(_size_matched(_base, _target))
 
-# what a grid runs when its file names no methods: the first grid's (the others are opt-in)
-DEFAULT_METHODS = [
-    "zero_shot",
-    "few_shot",
-    "real_private",
-    "real_random",
-    "lm_prompted",
-    "gradmm_paper",
-    "gradmm",
-    "dp_gradmm",
-    "dp_noise",
-    "dp_none",
-    "lm_selected",
-    "real_private_size_matched",
-    "real_random_size_matched",
-    "lm_prompted_size_matched",
-]
+# what a grid runs when its file names no methods: the first grid's (the second round's are opt-in)
+DEFAULT_METHODS = [name for name, m in METHODS.items() if not m.opt_in]
